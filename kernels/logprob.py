@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 # One block size per kernel, chosen for the H100 rows of 32k-152k columns; the interpreter uses the same.
 FOLD_BLOCK_V = 2048
 GRAD_BLOCK_V = 2048
@@ -183,7 +185,9 @@ def fold_logsumexp(
     if n_rows == 0 or n_cols == 0:
         return
     has_entropy, has_top1 = entropy_acc is not None, max_before_target is not None
-    _fold_logsumexp_kernel[(n_rows,)](
+    launch(
+        _fold_logsumexp_kernel,
+        (n_rows,),
         tile,
         tile.stride(0),
         targets,
@@ -222,7 +226,9 @@ def logit_grad_(
     if n_rows == 0 or n_cols == 0:
         return tile
     grid = (n_rows, triton.cdiv(n_cols, GRAD_BLOCK_V))
-    _logit_grad_kernel[grid](
+    launch(
+        _logit_grad_kernel,
+        grid,
         tile,
         tile.stride(0),
         targets,
