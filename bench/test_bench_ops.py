@@ -8,7 +8,8 @@ Not part of the default ``pytest`` run (which collects ``tests/`` only). Run it 
 
 Sizes are small enough that every case takes milliseconds on 2 CPU cores: the point is relative cost between
 the pieces (matmul vs row ops vs layout) and regressions, not absolute speed — ``fastpref bench`` measures the
-whole DPO step side by side. Inputs come from ``fastpref.benchmark.make_workload`` (BENCH.md's regimes).
+whole DPO step side by side. Inputs come from ``fastpref.benchmark.make_workload`` (the benchmark's regimes,
+``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import torch
 import fastpref
 from fastpref import reference
 from fastpref.benchmark import Shape, make_workload
-from fastpref.ops import HeadConfig, LogitTransform, build_layout, gather_rows, segment_sum
-from fastpref.ops import head as head_ops
-from fastpref.ops.rowwise import RowStats, row_ops
+from fastpref.ops import HeadPass, LogitTransform, RowStats, build_layout, flat_rows, head_pass, segment_sum
+from fastpref.ops.tile_ops import row_ops
 
 pytest.importorskip("pytest_benchmark")
 
@@ -43,15 +43,15 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _cfg(w, backend: str) -> HeadConfig:
-    return HeadConfig.for_inputs(w.hidden, backend=backend, transform=LogitTransform())
+def _cfg(w, backend: str) -> HeadPass:
+    return HeadPass.for_inputs(w.hidden, backend=backend, transform=LogitTransform())
 
 
 def _rows(w):
+    """(layout, the scored rows [n, H], their targets [n])."""
     layout = build_layout(w.labels.reshape(-1), ignore_index=-100, vocab_size=SHAPE.vocab)
-    rows = gather_rows(w.hidden.detach(), layout)
-    targets = w.labels.reshape(-1).index_select(0, layout.index)
-    return layout, rows, targets
+    rows = flat_rows(w.hidden.detach()).index_select(0, layout.index)
+    return layout, rows, layout.targets
 
 
 @pytest.mark.benchmark(group="layout")
@@ -116,9 +116,9 @@ def test_tile_matmul(benchmark, workload):
 def test_forward_stats(benchmark, workload, backend):
     """Chunked forward over the whole vocabulary: 2·n·H·V FLOPs plus the folds."""
     cfg = _cfg(workload, backend)
-    _, rows, targets = _rows(workload)
-    weight = workload.weight.detach()
-    benchmark(lambda: (head_ops.forward_stats(rows, weight, None, targets, cfg), _sync()))
+    layout, _, targets = _rows(workload)
+    source, weight = flat_rows(workload.hidden.detach()), workload.weight.detach()
+    benchmark(lambda: (head_pass.forward_stats(source, layout.index, weight, None, targets, cfg), _sync()))
 
 
 @pytest.mark.benchmark(group="head")
@@ -126,13 +126,12 @@ def test_forward_stats(benchmark, workload, backend):
 def test_backward_recompute(benchmark, workload, backend):
     """Lean backward: recompute + grad row op + the two gradient matmuls (6·n·H·V FLOPs)."""
     cfg = _cfg(workload, backend)
-    _, rows, targets = _rows(workload)
-    weight = workload.weight.detach()
-    stats = head_ops.forward_stats(rows, weight, None, targets, cfg)
-    lse = stats.lse()
-    grad_rows = torch.ones(rows.shape[0], device=DEVICE)
-    benchmark(lambda: (head_ops.backward(rows, weight, None, targets, lse, grad_rows, cfg, need_hidden=True,
-                                         need_weight=True, need_bias=False, hidden_grad_dtype=rows.dtype), _sync()))
+    layout, _, targets = _rows(workload)
+    source, weight = flat_rows(workload.hidden.detach()), workload.weight.detach()
+    lse = head_pass.forward_stats(source, layout.index, weight, None, targets, cfg).lse()
+    grad_rows = torch.ones(targets.shape[0], device=DEVICE)
+    benchmark(lambda: (head_pass.backward(source, layout.index, weight, None, targets, lse, grad_rows, cfg,
+                                          need_hidden=True, need_weight=True, need_bias=False), _sync()))
 
 
 @pytest.mark.benchmark(group="sequence_logps")

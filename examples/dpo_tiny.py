@@ -34,7 +34,7 @@ def run(flag: bool, opts: argparse.Namespace) -> dict[str, float]:
     import torch
     import transformers
 
-    from fastpref.integrations.toy import toy_llama, toy_preference_records, toy_tokenizer
+    from fastpref.testing.toy import toy_llama, toy_preference_records, toy_tokenizer
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()

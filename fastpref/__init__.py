@@ -13,11 +13,11 @@ from typing import Any
 from . import losses
 from .functional import linear_cross_entropy, sequence_logps, token_logps
 from .modules import DPOLoss, IPOLoss, PreferenceLoss, SrDPOLoss, SrIPOLoss
-from .preference import PreferenceOutput
+from .outputs import PreferenceOutput
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("compat", "data", "integrations", "reference", "benchmark", "kernels")
+_LAZY_SUBMODULES = ("compat", "data", "integrations", "reference", "benchmark", "kernels", "testing")
 
 __all__ = [
     "DPOLoss",

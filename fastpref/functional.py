@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from ._compile import eager_op
-from ._validation import check_choice, check_head_inputs, check_int, check_seq_ids, check_transform
-from .ops import HeadConfig, LogitTransform, scatter_tokens, score_tokens, segment_sum
+from .ops import HeadPass, LogitTransform, scatter_tokens, score_labels, segment_sum
+from .utils.compile import eager_op
+from .utils.validation import check_choice, check_head_inputs, check_int, check_seq_ids, check_transform
 
 
-def _config(hidden: torch.Tensor, backend: str, temperature: float, logit_scale: float,
-            softcap: float | None) -> HeadConfig:
+def _head_pass(hidden: torch.Tensor, backend: str, temperature: float, logit_scale: float,
+               softcap: float | None) -> HeadPass:
     check_transform(temperature, logit_scale, softcap)
     transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
-    return HeadConfig.for_inputs(hidden, backend=backend, transform=transform)
+    return HeadPass.for_inputs(hidden, backend=backend, transform=transform)
 
 
 @eager_op
@@ -44,9 +44,9 @@ def token_logps(
     """
     check_head_inputs(hidden, weight, labels, bias)
     check_int("ignore_index", ignore_index)
-    cfg = _config(hidden, backend, temperature, logit_scale, softcap)
-    scored = score_tokens(hidden, weight, bias, labels, cfg, ignore_index=ignore_index)
-    return scatter_tokens(scored.rows.logps, scored.layout, labels.shape)
+    cfg = _head_pass(hidden, backend, temperature, logit_scale, softcap)
+    scored = score_labels(hidden, weight, bias, labels, cfg, ignore_index=ignore_index)
+    return scatter_tokens(scored.logps, scored.layout, labels.shape)
 
 
 @eager_op
@@ -77,16 +77,16 @@ def sequence_logps(
     if seq_ids is None and hidden.dim() == 2:
         raise ValueError(f"hidden: [N, H] input {tuple(hidden.shape)} without seq_ids is per-token only; pass "
                          "seq_ids and num_seqs for packed sequences, or use [B, T, H]")
-    cfg = _config(hidden, backend, temperature, logit_scale, softcap)
+    cfg = _head_pass(hidden, backend, temperature, logit_scale, softcap)
     if seq_ids is None:
         batch, seq_len = labels.shape
         row_ids = torch.arange(batch, device=labels.device).repeat_interleave(seq_len)
-        scored = score_tokens(hidden, weight, bias, labels, cfg, ignore_index=ignore_index, seq_ids=row_ids,
+        scored = score_labels(hidden, weight, bias, labels, cfg, ignore_index=ignore_index, seq_ids=row_ids,
                               num_seqs=batch)
     else:
-        scored = score_tokens(hidden, weight, bias, labels, cfg, ignore_index=ignore_index, seq_ids=seq_ids,
+        scored = score_labels(hidden, weight, bias, labels, cfg, ignore_index=ignore_index, seq_ids=seq_ids,
                               num_seqs=int(num_seqs))
-    sums = segment_sum(scored.rows.logps, scored.layout.offsets)
+    sums = segment_sum(scored.logps, scored.layout.offsets)
     if average:
         return sums / scored.layout.lengths.clamp(min=1).float()
     return sums

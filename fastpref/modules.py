@@ -6,18 +6,21 @@ import torch
 from torch import nn
 
 from . import losses as L
-from ._compile import eager_op
-from ._validation import check_choice, check_int, check_transform
+from . import preference
 from .ops import LogitTransform
 from .ops.backend import BACKENDS
-from .preference import (
-    MODES,
-    PreferenceConfig,
-    PreferenceOutput,
-    preference_loss,
-    score_sequences,
-    validate_memory_budget,
-)
+from .outputs import PreferenceOutput
+from .preference import MODES, PreferenceConfig
+from .utils.compile import eager_op
+from .utils.validation import check_choice, check_int, check_transform
+
+
+def _memory_budget(memory_budget: object) -> int | None:
+    if memory_budget is None:
+        return None
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+        raise ValueError(f"memory_budget: expected a positive int (bytes) or None, got {memory_budget!r}")
+    return memory_budget
 
 
 class PreferenceLoss(nn.Module):
@@ -84,7 +87,7 @@ class PreferenceLoss(nn.Module):
             loss=loss,
             ignore_index=check_int("ignore_index", ignore_index),
             mode=mode,
-            memory_budget=validate_memory_budget(memory_budget),
+            memory_budget=_memory_budget(memory_budget),
             backend=backend,
             transform=LogitTransform(float(logit_scale), None if softcap is None else float(softcap),
                                      float(temperature)),
@@ -115,7 +118,7 @@ class PreferenceLoss(nn.Module):
         refine_ref_hidden: torch.Tensor | None = None,
         refine_ref_logps: torch.Tensor | None = None,
     ) -> PreferenceOutput:
-        return preference_loss(
+        return preference.preference_loss(
             self.config, hidden, weight, labels, ref_logps, bias=bias, ref_hidden=ref_hidden,
             ref_weight=ref_weight, ref_bias=ref_bias, seq_ids=seq_ids, num_seqs=num_seqs, refinement=refinement,
             refine_hidden=refine_hidden, refine_labels=refine_labels, refine_ref_hidden=refine_ref_hidden,
@@ -136,7 +139,7 @@ class PreferenceLoss(nn.Module):
         """Reference (or evaluation) sequence log-prob sums ``[B]`` in the batch layout, forward-only (2·n·H·V
         FLOPs), scored exactly as this loss scores the policy in training: a reference model equal to the
         policy gives rewards of exactly 0, as in TRL. Pass them to ``forward`` as ``ref_logps``."""
-        return score_sequences(self.config, hidden, weight, labels, bias=bias, seq_ids=seq_ids, num_seqs=num_seqs)
+        return preference.score(self.config, hidden, weight, labels, bias=bias, seq_ids=seq_ids, num_seqs=num_seqs)
 
     def extra_repr(self) -> str:
         c = self.config

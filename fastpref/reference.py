@@ -1,14 +1,20 @@
-"""The plain materialised-logits implementation (what users do today), for tests and benchmarks.
+"""The plain materialised-logits implementation (what users do today): the one reference of the package.
 
-It holds the full ``[tokens, vocab]`` logits. Logits are computed in the compute dtype (autocast dtype if on,
-else the hidden states' dtype), then upcast to at least fp32 before the log-softmax, as TRL's non-fused path
-does; float64 inputs stay float64, which makes this the float64 ground truth in the tests.
+Tests and benchmarks compare fastpref against it, the float64 ground truth runs it on float64 inputs, and the
+trainers' flag-off path (``use_fastpref=False``) runs the model's own logits through it. It holds the full
+``[tokens, vocab]`` logits. Logits are computed in the compute dtype (autocast dtype if on, else the hidden
+states' dtype), then upcast to at least fp32 before the log-softmax, as TRL's non-fused path does; float64
+inputs stay float64.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from .ops import sum_by_id
 
 
 def logits(
@@ -31,6 +37,31 @@ def logits(
     return z / temperature
 
 
+def logps_from_logits(z: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
+    """``log_softmax(z).gather(labels)`` (at least fp32), 0 where ``labels == ignore_index``."""
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    mask = labels != ignore_index
+    logp = torch.log_softmax(z, dim=-1).gather(-1, torch.where(mask, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return logp * mask
+
+
+@dataclass(frozen=True)
+class TokenStatistics:
+    """Per position, detached: the mean logit over the vocabulary (TRL's ``logits/*``), the entropy of the
+    softmax and whether the label is the arg-max (``mean_token_accuracy``)."""
+
+    mean_logits: torch.Tensor
+    entropy: torch.Tensor
+    is_top1: torch.Tensor
+
+
+@torch.no_grad()
+def token_statistics(z: torch.Tensor, labels: torch.Tensor) -> TokenStatistics:
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    logp = torch.log_softmax(z, dim=-1)
+    return TokenStatistics(z.mean(-1), -(logp.exp() * logp).sum(-1), z.argmax(-1) == labels)
+
+
 def token_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -44,9 +75,20 @@ def token_logps(
 ) -> torch.Tensor:
     """Materialised ``log_softmax(logits).gather(labels)``, 0 where ``labels == ignore_index``."""
     z = logits(hidden, weight, bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap)
-    mask = labels != ignore_index
-    logp = torch.log_softmax(z, dim=-1).gather(-1, torch.where(mask, labels, 0).unsqueeze(-1)).squeeze(-1)
-    return logp * mask
+    return logps_from_logits(z, labels, ignore_index=ignore_index)
+
+
+def sequence_sums(tok: torch.Tensor, mask: torch.Tensor, seq_ids: torch.Tensor | None,
+                  num_seqs: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of per-token values and the scored-token counts: by row (``seq_ids`` None), or by
+    sequence id (packed; ids < 0 are not scored)."""
+    if seq_ids is None:
+        return tok.sum(-1), mask.sum(-1)
+    if num_seqs is None:
+        raise ValueError("num_seqs: required with seq_ids (the number of packed sequences), got None")
+    valid = mask & (seq_ids >= 0)
+    ids = torch.where(valid, seq_ids, -1)
+    return sum_by_id(tok * valid, ids, num_seqs), sum_by_id(valid.to(tok.dtype), ids, num_seqs)
 
 
 def sequence_logps(
@@ -66,15 +108,7 @@ def sequence_logps(
     """Per-sequence sums (or means over scored tokens) of ``token_logps``; packed with ``seq_ids``/``num_seqs``."""
     tok = token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
                       logit_scale=logit_scale, softcap=softcap)
-    mask = labels != ignore_index
-    if seq_ids is None:
-        sums, counts = tok.sum(-1), mask.sum(-1)
-    else:
-        assert num_seqs is not None
-        valid = mask & (seq_ids >= 0)
-        ids = torch.where(valid, seq_ids, 0).long()
-        sums = tok.new_zeros(num_seqs).index_add(0, ids, tok * valid)
-        counts = torch.zeros(num_seqs, dtype=torch.long, device=tok.device).index_add(0, ids, valid.long())
+    sums, counts = sequence_sums(tok, labels != ignore_index, seq_ids, num_seqs)
     if average:
         return sums / counts.clamp(min=1)
     return sums

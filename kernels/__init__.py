@@ -1,8 +1,9 @@
 """Triton kernels and their launchers (installed as ``fastpref.kernels``; needs Triton).
 
-No autograd and no Hugging Face here: ``fastpref.ops`` wraps these launchers.
+No autograd and no Hugging Face here: ``fastpref.ops`` wraps these launchers. Every launch goes through
+``launch.launch`` (device guard, recording for the ahead-of-time compile test).
 """
 
-from .logprob import fold_logsumexp, logit_grad_
+from .row_kernels import fold_logsumexp, logit_grad_
 
 __all__ = ["fold_logsumexp", "logit_grad_"]

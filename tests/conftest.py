@@ -36,6 +36,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tok():
     """The integrations' in-process word-level tokenizer (nothing downloaded)."""
-    from fastpref.integrations.toy import toy_tokenizer
+    from fastpref.testing.toy import toy_tokenizer
 
     return toy_tokenizer()

@@ -1,4 +1,5 @@
-"""Shared builders and error measures for the tests and the benchmarks."""
+"""What the tests' parametrisation depends on (installed packages, devices); the builders and error measures
+are ``fastpref.testing``'s, shared with the benchmarks."""
 
 from __future__ import annotations
 
@@ -6,37 +7,11 @@ import importlib.util
 
 import torch
 
+from fastpref.testing import assert_within_torch_error, make_labels, rel_err
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
 # Backends every kernel test runs: the PyTorch path, and the Triton kernels (interpreter on the CPU).
 BACKENDS = ["torch", "triton"] if HAS_TRITON else ["torch"]
 
-
-def rel_err(x: torch.Tensor, truth: torch.Tensor) -> float:
-    """Norm-wise relative error of ``x`` against ``truth`` (computed in float64)."""
-    x, truth = x.detach().double(), truth.detach().double()
-    denom = truth.norm().item()
-    diff = (x - truth).norm().item()
-    return diff if denom == 0 else diff / denom
-
-
-def assert_within_torch_error(name: str, fast: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor,
-                              *, atol: float = 1e-6, factor: float = 2.0) -> None:
-    """CCE's test idea: fastpref's error vs float64 stays within ``factor`` x the error of plain torch in the
-    same dtype, plus a small absolute allowance (on the relative scale)."""
-    e_fast, e_plain = rel_err(fast, truth), rel_err(plain, truth)
-    assert e_fast <= factor * e_plain + atol, (
-        f"{name}: fastpref error {e_fast:.3e} > {factor} x torch {e_plain:.3e} + {atol}")
-
-
-def make_labels(batch: int, seq_len: int, vocab: int, *, prompt_frac: float = 0.25, ignore_index: int = -100,
-                generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Random labels with the first ``prompt_frac`` of every row ignored (the prompt) and random padding."""
-    labels = torch.randint(0, vocab, (batch, seq_len), generator=generator)
-    n_prompt = int(seq_len * prompt_frac)
-    labels[:, :n_prompt] = ignore_index
-    for r in range(batch):
-        pad = int(torch.randint(0, max(1, seq_len // 4), (1,), generator=generator))
-        if pad:
-            labels[r, seq_len - pad :] = ignore_index
-    return labels.to(device)
+__all__ = ["BACKENDS", "HAS_CUDA", "HAS_TRITON", "assert_within_torch_error", "make_labels", "rel_err"]

@@ -59,29 +59,22 @@ def test_plan_tiles_bounded_at_real_sizes():
 
 
 def test_plan_pair_groups_respect_budget():
-    from fastpref.ops.layout import TokenLayout
-    from fastpref.ops.preference import plan_pair_groups
+    from fastpref.ops.plan import plan_pair_groups
 
     lengths = [700, 650, 20, 900, 880, 30, 10, 5]  # pair order: c0 r0 c1 r1 ...
     offs = [0]
     for n in lengths:
         offs.append(offs[-1] + n)
-    layout = TokenLayout(index=torch.empty(0), seq=torch.empty(0), offsets=torch.tensor(offs),
-                         host_offsets=tuple(offs), num_tokens=offs[-1])
-    groups = plan_pair_groups(layout, 4, max_rows=2000)
+    groups = plan_pair_groups(offs, 4, max_rows=2000)
     assert groups[0][0] == 0 and groups[-1][1] == 4
     assert all(a[1] == b[0] for a, b in itertools.pairwise(groups))
     assert all(offs[2 * e] - offs[2 * s] <= 2000 for s, e in groups)
-    assert plan_pair_groups(layout, 4, max_rows=1700) is not None
-    assert plan_pair_groups(layout, 4, max_rows=1779) is not None
-    assert plan_pair_groups(layout, 4, max_rows=1000) is None  # pair 1 alone has 1780 tokens
+    assert plan_pair_groups(offs, 4, max_rows=1700) is not None
+    assert plan_pair_groups(offs, 4, max_rows=1779) is not None
+    assert plan_pair_groups(offs, 4, max_rows=1000) is None  # pair 1 alone has 1780 tokens
     # At llama3-8b-4k: 4 pairs x 2 x 3072 scored tokens in 2 GiB of bf16 logits at V = 128256.
-    offs = [0]
-    for _ in range(8):
-        offs.append(offs[-1] + 3072)
-    big = TokenLayout(index=torch.empty(0), seq=torch.empty(0), offsets=torch.tensor(offs), host_offsets=tuple(offs),
-                      num_tokens=offs[-1])
-    groups = plan_pair_groups(big, 4, max_rows=2 * GiB // (128256 * 2))
+    offs = [3072 * i for i in range(9)]
+    groups = plan_pair_groups(offs, 4, max_rows=2 * GiB // (128256 * 2))
     assert len(groups) == 4
 
 

@@ -61,9 +61,9 @@ def _env(rank: int, port: int) -> None:
 def _module_case():
     """Model (patched), loss, a padded batch of 4 pairs and reference sums — identical in every process."""
     from fastpref.integrations.collator import PreferenceCollator
-    from fastpref.integrations.head import add_fused_lm_head
+    from fastpref.integrations.fused_head import add_fused_lm_head
     from fastpref.integrations.hf import build_preference_loss
-    from fastpref.integrations.toy import toy_llama, toy_preference_records, toy_tokenizer
+    from fastpref.testing.toy import toy_llama, toy_preference_records, toy_tokenizer
 
     tok = toy_tokenizer()
     model = add_fused_lm_head(toy_llama(tok, hidden_size=32, num_layers=2, seed=3))
@@ -165,8 +165,8 @@ def test_fsdp2_cpu_gradients_match_single_process(module_results):
 def _trainer_run(world: int, out_path: str, fsdp: bool = False) -> None:
     from datasets import Dataset
 
-    from fastpref.integrations.toy import toy_llama, toy_preference_records, toy_tokenizer
     from fastpref.integrations.trl import FastPrefDPOConfig, FastPrefDPOTrainer
+    from fastpref.testing.toy import toy_llama, toy_preference_records, toy_tokenizer
 
     tok = toy_tokenizer()
     data = Dataset.from_list(toy_preference_records(16, seed=0))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastpref.integrations.collator import PreferenceCollator, tokenize_preference
-from fastpref.integrations.head import add_fused_lm_head, head_transform, is_patched
+from fastpref.integrations.fused_head import add_fused_lm_head, head_transform, is_patched
 from fastpref.integrations.hf import (
     FastPrefTrainer,
     FastPrefTrainingArguments,
@@ -20,7 +20,7 @@ from fastpref.integrations.hf import (
     materialised_logps,
     shifted_sequence_ids,
 )
-from fastpref.integrations.toy import toy_llama, toy_preference_records
+from fastpref.testing.toy import toy_llama, toy_preference_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread per test worker
 

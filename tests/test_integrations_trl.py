@@ -17,13 +17,13 @@ datasets = pytest.importorskip("datasets")
 
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from fastpref.integrations.toy import toy_llama, toy_preference_records  # noqa: E402
 from fastpref.integrations.trl import (  # noqa: E402
     FastPrefDPOConfig,
     FastPrefDPOTrainer,
     check_trl_version,
     unsupported_fused_fields,
 )
+from fastpref.testing.toy import toy_llama, toy_preference_records  # noqa: E402
 
 METRICS = ("loss", "grad_norm", "entropy", "num_tokens", "logits/chosen", "logits/rejected", "mean_token_accuracy",
            "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")

@@ -183,20 +183,27 @@ def test_hidden_size_not_power_of_two(backend, hidden_size):
     assert rel_err(out, truth) <= 1e-5
 
 
+def _tiled_sequence_logps(hidden, weight, bias, labels, backend, tile_bytes):
+    """``fastpref.sequence_logps`` through the ops layer with an explicit tile budget (``HeadPass.tile_bytes``)."""
+    from fastpref.ops import HeadPass, LogitTransform, score_labels, segment_sum
+
+    cfg = HeadPass.for_inputs(hidden, backend=backend, transform=LogitTransform(), tile_bytes=tile_bytes)
+    batch, seq_len = labels.shape
+    row_ids = torch.arange(batch).repeat_interleave(seq_len)
+    scored = score_labels(hidden, weight, bias, labels, cfg, ignore_index=-100, seq_ids=row_ids, num_seqs=batch)
+    return segment_sum(scored.logps, scored.layout.offsets), cfg
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_many_tiles_match_one_tile(backend, monkeypatch):
+def test_many_tiles_match_one_tile(backend):
     """Tiny tile budget: many vocabulary slabs and row chunks (V not a multiple of any block) give the same
     values and grads as one tile, to fp32 rounding."""
-    from fastpref.ops import head
-
     hidden, weight, bias, labels = _inputs(3, 29, 16, 1000, torch.float32)
     one = fastpref.sequence_logps(hidden, weight, labels, bias=bias, backend=backend)
     g_one = torch.autograd.grad(one.sum(), [hidden, weight, bias])
-    monkeypatch.setattr(head, "default_tile_bytes", lambda device: 8192)
-    cfg = head.HeadConfig.for_inputs(hidden, backend=backend, transform=fastpref.ops.LogitTransform())
+    many, cfg = _tiled_sequence_logps(hidden, weight, bias, labels, backend, tile_bytes=8192)
     plan = cfg.plan(70, 1000)
     assert plan.cols < 1000 and plan.rows < 70
-    many = fastpref.sequence_logps(hidden, weight, labels, bias=bias, backend=backend)
     g_many = torch.autograd.grad(many.sum(), [hidden, weight, bias])
     torch.testing.assert_close(many, one, rtol=1e-6, atol=1e-5)
     for a, b in zip(g_many, g_one):
@@ -238,18 +245,28 @@ def test_linear_cross_entropy_all_ignored_mean_is_zero():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("row_chunks", [3, 8], ids=["few-row-chunks", "many-row-chunks"])
-def test_bf16_chunked_accumulation_within_twice_torch_error(backend, row_chunks, monkeypatch):
+def test_bf16_chunked_accumulation_within_twice_torch_error(backend, row_chunks):
     """bf16 with tiny tiles: several vocabulary slabs and row chunks, so dW takes direct bf16 partial sums (up to
     MAX_PARTIAL_SUMS row chunks) or the fp32 slab buffer (more) and dH the fp32 accumulator; errors vs float64
     stay within 2x the materialised bf16 path's."""
-    from fastpref.ops import head
+    from fastpref.ops.head_pass import MAX_PARTIAL_SUMS
 
     hidden, weight, bias, labels = _inputs(4, 40, 32, 700, torch.bfloat16, scale=2.0)
     n = int((labels != -100).sum())
-    elem = 12 if backend == "torch" else 2  # HeadConfig.plan's working-set bytes per tile element
-    monkeypatch.setattr(head, "default_tile_bytes", lambda device: -(-n // row_chunks) * 256 * elem)
-    cfg = head.HeadConfig.for_inputs(hidden, backend=backend, transform=fastpref.ops.LogitTransform())
+    elem = 12 if backend == "torch" else 2  # HeadPass.plan's working-set bytes per tile element
+    tile_bytes = -(-n // row_chunks) * 256 * elem
+    out, cfg = _tiled_sequence_logps(hidden, weight, bias, labels, backend, tile_bytes)
     plan = cfg.plan(n, 700)
     assert plan.cols < 700 and -(-n // plan.rows) == row_chunks
-    assert (row_chunks <= head.MAX_PARTIAL_SUMS) == (row_chunks == 3)
-    _assert_sequence_logps_within_twice_torch_error(backend, hidden, weight, bias, labels)
+    assert (row_chunks <= MAX_PARTIAL_SUMS) == (row_chunks == 3)
+    plain = ref.sequence_logps(hidden, weight, labels, bias=bias)
+    upstream = torch.randn(out.shape)
+    grads = _grads(out, upstream, [hidden, weight, bias])
+    plain_grads = _grads(plain, upstream, [hidden, weight, bias])
+    h64, w64, b64 = _float64(hidden, weight, bias)
+    truth = ref.sequence_logps(h64, w64, labels, bias=b64)
+    truth_grads = _grads(truth, upstream.double(), [h64, w64, b64])
+    assert_within_torch_error("logps", out, plain, truth)
+    for name, g, p, t in zip(("hidden", "weight", "bias"), grads, plain_grads, truth_grads):
+        assert g.dtype == hidden.dtype, name
+        assert_within_torch_error(name, g, p, t, atol=1e-3)

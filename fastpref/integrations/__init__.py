@@ -1,9 +1,10 @@
 """Hugging Face and TRL integrations (imported lazily: nothing heavy happens at ``import fastpref``).
 
-- ``fastpref.integrations.hf``: ``add_fused_lm_head``, ``FastPrefTrainer``, ``FastPrefTrainingArguments``,
-  ``PreferenceCollator`` (needs the ``hf`` extra: transformers, accelerate, peft).
+- ``fastpref.integrations.fused_head``: ``add_fused_lm_head``, the fused head inside a causal LM's forward.
+- ``fastpref.integrations.hf``: ``FastPrefTrainer``, ``FastPrefTrainingArguments``, ``PreferenceCollator``
+  (needs the ``hf`` extra: transformers, accelerate, peft).
 - ``fastpref.integrations.trl``: ``FastPrefDPOConfig``, ``FastPrefDPOTrainer`` (needs the ``trl`` extra).
-- ``fastpref.integrations.toy``: tiny offline model, tokenizer and data for examples and tests.
+- ``fastpref.integrations.trainer_common``: what both trainers share.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("collator", "head", "hf", "toy", "trl")
+_SUBMODULES = ("collator", "fused_head", "hf", "trainer_common", "trl")
 
 __all__ = list(_SUBMODULES)
 

@@ -14,7 +14,6 @@ version raises ``ImportError``.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -46,11 +45,22 @@ def check_trl_version(version: str | None = None) -> str:
 check_trl_version()
 
 from trl import DPOConfig, DPOTrainer  # noqa: E402
-from trl.trainer.utils import use_adapter  # noqa: E402
 
 from .collator import PreferenceCollator  # noqa: E402
-from .head import FusedHeadOutput, add_fused_lm_head, is_patched  # noqa: E402
-from .hf import SR_LOSSES, _sr_prompt, build_preference_loss, is_peft_model, model_inputs, unwrap_peft  # noqa: E402
+from .fused_head import FusedHeadOutput, add_fused_lm_head, is_patched  # noqa: E402
+from .trainer_common import (  # noqa: E402
+    SR_LOSSES,
+    build_preference_loss,
+    completion_labels,
+    fused_reference_logps,
+    gather_metrics,
+    input_tokens,
+    model_inputs,
+    packed_kwargs,
+    reference_context,
+    sr_prompt,
+    unwrap_peft,
+)
 
 _REFINE_COLUMNS = ("refine_prompt_ids", "refine_chosen_ids", "refine_rejected_ids")
 _REFINE_REF_COLUMNS = ("ref_refine_chosen_logps", "ref_refine_rejected_logps")
@@ -120,9 +130,8 @@ class _RefineCollator:
         twins = [{"prompt_ids": e["refine_prompt_ids"], "chosen_ids": e["refine_chosen_ids"],
                   "rejected_ids": e["refine_rejected_ids"]} for e in examples]
         refine = self.base(twins)
-        labels = refine["input_ids"].masked_fill(refine["completion_mask"] == 0, -100)
         batch.update(refine_input_ids=refine["input_ids"], refine_attention_mask=refine["attention_mask"],
-                     refine_completion_mask=refine["completion_mask"], refine_labels=labels)
+                     refine_completion_mask=refine["completion_mask"], refine_labels=completion_labels(refine))
         for key in _REFINE_REF_COLUMNS:  # precomputed reference sums of the twins
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
@@ -158,7 +167,7 @@ class FastPrefDPOTrainer(DPOTrainer):
             return
         _raise_unsupported(unsupported_fused_fields(args))
         if any(t in SR_LOSSES for t in args.loss_type):
-            self.refinement_prompt = args.refinement_prompt or _sr_prompt()
+            self.refinement_prompt = args.refinement_prompt or sr_prompt()
         # trl 1.16 warns and ignores padding_free; fastpref packs, so keep it away from trl's check.
         packed = bool(args.padding_free)
         args.padding_free = False
@@ -265,12 +274,6 @@ class FastPrefDPOTrainer(DPOTrainer):
         return dataset
 
     # -- reference ---------------------------------------------------------------------------------------------
-    def _adapter_context(self) -> contextlib.AbstractContextManager:
-        if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        return contextlib.nullcontext()
-
     def _fused_reference(self, model: Any, batch: dict[str, Any], prefix: str = "") -> torch.Tensor:
         """Reference sums [2P] of a batch (or its ``refine_`` twin) through fastpref's forward-only kernel."""
         from trl.models.utils import disable_gradient_checkpointing
@@ -278,26 +281,11 @@ class FastPrefDPOTrainer(DPOTrainer):
         base = unwrap_peft(self.accelerator.unwrap_model(model))
         if not is_patched(base):  # e.g. the precompute pass, which runs inside trl's __init__
             add_fused_lm_head(base, backend=self.args.fastpref_backend)
-        kwargs = model_inputs(batch, prefix)
-        kwargs["use_cache"] = False
-        labels = batch.get(prefix + "labels")
-        if labels is None:
-            labels = batch[prefix + "input_ids"].masked_fill(batch[prefix + "completion_mask"] == 0, -100)
-        extra = {}
-        if not prefix and batch.get("seq_ids") is not None:
-            extra = {"seq_ids": batch["seq_ids"], "num_seqs": batch["num_seqs"]}
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                self._adapter_context():
-            loss_fn = self.fastpref_loss if self.fastpref_loss is not None else self._build_loss(base)
-            if not prefix:
-                # scored exactly as the loss scores the policy: a reference equal to it gives rewards of exactly 0
-                return model(**kwargs, labels=labels, preference_loss=loss_fn, score_only=True,
-                             **extra).sequence_logps
-            out = model(**kwargs, labels=labels, return_logps=True, **extra)
-        if extra:
-            return out.sequence_logps
-        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
-        return out.token_logps[:, -(labels.shape[1] - 1):].sum(-1)
+        loss_fn = self.fastpref_loss if self.fastpref_loss is not None else self._build_loss(base)
+        policy = self.accelerator.unwrap_model(self.model)
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                reference_context(policy, self.ref_model):
+            return fused_reference_logps(model, batch, loss_fn, prefix)
 
     def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.use_fastpref:
@@ -311,17 +299,13 @@ class FastPrefDPOTrainer(DPOTrainer):
         if not self.use_fastpref:
             return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
-        labels = inputs.get("labels")
-        if labels is None:
-            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        labels = completion_labels(inputs)
         ref_model = self.ref_model if self.ref_model is not None else self.model
         if self.precompute_ref_logps:
             ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
         else:
             ref = self._fused_reference(ref_model, inputs)
-        extra: dict[str, Any] = {}
-        if inputs.get("seq_ids") is not None:
-            extra.update(seq_ids=inputs["seq_ids"], num_seqs=inputs["num_seqs"])
+        extra: dict[str, Any] = packed_kwargs(inputs)
         if self.refinement_prompt:
             if self.precompute_ref_logps:
                 refine_ref = torch.cat([inputs[_REFINE_REF_COLUMNS[0]], inputs[_REFINE_REF_COLUMNS[1]]]).float()
@@ -347,38 +331,19 @@ class FastPrefDPOTrainer(DPOTrainer):
         return (out.loss, outputs) if return_outputs else out.loss
 
     def _log_fastpref_metrics(self, mode: str, out: Any, inputs: dict[str, Any], ref: torch.Tensor) -> None:
-        """trl 1.16's metrics with its aggregation: token metrics as gathered sums over gathered counts
-        (``gather_for_metrics``), pair metrics as means of the gathered per-pair values (``gather``).
-
-        Rewards are β·(logps − ref) from the reference TRL scored, for every loss type: fastpref's own rewards
-        take ref = 0 for reference-free types (``sft``), which TRL does not."""
-        acc = self.accelerator
-        s = out.token_sums
-        sums = torch.stack([s["entropy_sum"], s["scored_tokens"], s["chosen_logit_sum"], s["chosen_tokens"],
-                            s["rejected_logit_sum"], s["rejected_tokens"], s["chosen_top1"]]).float()
-        ent, scored, c_logit, c_tok, r_logit, r_tok, top1 = (
-            acc.gather_for_metrics(sums.unsqueeze(0)).reshape(-1, sums.shape[0]).sum(0).tolist())
-        metrics = self._metrics[mode]
-        metrics["entropy"].append(ent / scored if scored > 0 else 0.0)
-        if mode == "train":
-            if "attention_mask" in inputs:
-                n = inputs["attention_mask"].sum()
-            else:
-                n = (inputs["seq_ids"] >= 0).sum()
-            self._total_train_tokens += int(acc.gather_for_metrics(n).sum().item()) // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
-        metrics["logits/chosen"].append(c_logit / c_tok if c_tok > 0 else 0.0)
-        metrics["logits/rejected"].append(r_logit / r_tok if r_tok > 0 else 0.0)
-        metrics["mean_token_accuracy"].append(top1 / c_tok if c_tok > 0 else 0.0)
+        """trl 1.16's metrics with its aggregation (``trainer_common.gather_metrics``). Rewards are β·(logps − ref)
+        from the reference TRL scored, for every loss type: fastpref's own rewards take ref = 0 for
+        reference-free types (``sft``), which TRL does not."""
         ref_chosen, ref_rejected = ref.float().chunk(2)
-        chosen_rewards = self.beta * (out.chosen_logps - ref_chosen)
-        rejected_rewards = self.beta * (out.rejected_logps - ref_rejected)
-        per_pair = torch.stack([chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
-                                chosen_rewards - rejected_rewards, out.chosen_logps, out.rejected_logps], 1)
-        means = acc.gather(per_pair.float().contiguous()).reshape(-1, per_pair.shape[1]).mean(0).tolist()
-        for name, value in zip(("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                                "logps/chosen", "logps/rejected"), means):
+        values, n_tokens = gather_metrics(self.accelerator, out, input_tokens(inputs),
+                                          chosen_rewards=self.beta * (out.chosen_logps - ref_chosen),
+                                          rejected_rewards=self.beta * (out.rejected_logps - ref_rejected))
+        metrics = self._metrics[mode]
+        for name, value in values.items():
             metrics[name].append(value)
+        if mode == "train":
+            self._total_train_tokens += int(n_tokens) // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
 
 
 __all__ = ["FastPrefDPOConfig", "FastPrefDPOTrainer", "check_trl_version", "unsupported_fused_fields"]

@@ -13,7 +13,7 @@ kernels run on each group of pairs).
 >>> losses, _, _ = fastpref.losses.sigmoid(chosen, rejected, torch.tensor([-13.0]), torch.tensor([-14.0]))
 """
 
-from .config import LossConfig, pair_losses
+from .config import LossConfig, pair_losses, refinement_margin
 from .formulas import (
     LOSS_TYPES,
     NEEDS_LENGTHS,
@@ -62,6 +62,7 @@ __all__ = [
     "nca_pair",
     "orpo",
     "pair_losses",
+    "refinement_margin",
     "robust",
     "sft",
     "sigmoid",

@@ -10,17 +10,18 @@ from numbers import Real
 from torch import Tensor
 
 from .formulas import (
-    LOSS_FUNCTIONS,
-    LOSS_HPARAMS,
     LOSS_TYPES,
     NEEDS_LENGTHS,
     NEEDS_REFINEMENT,
     NLL_TYPES,
+    NORMALISED,
     PAIR_SEPARABLE,
     REFERENCE_FREE,
     SMOOTHING_RANGES,
     LossResult,
     check_hparam,
+    check_pair_tensors,
+    evaluate,
 )
 
 
@@ -142,26 +143,35 @@ def pair_losses(
     """
     if not isinstance(config, LossConfig):
         raise TypeError(f"config: expected a fastpref.losses.LossConfig, got {type(config).__name__}")
-    if config.reference_free or config.reference_free_only:
+    # The hyper-parameters were checked when the config was built; only the tensors' metadata is checked here.
+    ref_free = config.reference_free or config.reference_free_only
+    if ref_free:
         ref_chosen_logps = ref_rejected_logps = None
     elif ref_chosen_logps is None or ref_rejected_logps is None:
         raise ValueError(f"ref_chosen_logps / ref_rejected_logps: loss_type {list(config.loss_types)} needs the "
                          "reference log-probs, got None (or set reference_free=True)")
     if refinement is not None and not config.needs_refinement:
         raise ValueError(f"refinement: only read by sr_dpo and sr_ipo, got loss_type {list(config.loss_types)}")
+    if refinement is None and config.needs_refinement and config.refinement_lambda != 0.0:
+        raise ValueError(f"refinement: loss_type {list(config.loss_types)} with refinement_lambda="
+                         f"{config.refinement_lambda!r} needs the refinement margin Δ (a tensor [P]), got None")
+    lengths_needed = any(name in NORMALISED for name in config.loss_types)
+    nll_needed = any(name in NLL_TYPES and not (name == "cpo" and config.cpo_alpha == 0.0)
+                     for name in config.loss_types)
+    lp_w, lp_l, ref_w, ref_l, n_w, n_l, refinement = check_pair_tensors(
+        list(config.loss_types), policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        chosen_lengths, rejected_lengths, refinement, need_lengths=lengths_needed or (nll_needed and nll_scale is None))
+    if nll_needed and nll_scale is None:
+        nll_scale = lp_w.shape[0] / n_w.sum().clamp(min=1.0)
     total = None
     for name, weight in zip(config.loss_types, config.loss_weights):
-        kwargs: dict[str, object] = {hp: getattr(config, hp) for hp in LOSS_HPARAMS[name]}
-        if name in NEEDS_REFINEMENT:
-            kwargs["refinement"] = refinement
-        if name in NLL_TYPES:
-            kwargs["nll_scale"] = nll_scale
-        losses, _, _ = LOSS_FUNCTIONS[name](
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=config.beta,
-            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **kwargs)
+        losses = evaluate(
+            name, lp_w, lp_l, ref_w, ref_l, beta=config.beta, chosen_lengths=n_w, rejected_lengths=n_l,
+            refinement=refinement, refinement_lambda=config.refinement_lambda, nll_scale=nll_scale,
+            label_smoothing=config.label_smoothing, simpo_gamma=config.simpo_gamma,
+            discopop_tau=config.discopop_tau, cpo_alpha=config.cpo_alpha)
         total = losses * weight if total is None else total + losses * weight
-    chosen_rewards, rejected_rewards = _rewards(config, policy_chosen_logps, policy_rejected_logps,
-                                                ref_chosen_logps, ref_rejected_logps)
+    chosen_rewards, rejected_rewards = _rewards(config, lp_w, lp_l, ref_w, ref_l)
     return total, chosen_rewards, rejected_rewards
 
 
@@ -172,3 +182,21 @@ def _rewards(config: LossConfig, lp_w: Tensor, lp_l: Tensor, ref_w: Tensor | Non
         return config.beta * lp_w.detach(), config.beta * lp_l.detach()
     return (config.beta * (lp_w.detach() - ref_w.detach().to(lp_w.dtype)),
             config.beta * (lp_l.detach() - ref_l.detach().to(lp_l.dtype)))
+
+
+def refinement_margin(config: LossConfig, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+                      ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None, *,
+                      chosen_lengths: Tensor, rejected_lengths: Tensor) -> Tensor:
+    """The refinement margin of Sr-DPO / Sr-IPO (Yu et al. 2024, Eq. 11-12) from the sums of the
+    prompt-augmented (p ⊕ x) pairs, detached: Δ = β[(lp_w − ref_w) − (lp_l − ref_l)] for ``sr_dpo``, and Δ̄ with
+    each log-ratio divided by its response length (clamped ≥ 1) for ``sr_ipo``. The reference is 0 for a
+    reference-free config (or when not given)."""
+    ratio_w, ratio_l = policy_chosen_logps.detach().float(), policy_rejected_logps.detach().float()
+    if ref_chosen_logps is not None and ref_rejected_logps is not None and not (
+            config.reference_free or config.reference_free_only):
+        ratio_w = ratio_w - ref_chosen_logps.detach().float()
+        ratio_l = ratio_l - ref_rejected_logps.detach().float()
+    if "sr_ipo" in config.loss_types:
+        ratio_w = ratio_w / chosen_lengths.clamp(min=1).float()
+        ratio_l = ratio_l / rejected_lengths.clamp(min=1).float()
+    return config.beta * (ratio_w - ratio_l)

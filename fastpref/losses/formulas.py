@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from numbers import Real
 from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..utils.validation import Interval, check_number
 
 LossResult = tuple[Tensor, Tensor, Tensor]
 _F = TypeVar("_F", bound=Callable[..., LossResult])
@@ -45,26 +46,6 @@ NEEDS_REFINEMENT: frozenset[str] = frozenset({"sr_dpo", "sr_ipo"})
 
 # --------------------------------------------------------------------------------------------------------------
 # Hyper-parameter ranges (one table, shared by the functions and by ``LossConfig``)
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A range of finite reals, printed in interval notation (``[0, 0.5)``)."""
-
-    low: float
-    high: float = math.inf
-    low_closed: bool = True
-    high_closed: bool = False
-    note: str = ""
-
-    def __contains__(self, x: float) -> bool:
-        above = x >= self.low if self.low_closed else x > self.low
-        below = x <= self.high if self.high_closed else x < self.high
-        return math.isfinite(x) and above and below
-
-    def __str__(self) -> str:
-        high = "inf)" if self.high == math.inf else f"{self.high:g}{']' if self.high_closed else ')'}"
-        return f"{'[' if self.low_closed else '('}{self.low:g}, {high}"
 
 
 HPARAM_RANGES: dict[str, Interval] = {
@@ -93,20 +74,16 @@ SMOOTHING_RANGES: dict[str, Interval] = {
 def check_hparam(name: str, value: object, loss_type: str | None = None) -> float:
     """``value`` as a float after checking it against its range (``label_smoothing``: the range of
     ``loss_type``); ``TypeError`` / ``ValueError`` naming the argument, the value and the range."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
     allowed = SMOOTHING_RANGES.get(loss_type, HPARAM_RANGES[name]) if name == "label_smoothing" else (
         HPARAM_RANGES[name])
-    if value not in allowed:
-        where = f" for loss_type {loss_type!r}" if loss_type is not None else ""
-        note = f" ({allowed.note})" if allowed.note else ""
-        raise ValueError(f"{name}: expected a finite number in {allowed}{where}{note}, got {value!r}")
-    return value
+    where = f" for loss_type {loss_type!r}" if name == "label_smoothing" and loss_type is not None else ""
+    return check_number(name, value, allowed, where=where)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Input checks and shared pieces
+# Validated inputs. The public functions below check their arguments; ``LossConfig`` checks its
+# hyper-parameters once, and ``pair_losses`` then runs the implementations (``_IMPLEMENTATIONS``) unchecked —
+# the fused kernels call it once per pair group.
 
 
 def _describe(t: object) -> str:
@@ -138,46 +115,49 @@ def _pair_vector(name: str, t: object, like: Tensor, *, integral: bool = False) 
 
 class _Pair(NamedTuple):
     beta: float
+    lp_w: Tensor  # policy sums
+    lp_l: Tensor
     rho_w: Tensor  # ρ_w = lp_w − ref_w
     rho_l: Tensor
     chosen_rewards: Tensor  # β ρ_w, detached
     rejected_rewards: Tensor
-    ref_w: Tensor | None  # the validated, detached reference sums (None: 0)
+    ref_w: Tensor | None  # the detached reference sums (None: 0)
     ref_l: Tensor | None
 
 
-def _pair(loss_type: str, lp_w: Tensor, lp_l: Tensor, ref_w: Tensor | None, ref_l: Tensor | None,
-          beta: float) -> _Pair:
-    """Validated log-ratios and rewards; the reference is 0 when None or when ``loss_type`` is reference-free."""
-    beta = check_hparam("beta", beta)
-    _check_logps(lp_w, lp_l)
+def _make_pair(loss_type: str, lp_w: Tensor, lp_l: Tensor, ref_w: Tensor | None, ref_l: Tensor | None,
+               beta: float) -> _Pair:
+    """Log-ratios and rewards of well-formed inputs; the reference is 0 when None or when ``loss_type`` is
+    reference-free."""
     if loss_type in REFERENCE_FREE or ref_w is None or ref_l is None:
         ref_w = ref_l = None
         rho_w, rho_l = lp_w, lp_l
     else:
-        ref_w = _pair_vector("ref_chosen_logps", ref_w, lp_w).detach()
-        ref_l = _pair_vector("ref_rejected_logps", ref_l, lp_l).detach()
+        ref_w, ref_l = ref_w.detach(), ref_l.detach()
         rho_w, rho_l = lp_w - ref_w, lp_l - ref_l
-    return _Pair(beta, rho_w, rho_l, beta * rho_w.detach(), beta * rho_l.detach(), ref_w, ref_l)
+    return _Pair(beta, lp_w, lp_l, rho_w, rho_l, beta * rho_w.detach(), beta * rho_l.detach(), ref_w, ref_l)
 
 
-def _lengths(loss_type: str, name: str, t: Tensor | None, like: Tensor, *, clamp: bool = True) -> Tensor:
+def _checked_pair(loss_type: str, lp_w: object, lp_l: object, ref_w: object, ref_l: object,
+                  beta: object) -> _Pair:
+    beta = check_hparam("beta", beta)
+    _check_logps(lp_w, lp_l)
+    if loss_type not in REFERENCE_FREE and ref_w is not None and ref_l is not None:
+        ref_w = _pair_vector("ref_chosen_logps", ref_w, lp_w)
+        ref_l = _pair_vector("ref_rejected_logps", ref_l, lp_l)
+    return _make_pair(loss_type, lp_w, lp_l, ref_w, ref_l, beta)  # type: ignore[arg-type]
+
+
+def _checked_lengths(loss_type: str, name: str, t: Tensor | None, like: Tensor) -> Tensor:
+    """Scored-token counts as ``like``'s dtype, unclamped."""
     if t is None:
-        raise ValueError(f"{name}: loss_type {loss_type!r} needs the number of scored tokens of each response "
+        what = loss_type if loss_type.startswith("loss_type") else f"loss_type {loss_type!r}"
+        raise ValueError(f"{name}: {what} needs the number of scored tokens of each response "
                          f"(a tensor [{like.shape[0]}]), got None")
-    n = _pair_vector(name, t, like, integral=True)
-    return n.clamp(min=1.0) if clamp else n
+    return _pair_vector(name, t, like, integral=True)
 
 
-def _normalised_margin(loss_type: str, pair: _Pair, chosen_lengths: Tensor | None,
-                       rejected_lengths: Tensor | None) -> Tensor:
-    """h̄ = ρ_w / n_w − ρ_l / n_l (TRL's IPO / sigmoid_norm; the reference shares the policy's lengths)."""
-    n_w = _lengths(loss_type, "chosen_lengths", chosen_lengths, pair.rho_w)
-    n_l = _lengths(loss_type, "rejected_lengths", rejected_lengths, pair.rho_l)
-    return pair.rho_w / n_w - pair.rho_l / n_l
-
-
-def _refinement(loss_type: str, refinement: Tensor | None, refinement_lambda: float, like: Tensor) -> Tensor | None:
+def _checked_shift(loss_type: str, refinement: Tensor | None, refinement_lambda: float, like: Tensor) -> Tensor | None:
     """λ·sg[Δ], or None when λ = 0 (so that λ = 0 runs exactly the DPO / IPO ops)."""
     lam = check_hparam("refinement_lambda", refinement_lambda)
     if refinement is None:
@@ -185,8 +165,38 @@ def _refinement(loss_type: str, refinement: Tensor | None, refinement_lambda: fl
             return None
         raise ValueError(f"refinement: loss_type {loss_type!r} with refinement_lambda={lam!r} needs the refinement "
                          f"margin Δ (a tensor [{like.shape[0]}]), got None")
-    delta = _pair_vector("refinement", refinement, like).detach()  # stop-gradient: sg[Δ]
-    return None if lam == 0.0 else lam * delta
+    delta = _pair_vector("refinement", refinement, like)
+    return _shift(delta, lam)
+
+
+def _shift(delta: Tensor | None, lam: float) -> Tensor | None:
+    # stop-gradient: sg[Δ]
+    return None if lam == 0.0 or delta is None else lam * delta.detach()
+
+
+def _check_nll_scale(nll_scale: object) -> None:
+    if not isinstance(nll_scale, (Real, Tensor)) or isinstance(nll_scale, bool):
+        raise TypeError(f"nll_scale: expected a number or a tensor (P / Σ chosen tokens), got "
+                        f"{type(nll_scale).__name__}")
+
+
+def _default_nll_scale(chosen_lengths: Tensor) -> Tensor:
+    """P / max(Σ n_w, 1) from the unclamped chosen lengths (TRL's token count)."""
+    return chosen_lengths.shape[0] / chosen_lengths.sum().clamp(min=1.0)
+
+
+class _Terms(NamedTuple):
+    """What an implementation reads besides the pair: the lengths clamped ≥ 1 (None when not needed), the
+    refinement shift λ·sg[Δ] (None when λ = 0), the NLL scale P / Σ n_w and the hyper-parameters."""
+
+    n_w: Tensor | None = None
+    n_l: Tensor | None = None
+    shift: Tensor | None = None
+    nll_scale: float | Tensor | None = None
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
+    cpo_alpha: float = 1.0
 
 
 def _neg_logsigmoid_smoothed(z: Tensor, eps: float) -> Tensor:
@@ -196,17 +206,180 @@ def _neg_logsigmoid_smoothed(z: Tensor, eps: float) -> Tensor:
     return -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps
 
 
-def _nll(loss_type: str, lp_w: Tensor, chosen_lengths: Tensor | None, nll_scale: float | Tensor | None) -> Tensor:
-    """Per-pair share of the batch NLL −Σ lp_w / Σ n_w: ``−lp_w · nll_scale``, ``nll_scale = P / max(Σ n_w, 1)``
-    from the unclamped chosen lengths (TRL's token count) when not given. A caller evaluating a slice of the
-    batch passes the batch's ``nll_scale`` so that the slice's losses are the batch's."""
-    if nll_scale is None:
-        n_w = _lengths(loss_type, "chosen_lengths", chosen_lengths, lp_w, clamp=False)
-        nll_scale = lp_w.shape[0] / n_w.sum().clamp(min=1.0)
-    elif not isinstance(nll_scale, (Real, Tensor)) or isinstance(nll_scale, bool):
-        raise TypeError(f"nll_scale: expected a number or a tensor (P / Σ chosen tokens), got "
-                        f"{type(nll_scale).__name__}")
-    return -lp_w * nll_scale
+def _normalised_margin(p: _Pair, t: _Terms) -> Tensor:
+    """h̄ = ρ_w / n_w − ρ_l / n_l (TRL's IPO / sigmoid_norm; the reference shares the policy's lengths)."""
+    return p.rho_w / t.n_w - p.rho_l / t.n_l
+
+
+def _nll(p: _Pair, t: _Terms) -> Tensor:
+    """Per-pair share of the batch NLL −Σ lp_w / Σ n_w: ``−lp_w · nll_scale``."""
+    return -p.rho_w * t.nll_scale
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The formulas (trl 1.16 DPOTrainer._compute_loss, and the CPO / ORPO trainers), on validated inputs
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 − exp(x)) for x < 0, branching at −log 2 (Mächler 2012), as TRL's ORPO trainer."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _exo_pair(p: _Pair, t: _Terms) -> Tensor:
+    eps = t.label_smoothing
+    z = p.beta * (p.rho_w - p.rho_l)
+    return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - math.log(eps))
+
+
+def _nca_pair(p: _Pair, t: _Terms) -> Tensor:
+    r_w, r_l = p.beta * p.rho_w, p.beta * p.rho_l
+    return -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+
+
+def _robust(p: _Pair, t: _Terms) -> Tensor:
+    eps = t.label_smoothing
+    z = p.beta * (p.rho_w - p.rho_l)
+    return (-(1 - eps) * F.logsigmoid(z) - (-eps * F.logsigmoid(-z))) / (1 - 2 * eps)
+
+
+def _aot(p: _Pair, t: _Terms) -> Tensor:
+    margin = p.lp_w - p.lp_l
+    ref_margin = torch.zeros_like(margin) if p.ref_w is None else p.ref_w - p.ref_l
+    d = torch.sort(margin, dim=0).values - torch.sort(ref_margin, dim=0).values
+    return _neg_logsigmoid_smoothed(p.beta * d, t.label_smoothing)
+
+
+def _aot_unpaired(p: _Pair, t: _Terms) -> Tensor:
+    d = torch.sort(p.rho_w, dim=0).values - torch.sort(p.rho_l, dim=0).values
+    return _neg_logsigmoid_smoothed(p.beta * d, t.label_smoothing)
+
+
+def _discopop(p: _Pair, t: _Terms) -> Tensor:
+    z = (p.rho_w - p.rho_l) * p.beta
+    m = torch.sigmoid(z / t.discopop_tau)
+    exp_cap = math.floor(math.log(torch.finfo(z.dtype).max))
+    return -F.logsigmoid(z) * (1 - m) + torch.exp((-z).clamp(max=exp_cap)) * m
+
+
+def _sr_dpo(p: _Pair, t: _Terms) -> Tensor:
+    z = p.beta * (p.rho_w - p.rho_l)
+    if t.shift is not None:
+        z = z - t.shift
+    return -F.logsigmoid(z)
+
+
+def _sr_ipo(p: _Pair, t: _Terms) -> Tensor:
+    h = _normalised_margin(p, t)
+    if t.shift is not None:
+        h = h - t.shift
+    return (h - 1 / (2 * p.beta)) ** 2
+
+
+def _simpo(p: _Pair, t: _Terms) -> Tensor:
+    z = p.beta * ((p.rho_w / t.n_w - p.rho_l / t.n_l) - t.simpo_gamma / p.beta)
+    return _neg_logsigmoid_smoothed(z, t.label_smoothing)
+
+
+def _cpo(p: _Pair, t: _Terms) -> Tensor:
+    losses = _neg_logsigmoid_smoothed(p.beta * (p.rho_w - p.rho_l), t.label_smoothing)
+    if t.cpo_alpha != 0.0:
+        losses = losses + t.cpo_alpha * _nll(p, t)
+    return losses
+
+
+def _orpo(p: _Pair, t: _Terms) -> Tensor:
+    mean_w, mean_l = p.rho_w / t.n_w, p.rho_l / t.n_l
+    top = -torch.finfo(mean_w.dtype).eps
+    log_odds = (mean_w - mean_l) - (_log1mexp(mean_w.clamp(max=top)) - _log1mexp(mean_l.clamp(max=top)))
+    return -(p.beta * F.logsigmoid(log_odds)) + _nll(p, t)
+
+
+_IMPLEMENTATIONS: dict[str, Callable[[_Pair, _Terms], Tensor]] = {
+    "sigmoid": lambda p, t: _neg_logsigmoid_smoothed(p.beta * (p.rho_w - p.rho_l), t.label_smoothing),
+    "hinge": lambda p, t: torch.relu(1 - p.beta * (p.rho_w - p.rho_l)),
+    "ipo": lambda p, t: (_normalised_margin(p, t) - 1 / (2 * p.beta)) ** 2,
+    "exo_pair": _exo_pair,
+    "nca_pair": _nca_pair,
+    "robust": _robust,
+    "bco_pair": lambda p, t: -F.logsigmoid(p.beta * p.rho_w) - F.logsigmoid(-(p.beta * p.rho_l)),
+    "sppo_hard": lambda p, t: (p.rho_w - 0.5 / p.beta) ** 2 + (p.rho_l + 0.5 / p.beta) ** 2,
+    "aot": _aot,
+    "aot_unpaired": _aot_unpaired,
+    "apo_zero": lambda p, t: (1 - torch.sigmoid(p.beta * p.rho_w)) + torch.sigmoid(p.beta * p.rho_l),
+    "apo_down": lambda p, t: torch.sigmoid(p.beta * p.rho_w) + (1 - torch.sigmoid(p.beta * (p.rho_w - p.rho_l))),
+    "discopop": _discopop,
+    "sigmoid_norm": lambda p, t: -F.logsigmoid(p.beta * _normalised_margin(p, t)),
+    "sr_dpo": _sr_dpo,
+    "sr_ipo": _sr_ipo,
+    "simpo": _simpo,
+    "cpo": _cpo,
+    "orpo": _orpo,
+    "sft": _nll,
+}
+# Types whose formula divides by the response lengths (n clamped ≥ 1).
+NORMALISED: frozenset[str] = frozenset({"ipo", "sr_ipo", "sigmoid_norm", "simpo", "orpo"})
+
+
+def evaluate(loss_type: str, lp_w: Tensor, lp_l: Tensor, ref_w: Tensor | None, ref_l: Tensor | None, *,
+             beta: float, chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+             refinement: Tensor | None = None, refinement_lambda: float = 0.0, nll_scale: float | Tensor | None = None,
+             label_smoothing: float = 0.0, simpo_gamma: float = 0.5, discopop_tau: float = 0.05,
+             cpo_alpha: float = 1.0) -> Tensor:
+    """One type's per-pair losses on inputs that are already valid (``LossConfig`` checked the hyper-parameters;
+    the caller passes [P] tensors of one dtype and device, the lengths a type needs, and ``nll_scale`` for the
+    NLL types): no checks, so the fused kernels can call it once per pair group."""
+    p = _make_pair(loss_type, lp_w, lp_l, ref_w, ref_l, beta)
+    normalised = loss_type in NORMALISED
+    terms = _Terms(
+        n_w=chosen_lengths.to(lp_w.dtype).clamp(min=1.0) if normalised else None,
+        n_l=rejected_lengths.to(lp_l.dtype).clamp(min=1.0) if normalised else None,
+        shift=_shift(refinement, refinement_lambda) if loss_type in NEEDS_REFINEMENT else None,
+        nll_scale=nll_scale, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, discopop_tau=discopop_tau,
+        cpo_alpha=cpo_alpha)
+    return _IMPLEMENTATIONS[loss_type](p, terms)
+
+
+def check_pair_tensors(loss_types: list[str], lp_w: object, lp_l: object, ref_w: object, ref_l: object,
+                       chosen_lengths: object, rejected_lengths: object, refinement: object, *,
+                       need_lengths: bool) -> tuple[Tensor, ...]:
+    """The per-pair tensors of ``pair_losses`` checked (metadata only: no device sync) and brought to the policy
+    sums' dtype: ``(lp_w, lp_l, ref_w, ref_l, n_w, n_l, refinement)`` (lengths unclamped; None stays None)."""
+    _check_logps(lp_w, lp_l)
+    if ref_w is not None and ref_l is not None:
+        ref_w = _pair_vector("ref_chosen_logps", ref_w, lp_w)  # type: ignore[arg-type]
+        ref_l = _pair_vector("ref_rejected_logps", ref_l, lp_l)  # type: ignore[arg-type]
+    what = f"loss_type {loss_types}"
+    if need_lengths:
+        chosen_lengths = _checked_lengths(what, "chosen_lengths", chosen_lengths, lp_w)  # type: ignore[arg-type]
+        rejected_lengths = _checked_lengths(what, "rejected_lengths", rejected_lengths, lp_w)  # type: ignore
+    if refinement is not None:
+        refinement = _pair_vector("refinement", refinement, lp_w)  # type: ignore[arg-type]
+    return lp_w, lp_l, ref_w, ref_l, chosen_lengths, rejected_lengths, refinement  # type: ignore[return-value]
+
+
+def _checked(loss_type: str, lp_w: object, lp_l: object, ref_w: object, ref_l: object, *, beta: object,
+             chosen_lengths: object, rejected_lengths: object, refinement: object = None,
+             refinement_lambda: object = 0.0, nll_scale: object = None, **hparams: object) -> LossResult:
+    """The public functions' path: every argument checked, then the implementation."""
+    checked = {name: check_hparam(name, value, loss_type) for name, value in hparams.items()}
+    p = _checked_pair(loss_type, lp_w, lp_l, ref_w, ref_l, beta)
+    like = p.rho_w
+    terms = _Terms(**checked)
+    if loss_type in NORMALISED:
+        n_w = _checked_lengths(loss_type, "chosen_lengths", chosen_lengths, like)  # type: ignore[arg-type]
+        n_l = _checked_lengths(loss_type, "rejected_lengths", rejected_lengths, like)  # type: ignore[arg-type]
+        terms = terms._replace(n_w=n_w.clamp(min=1.0), n_l=n_l.clamp(min=1.0))
+    if loss_type in NEEDS_REFINEMENT:
+        terms = terms._replace(shift=_checked_shift(loss_type, refinement, refinement_lambda, like))  # type: ignore
+    if loss_type in NLL_TYPES and not (loss_type == "cpo" and terms.cpo_alpha == 0.0):
+        if nll_scale is None:
+            nll_scale = _default_nll_scale(
+                _checked_lengths(loss_type, "chosen_lengths", chosen_lengths, like))  # type: ignore[arg-type]
+        else:
+            _check_nll_scale(nll_scale)
+        terms = terms._replace(nll_scale=nll_scale)
+    return _IMPLEMENTATIONS[loss_type](p, terms), p.chosen_rewards, p.rejected_rewards
 
 
 def _doc(fn: _F) -> _F:
@@ -228,7 +401,7 @@ _ARGS_DOC = """
 
 
 # --------------------------------------------------------------------------------------------------------------
-# DPO family: trl 1.16 DPOTrainer._compute_loss
+# The public functions: DPO family (trl 1.16 DPOTrainer._compute_loss)
 
 
 @_doc
@@ -237,9 +410,9 @@ def sigmoid(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chos
             chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None) -> LossResult:
     """DPO (Rafailov et al. 2023, Eq. 7); cDPO (Mitchell 2023) with ``label_smoothing`` ε ∈ [0, 0.5]:
     −(1−ε) log σ(βh) − ε log σ(−βh). ε = 0 is trl 1.16's ``sigmoid``."""
-    eps = check_hparam("label_smoothing", label_smoothing, "sigmoid")
-    p = _pair("sigmoid", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    return _neg_logsigmoid_smoothed(p.beta * (p.rho_w - p.rho_l), eps), p.chosen_rewards, p.rejected_rewards
+    return _checked("sigmoid", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                    label_smoothing=label_smoothing)
 
 
 @_doc
@@ -247,8 +420,8 @@ def hinge(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen
           ref_rejected_logps: Tensor | None = None, *, beta: float = 0.1, chosen_lengths: Tensor | None = None,
           rejected_lengths: Tensor | None = None) -> LossResult:
     """SLiC hinge (Zhao et al. 2023): max(0, 1 − βh)."""
-    p = _pair("hinge", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    return torch.relu(1 - p.beta * (p.rho_w - p.rho_l)), p.chosen_rewards, p.rejected_rewards
+    return _checked("hinge", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
 
 
 @_doc
@@ -257,9 +430,8 @@ def ipo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_l
         rejected_lengths: Tensor | None = None) -> LossResult:
     """IPO (Azar et al. 2023, Eq. 17, β = τ): (h̄ − 1/(2β))², h̄ = ρ_w/n_w − ρ_l/n_l, length-normalised as
     TRL does (lengths required)."""
-    p = _pair("ipo", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    h = _normalised_margin("ipo", p, chosen_lengths, rejected_lengths)
-    return (h - 1 / (2 * p.beta)) ** 2, p.chosen_rewards, p.rejected_rewards
+    return _checked("ipo", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
 
 
 @_doc
@@ -268,12 +440,9 @@ def exo_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
              chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None) -> LossResult:
     """EXO-pref (Ji et al. 2024, Eq. 16): KL(q ‖ p) with q = (σ(βh), σ(−βh)), p = (1 − ε, ε), ε ∈ (0, 0.5]:
     σ(βh)(log σ(βh) − log(1−ε)) + σ(−βh)(log σ(−βh) − log ε)."""
-    eps = check_hparam("label_smoothing", label_smoothing, "exo_pair")
-    p = _pair("exo_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    z = p.beta * (p.rho_w - p.rho_l)
-    losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
-        F.logsigmoid(-z) - math.log(eps))
-    return losses, p.chosen_rewards, p.rejected_rewards
+    return _checked("exo_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                    label_smoothing=label_smoothing)
 
 
 @_doc
@@ -281,10 +450,8 @@ def nca_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
              ref_rejected_logps: Tensor | None = None, *, beta: float = 0.1, chosen_lengths: Tensor | None = None,
              rejected_lengths: Tensor | None = None) -> LossResult:
     """NCA (Chen et al. 2024): −log σ(βρ_w) − ½ log σ(−βρ_w) − ½ log σ(−βρ_l)."""
-    p = _pair("nca_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    r_w, r_l = p.beta * p.rho_w, p.beta * p.rho_l
-    losses = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
-    return losses, p.chosen_rewards, p.rejected_rewards
+    return _checked("nca_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
 
 
 @_doc
@@ -292,11 +459,9 @@ def robust(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chose
            ref_rejected_logps: Tensor | None = None, *, beta: float = 0.1, label_smoothing: float = 0.0,
            chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None) -> LossResult:
     """rDPO (Chowdhury et al. 2024), flip rate ε ∈ [0, 0.5): [−(1−ε) log σ(βh) + ε log σ(−βh)] / (1 − 2ε)."""
-    eps = check_hparam("label_smoothing", label_smoothing, "robust")
-    p = _pair("robust", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    z = p.beta * (p.rho_w - p.rho_l)
-    losses = (-(1 - eps) * F.logsigmoid(z) - (-eps * F.logsigmoid(-z))) / (1 - 2 * eps)
-    return losses, p.chosen_rewards, p.rejected_rewards
+    return _checked("robust", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                    label_smoothing=label_smoothing)
 
 
 @_doc
@@ -305,9 +470,8 @@ def bco_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
              rejected_lengths: Tensor | None = None) -> LossResult:
     """BCO on pairs (Jung et al. 2024) without the running reward mean δ (as trl 1.16):
     −log σ(βρ_w) − log σ(−βρ_l)."""
-    p = _pair("bco_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    losses = -F.logsigmoid(p.beta * p.rho_w) - F.logsigmoid(-(p.beta * p.rho_l))
-    return losses, p.chosen_rewards, p.rejected_rewards
+    return _checked("bco_pair", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
 
 
 @_doc
@@ -316,9 +480,8 @@ def sppo_hard(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_ch
               rejected_lengths: Tensor | None = None) -> LossResult:
     """SPPO, hard-probability version (Wu et al. 2024, Eq. 4.7 with P = 1 / 0):
     (ρ_w − 1/(2β))² + (ρ_l + 1/(2β))²."""
-    p = _pair("sppo_hard", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    losses = (p.rho_w - 0.5 / p.beta) ** 2 + (p.rho_l + 0.5 / p.beta) ** 2
-    return losses, p.chosen_rewards, p.rejected_rewards
+    return _checked("sppo_hard", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
 
 
 @_doc
@@ -327,12 +490,9 @@ def aot(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_l
         chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None) -> LossResult:
     """AOT, paired (Melnyk et al. 2024): d = sort(lp_w − lp_l) − sort(ref_w − ref_l) over the batch, then
     −(1−ε) log σ(βd) − ε log σ(−βd). Couples the batch (the sort): losses[i] is the i-th order statistic."""
-    eps = check_hparam("label_smoothing", label_smoothing, "aot")
-    p = _pair("aot", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    margin = policy_chosen_logps - policy_rejected_logps
-    ref_margin = torch.zeros_like(margin) if p.ref_w is None else p.ref_w - p.ref_l
-    d = torch.sort(margin, dim=0).values - torch.sort(ref_margin, dim=0).values
-    return _neg_logsigmoid_smoothed(p.beta * d, eps), p.chosen_rewards, p.rejected_rewards
+    return _checked("aot", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                    label_smoothing=label_smoothing)
 
 
 @_doc
@@ -341,10 +501,9 @@ def aot_unpaired(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref
                  chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None) -> LossResult:
     """AOT, unpaired (Melnyk et al. 2024): d = sort(ρ_w) − sort(ρ_l) over the batch, then
     −(1−ε) log σ(βd) − ε log σ(−βd). Couples the batch (the sort)."""
-    eps = check_hparam("label_smoothing", label_smoothing, "aot_unpaired")
-    p = _pair("aot_unpaired", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    d = torch.sort(p.rho_w, dim=0).values - torch.sort(p.rho_l, dim=0).values
-    return _neg_logsigmoid_smoothed(p.beta * d, eps), p.chosen_rewards, p.rejected_rewards
+    return _checked("aot_unpaired", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                    ref_rejected_logps, beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                    label_smoothing=label_smoothing)
 
 
 @_doc
@@ -352,9 +511,8 @@ def apo_zero(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
              ref_rejected_logps: Tensor | None = None, *, beta: float = 0.1, chosen_lengths: Tensor | None = None,
              rejected_lengths: Tensor | None = None) -> LossResult:
     """APO-zero (D'Oosterlinck et al. 2024, Eq. 7): (1 − σ(βρ_w)) + σ(βρ_l)."""
-    p = _pair("apo_zero", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    losses = (1 - torch.sigmoid(p.beta * p.rho_w)) + torch.sigmoid(p.beta * p.rho_l)
-    return losses, p.chosen_rewards, p.rejected_rewards
+    return _checked("apo_zero", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
 
 
 @_doc
@@ -362,9 +520,8 @@ def apo_down(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
              ref_rejected_logps: Tensor | None = None, *, beta: float = 0.1, chosen_lengths: Tensor | None = None,
              rejected_lengths: Tensor | None = None) -> LossResult:
     """APO-down (D'Oosterlinck et al. 2024, Eq. 8): σ(βρ_w) + (1 − σ(βh))."""
-    p = _pair("apo_down", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    losses = torch.sigmoid(p.beta * p.rho_w) + (1 - torch.sigmoid(p.beta * (p.rho_w - p.rho_l)))
-    return losses, p.chosen_rewards, p.rejected_rewards
+    return _checked("apo_down", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
 
 
 @_doc
@@ -374,13 +531,9 @@ def discopop(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     """DiscoPOP / log-ratio modulated loss (Chan Lu et al. 2024, Eq. 5), z = βh, m = σ(z/τ):
     −log σ(z)·(1 − m) + exp(−z)·m. exp's argument is capped at ⌊log(dtype max)⌋ (88 in fp32) so that z ≪ 0
     gives a finite loss where TRL gives inf·0 = NaN; m = 0 there, so finite values are unchanged."""
-    tau = check_hparam("discopop_tau", discopop_tau)
-    p = _pair("discopop", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    z = (p.rho_w - p.rho_l) * p.beta
-    m = torch.sigmoid(z / tau)
-    exp_cap = math.floor(math.log(torch.finfo(z.dtype).max))
-    losses = -F.logsigmoid(z) * (1 - m) + torch.exp((-z).clamp(max=exp_cap)) * m
-    return losses, p.chosen_rewards, p.rejected_rewards
+    return _checked("discopop", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                    discopop_tau=discopop_tau)
 
 
 @_doc
@@ -389,10 +542,8 @@ def sigmoid_norm(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref
                  rejected_lengths: Tensor | None = None) -> LossResult:
     """Length-normalised DPO (trl 1.16 ``sigmoid_norm``): −log σ(β h̄), h̄ = ρ_w/n_w − ρ_l/n_l (lengths
     required)."""
-    p = _pair("sigmoid_norm", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-              beta)
-    h = _normalised_margin("sigmoid_norm", p, chosen_lengths, rejected_lengths)
-    return -F.logsigmoid(p.beta * h), p.chosen_rewards, p.rejected_rewards
+    return _checked("sigmoid_norm", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                    ref_rejected_logps, beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -408,12 +559,9 @@ def sr_dpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chose
     −log σ(βh − λ·sg[Δ]), ``refinement`` = Δ [P] including β (the DPO reward margin of the pair re-scored with
     the quality prompt), detached here; λ = ``refinement_lambda`` ≥ 0. λ = 0 runs exactly ``sigmoid``'s ops
     (Δ may then be None)."""
-    p = _pair("sr_dpo", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    shift = _refinement("sr_dpo", refinement, refinement_lambda, p.rho_w)
-    z = p.beta * (p.rho_w - p.rho_l)
-    if shift is not None:
-        z = z - shift
-    return -F.logsigmoid(z), p.chosen_rewards, p.rejected_rewards
+    return _checked("sr_dpo", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                    refinement=refinement, refinement_lambda=refinement_lambda)
 
 
 @_doc
@@ -424,12 +572,9 @@ def sr_ipo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chose
     """Sr-IPO (Yu et al. 2024, Eq. 12): (h̄ − λ·sg[Δ̄] − 1/(2β))², h̄ = ρ_w/n_w − ρ_l/n_l as in ``ipo``,
     ``refinement`` = Δ̄ [P] (β times the length-normalised refinement margin), detached here. λ = 0 runs
     exactly ``ipo``'s ops (Δ̄ may then be None). Lengths required."""
-    p = _pair("sr_ipo", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    shift = _refinement("sr_ipo", refinement, refinement_lambda, p.rho_w)
-    h = _normalised_margin("sr_ipo", p, chosen_lengths, rejected_lengths)
-    if shift is not None:
-        h = h - shift
-    return (h - 1 / (2 * p.beta)) ** 2, p.chosen_rewards, p.rejected_rewards
+    return _checked("sr_ipo", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                    refinement=refinement, refinement_lambda=refinement_lambda)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -444,13 +589,9 @@ def simpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen
     """SimPO (Meng et al. 2024, Eq. 6), reference-free, with TRL's CPO-trainer smoothing ε:
     z = β(lp̄_w − lp̄_l − γ/β), −(1−ε) log σ(z) − ε log σ(−z), lp̄ = lp / n (lengths required). No NLL term
     (mix in ``sft`` for TRL's ``cpo_alpha``); rewards are β·lp on the sums (TRL's CPO logs β·lp̄)."""
-    eps = check_hparam("label_smoothing", label_smoothing, "simpo")
-    gamma = check_hparam("simpo_gamma", simpo_gamma)
-    p = _pair("simpo", policy_chosen_logps, policy_rejected_logps, None, None, beta)
-    n_w = _lengths("simpo", "chosen_lengths", chosen_lengths, p.rho_w)
-    n_l = _lengths("simpo", "rejected_lengths", rejected_lengths, p.rho_l)
-    z = p.beta * ((p.rho_w / n_w - p.rho_l / n_l) - gamma / p.beta)
-    return _neg_logsigmoid_smoothed(z, eps), p.chosen_rewards, p.rejected_rewards
+    return _checked("simpo", policy_chosen_logps, policy_rejected_logps, None, None, beta=beta,
+                    chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                    label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
 
 
 @_doc
@@ -461,18 +602,9 @@ def cpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_l
     """CPO (Xu et al. 2024, Eq. 3 + NLL), reference-free: −(1−ε) log σ(β(lp_w − lp_l)) − ε log σ(−β(lp_w − lp_l))
     + α·NLL, with NLL_i = −lp_w,i · nll_scale (mean over the pairs = −Σ lp_w / Σ n_w, TRL's chosen-token cross
     entropy). Chosen lengths are required unless ``nll_scale`` is given (or α = 0)."""
-    eps = check_hparam("label_smoothing", label_smoothing, "cpo")
-    alpha = check_hparam("cpo_alpha", cpo_alpha)
-    p = _pair("cpo", policy_chosen_logps, policy_rejected_logps, None, None, beta)
-    losses = _neg_logsigmoid_smoothed(p.beta * (p.rho_w - p.rho_l), eps)
-    if alpha != 0.0:
-        losses = losses + alpha * _nll("cpo", p.rho_w, chosen_lengths, nll_scale)
-    return losses, p.chosen_rewards, p.rejected_rewards
-
-
-def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 − exp(x)) for x < 0, branching at −log 2 (Mächler 2012), as TRL's ORPO trainer."""
-    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    return _checked("cpo", policy_chosen_logps, policy_rejected_logps, None, None, beta=beta,
+                    chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, nll_scale=nll_scale,
+                    label_smoothing=label_smoothing, cpo_alpha=cpo_alpha)
 
 
 @_doc
@@ -483,14 +615,8 @@ def orpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_
     log_odds = (lp̄_w − lp̄_l) − (log(1 − e^lp̄_w) − log(1 − e^lp̄_l)), lp̄ = lp / n (lengths required) and
     NLL_i = −lp_w,i · nll_scale as in ``cpo``. lp̄ is clamped to ≤ −eps(dtype) (fp32: −1.2e-7) inside the
     log(1 − e^x), so an empty or fully certain response gives a finite loss (TRL's log(0) = −inf)."""
-    p = _pair("orpo", policy_chosen_logps, policy_rejected_logps, None, None, beta)
-    n_w = _lengths("orpo", "chosen_lengths", chosen_lengths, p.rho_w)
-    n_l = _lengths("orpo", "rejected_lengths", rejected_lengths, p.rho_l)
-    mean_w, mean_l = p.rho_w / n_w, p.rho_l / n_l
-    top = -torch.finfo(mean_w.dtype).eps
-    log_odds = (mean_w - mean_l) - (_log1mexp(mean_w.clamp(max=top)) - _log1mexp(mean_l.clamp(max=top)))
-    losses = -(p.beta * F.logsigmoid(log_odds)) + _nll("orpo", p.rho_w, chosen_lengths, nll_scale)
-    return losses, p.chosen_rewards, p.rejected_rewards
+    return _checked("orpo", policy_chosen_logps, policy_rejected_logps, None, None, beta=beta,
+                    chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, nll_scale=nll_scale)
 
 
 @_doc
@@ -500,8 +626,8 @@ def sft(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_l
     """NLL of the chosen responses (trl 1.16 ``sft``): the batch loss −Σ_i lp_w,i / Σ_i n_w,i (mean over every
     scored chosen token) written per pair as −lp_w,i · nll_scale, ``nll_scale = P / max(Σ n_w, 1)`` from the
     unclamped ``chosen_lengths`` unless given (a group of pairs passes its batch's scale)."""
-    p = _pair("sft", policy_chosen_logps, policy_rejected_logps, None, None, beta)
-    return _nll("sft", p.rho_w, chosen_lengths, nll_scale), p.chosen_rewards, p.rejected_rewards
+    return _checked("sft", policy_chosen_logps, policy_rejected_logps, None, None, beta=beta,
+                    chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, nll_scale=nll_scale)
 
 
 LOSS_FUNCTIONS = {

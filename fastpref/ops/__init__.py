@@ -4,23 +4,46 @@ Knows nothing of the loss formulas: the fused preference op receives the per-pai
 """
 
 from .backend import compute_dtype, resolve_backend
-from .head import HeadConfig
-from .layout import TokenLayout, build_layout, segment_sum
-from .logprob import LinearLogProbs, RowOutputs, ScoredTokens, flat_rows, scatter_tokens, score_tokens
-from .rowwise import LogitTransform
+from .fused_pair_loss import FusedResult, PairProblem, fused_pair_loss, grouped_sequence_logps, interleave_pairs
+from .head_pass import HeadPass
+from .layout import TokenLayout, build_layout, segment_sum, sum_by_id
+from .linear_logps import (
+    LinearLogProbs,
+    ScoredTokens,
+    TokenStats,
+    finalize_stats,
+    flat_rows,
+    scatter_tokens,
+    score_labels,
+    score_tokens,
+)
+from .plan import PairGroups, plan_pair_groups
+from .tile_ops import LogitTransform, RowOps, RowStats
 
 __all__ = [
-    "HeadConfig",
+    "FusedResult",
+    "HeadPass",
     "LinearLogProbs",
     "LogitTransform",
-    "RowOutputs",
+    "PairGroups",
+    "PairProblem",
+    "RowOps",
+    "RowStats",
     "ScoredTokens",
     "TokenLayout",
+    "TokenStats",
     "build_layout",
     "compute_dtype",
+    "finalize_stats",
     "flat_rows",
+    "fused_pair_loss",
+    "grouped_sequence_logps",
+    "interleave_pairs",
+    "plan_pair_groups",
     "resolve_backend",
     "scatter_tokens",
+    "score_labels",
     "score_tokens",
     "segment_sum",
+    "sum_by_id",
 ]

@@ -16,11 +16,13 @@ import torch
 class TokenLayout:
     """Scored tokens of a flattened batch of ``num_tokens`` tokens, grouped by sequence.
 
-    ``index[k]`` is the flat position of the k-th scored token; sequence ``s`` owns scored tokens
-    ``offsets[s]:offsets[s + 1]`` (``host_offsets`` is the same on the host, for chunking without syncs).
+    ``index[k]`` is the flat position of the k-th scored token and ``targets[k]`` its label; sequence ``s`` owns
+    scored tokens ``offsets[s]:offsets[s + 1]`` (``host_offsets`` is the same on the host, for chunking without
+    syncs).
     """
 
     index: torch.Tensor  # [n] int64
+    targets: torch.Tensor  # [n] int64
     seq: torch.Tensor  # [n] int64, nondecreasing
     offsets: torch.Tensor  # [S + 1] int64, on the device
     host_offsets: tuple[int, ...]  # [S + 1]
@@ -82,6 +84,7 @@ def build_layout(
     order = torch.argsort(key, stable=True)[:n]
     return TokenLayout(
         index=order,
+        targets=labels.index_select(0, order).long(),
         seq=key[order],
         offsets=torch.tensor(host_offsets, dtype=torch.int64, device=device),
         host_offsets=tuple(host_offsets),
@@ -90,9 +93,24 @@ def build_layout(
 
 
 def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Per-segment sums of fp32 ``values`` [n] over contiguous segments ``offsets`` [S + 1] -> [S] fp32.
+    """Per-segment sums of ``values`` [n] over contiguous segments ``offsets`` [S + 1] -> [S] (fp32, or float64
+    for float64 values).
 
-    Differences of an fp64 prefix sum: deterministic (no atomics), O(n), and differentiable.
+    Differences of an fp64 prefix sum: deterministic (no atomics), O(n), and differentiable. The one segment
+    sum of the package: ``sum_by_id`` sorts arbitrary ids into segments first.
     """
     prefix = torch.cat([values.new_zeros(1, dtype=torch.float64), torch.cumsum(values.double(), 0)])
-    return (prefix[offsets[1:]] - prefix[offsets[:-1]]).float()
+    out_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    return (prefix[offsets[1:]] - prefix[offsets[:-1]]).to(out_dtype)
+
+
+def sum_by_id(values: torch.Tensor, ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """``out[s] = values[ids == s].sum()`` for ``s < num_segments`` (ids < 0 or >= num_segments are dropped),
+    deterministically: a stable sort of the ids, then ``segment_sum`` (no ``index_add``, whose CUDA float
+    atomics make reruns differ)."""
+    values, ids = values.reshape(-1), ids.reshape(-1).long()
+    key = torch.where((ids >= 0) & (ids < num_segments), ids, num_segments)
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_segments + 1)[:num_segments]
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return segment_sum(values.index_select(0, order), offsets)

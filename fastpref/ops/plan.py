@@ -1,10 +1,18 @@
-"""Chunk sizes and memory budgets: every buffer is bounded by a budget, never by tokens x vocabulary."""
+"""Chunk sizes, pair groups and memory budgets: every buffer is bounded by a budget, never by tokens x vocabulary.
+
+Pure functions of host integers (sizes, offsets, device properties), so every plan can be checked on the CPU at
+real sizes.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+# Contiguous pair ranges [start, end) of the fast path, in pair order.
+PairGroups = list[tuple[int, int]]
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -69,3 +77,37 @@ def default_memory_budget(device: torch.device) -> int:
     else:
         free = _available_host_bytes()
     return DEFAULT_BUDGET_CAP if free is None else min(DEFAULT_BUDGET_CAP, free // 4)
+
+
+# Rows of logits a pair group aims for: enough for the GEMMs to run at full rate (M >= a few thousand), while
+# the kept buffer (rows x V) stays well under the budget, so the fast path's peak is a fraction of a
+# materialised batch's. A pair larger than this is a group of its own (up to the budget).
+GROUP_ROWS = 4096
+
+
+def plan_pair_groups(host_offsets: Sequence[int], num_pairs: int, max_rows: int,
+                     preferred_rows: int = GROUP_ROWS) -> PairGroups | None:
+    """Contiguous pair ranges with at most ``max_rows`` scored tokens each (None if one pair alone exceeds it),
+    aiming at ``preferred_rows`` per group. ``host_offsets`` [2P + 1]: the scored tokens of sequence ``s`` (pair
+    order: chosen 2i, rejected 2i + 1) are ``host_offsets[s]:host_offsets[s + 1]``.
+
+    Host ints only: no device sync. Groups are balanced in tokens so the last one is not a sliver; a single pair
+    larger than the aim is a group of its own.
+    """
+    offs = host_offsets
+    pair_rows = [offs[2 * p + 2] - offs[2 * p] for p in range(num_pairs)]
+    if any(r > max_rows for r in pair_rows):
+        return None
+    # Balanced groups of at most `target` rows (unless a single pair is larger), target <= max_rows.
+    aim = max(1, min(max_rows, preferred_rows))
+    target = -(-sum(pair_rows) // max(1, -(-sum(pair_rows) // aim)))
+    groups: PairGroups = []
+    start, rows = 0, 0
+    for p, r in enumerate(pair_rows):
+        if p > start and rows + r > target:
+            groups.append((start, p))
+            start, rows = p, 0
+        rows += r
+    if num_pairs:
+        groups.append((start, num_pairs))
+    return groups

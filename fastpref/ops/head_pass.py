@@ -1,4 +1,4 @@
-"""Chunked LM-head passes: cuBLAS matmuls on bounded tiles around the row kernels of ``fastpref.ops.rowwise``.
+"""Tiled passes over the LM head: cuBLAS matmuls on bounded tiles around the row ops of ``fastpref.ops.tile_ops``.
 
 ``forward_stats`` computes, for the n scored rows ``source[index]``, the online log-sum-exp statistics of
 ``z = T(h @ W.T + b)`` tile by tile (2·n·H·V FLOPs); ``backward`` recomputes each tile, turns it into the
@@ -15,7 +15,7 @@ import torch
 
 from .backend import compute_dtype, resolve_backend
 from .plan import TilePlan, default_tile_bytes, plan_tiles
-from .rowwise import LogitTransform, RowStats, row_ops
+from .tile_ops import LogitTransform, RowStats, row_ops
 
 # SPEC's accumulation rule: across chunks, an accumulator of the whole dW may take at most a handful of partial
 # sums in its own dtype; beyond that, dW accumulates in fp32 one vocabulary slab at a time.
@@ -25,8 +25,9 @@ _MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8
 
 
 @dataclass(frozen=True)
-class HeadConfig:
-    """Everything a chunked head pass needs besides the tensors (travels through autograd as one object)."""
+class HeadPass:
+    """The parameters of one pass over the LM head besides the tensors (travels through autograd as one object,
+    as Cut-Cross-Entropy's params dataclass does)."""
 
     transform: LogitTransform
     compute_dtype: torch.dtype
@@ -37,7 +38,7 @@ class HeadConfig:
 
     @classmethod
     def for_inputs(cls, hidden: torch.Tensor, *, backend: str | None, transform: LogitTransform,
-                   tile_bytes: int | None = None, with_entropy: bool = False, with_top1: bool = False) -> HeadConfig:
+                   tile_bytes: int | None = None, with_entropy: bool = False, with_top1: bool = False) -> HeadPass:
         """The config for ``hidden``'s device and dtype (autocast included) and a requested backend."""
         return cls(
             transform=transform,
@@ -93,7 +94,7 @@ def gather(source: torch.Tensor, index: torch.Tensor, start: int, end: int, dtyp
 
 
 def forward_stats(source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  targets: torch.Tensor, cfg: HeadConfig) -> RowStats:
+                  targets: torch.Tensor, cfg: HeadPass) -> RowStats:
     """Online log-sum-exp statistics of the scored rows ``source[index]`` (``source`` [N, H], ``index`` [n])."""
     n, vocab = index.numel(), weight.shape[0]
     stats = RowStats.empty(n, source.device, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
@@ -121,7 +122,7 @@ def backward(
     targets: torch.Tensor,
     lse: torch.Tensor,
     grad_rows: torch.Tensor,
-    cfg: HeadConfig,
+    cfg: HeadPass,
     *,
     need_hidden: bool,
     need_weight: bool,

@@ -28,7 +28,7 @@ _PREVIOUS_ATTR = "_fastpref_previous_forward"
 
 
 @dataclass(frozen=True)
-class HeadSettings:
+class FusedHeadSettings:
     """Logit transform of the model's head (read from its config, as TRL does) and the requested backend."""
 
     temperature: float = 1.0
@@ -128,7 +128,7 @@ def _shift_seq_ids(seq_ids: torch.Tensor | None, shifted: bool) -> torch.Tensor 
     return seq_ids[..., 1:] if shifted else seq_ids
 
 
-def _check_loss_transform(loss_fn: Any, settings: HeadSettings) -> None:
+def _check_loss_transform(loss_fn: Any, settings: FusedHeadSettings) -> None:
     """The loss module carries its own logit transform; it must be the model's, or the fused loss would score a
     different distribution than the model's forward."""
     config = getattr(loss_fn, "config", None)
@@ -165,7 +165,7 @@ def add_fused_lm_head(model: Any, *, temperature: float = 1.0, backend: str = "a
     patch ``peft_model.get_base_model()``. ``logit_scale`` and ``softcap`` come from the config
     (``head_transform``); ``temperature`` divides the logits.
     """
-    settings = HeadSettings(temperature=float(temperature), backend=backend, **head_transform(model))
+    settings = FusedHeadSettings(temperature=float(temperature), backend=backend, **head_transform(model))
     if is_patched(model):
         object.__setattr__(model, _PATCH_ATTR, settings)  # re-patching only updates the settings
         return model
@@ -193,7 +193,7 @@ def add_fused_lm_head(model: Any, *, temperature: float = 1.0, backend: str = "a
             if previous is None:
                 return type(self).forward(self, *args, **kwargs)
             return previous(*args, **kwargs)
-        head_settings: HeadSettings = getattr(self, _PATCH_ATTR)
+        head_settings: FusedHeadSettings = getattr(self, _PATCH_ATTR)
         if preference_loss is not None and score_only:
             return _score_forward(self, head_settings, args, kwargs, labels=labels, shift_labels=shift_labels,
                                   loss_fn=preference_loss, seq_ids=seq_ids, num_seqs=num_seqs)
@@ -240,7 +240,8 @@ def _head_inputs(model, args, kwargs, labels, shift_labels, what):
 
 
 def _logps_forward(model, settings, args, kwargs, *, labels, shift_labels, seq_ids, num_seqs, num_items_in_batch):
-    from fastpref import token_logps
+    from ..functional import token_logps
+    from ..ops import sum_by_id
 
     hidden, target, weight, bias, shifted = _head_inputs(model, args, kwargs, labels, shift_labels,
                                                          "return_logps=True")
@@ -261,7 +262,8 @@ def _logps_forward(model, settings, args, kwargs, *, labels, shift_labels, seq_i
             raise ValueError("num_seqs: required with seq_ids (the number of packed sequences), got None")
         ids = seq_shifted.to(tok.device).reshape(-1).long()
         valid = (ids >= 0) & mask.reshape(-1)
-        seq = tok.new_zeros(int(num_seqs)).index_add(0, torch.where(valid, ids, 0), tok.reshape(-1) * valid)
+        # deterministic (no index_add float atomics): sorted into segments, then an fp64 prefix sum
+        seq = sum_by_id(tok.reshape(-1) * valid, torch.where(valid, ids, -1), int(num_seqs))
     else:
         seq = tok.sum(-1)
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
@@ -325,4 +327,4 @@ def _preference_forward(model, settings, args, kwargs, *, labels, shift_labels, 
     return FusedHeadOutput(loss=out.loss, preference=out)
 
 
-__all__ = ["FusedHeadOutput", "HeadSettings", "add_fused_lm_head", "head_transform", "is_patched"]
+__all__ = ["FusedHeadOutput", "FusedHeadSettings", "add_fused_lm_head", "head_transform", "is_patched"]

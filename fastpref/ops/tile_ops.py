@@ -1,15 +1,17 @@
 """The row-wise work on a logits tile, with a Triton implementation and a PyTorch one beside it.
 
-Both implement the same two operations (see ``fastpref.kernels.logprob`` for the math as torch code):
+Both implement the ``RowOps`` protocol (see ``fastpref.kernels.row_kernels`` for the math as torch code):
 ``fold`` folds a tile of raw logits into per-row online log-sum-exp statistics, and ``grad_`` overwrites a
-tile with ``g * (onehot(target) - softmax) * dz/dy``. The chunk loops in ``fastpref.ops.head`` do not care
-which one runs.
+tile with ``g * (onehot(target) - softmax) * dz/dy``. The chunk loops of ``fastpref.ops.head_pass`` and
+``fastpref.ops.fused_pair_loss`` do not care which one runs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -59,6 +61,22 @@ class RowStats:
 
     def lse(self) -> torch.Tensor:
         return self.row_max + torch.log(self.row_sumexp)
+
+
+class RowOps(Protocol):
+    """The two row operations on a tile of raw logits ``[rows, cols]`` (vocabulary columns from ``vocab_start``)."""
+
+    name: str
+
+    def fold(self, tile: torch.Tensor, targets: torch.Tensor, stats: RowStats, vocab_start: int,
+             transform: LogitTransform) -> None:
+        """Fold the tile into the running statistics ``stats`` (in place); the tile is left unchanged."""
+        ...
+
+    def grad_(self, tile: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
+              vocab_start: int, transform: LogitTransform) -> torch.Tensor:
+        """Overwrite the tile with the gradient of ``sum_r grad_rows[r] * logp_r`` w.r.t. its raw logits."""
+        ...
 
 
 class TorchRowOps:
@@ -146,9 +164,9 @@ class TritonRowOps:
     name = "triton"
 
     def __init__(self) -> None:
-        from fastpref import kernels
+        from ..kernels import row_kernels  # needs triton: imported only when this backend runs
 
-        self._k = kernels
+        self._k = row_kernels
 
     def fold(self, tile: torch.Tensor, targets: torch.Tensor, stats: RowStats, vocab_start: int,
              transform: LogitTransform) -> None:
@@ -166,11 +184,7 @@ class TritonRowOps:
         )
 
 
-_ROW_OPS: dict[str, object] = {}
-
-
-def row_ops(backend: str) -> TorchRowOps | TritonRowOps:
+@functools.cache
+def row_ops(backend: str) -> RowOps:
     """The row-op implementation of a resolved backend ("triton" or "torch"), built once."""
-    if backend not in _ROW_OPS:
-        _ROW_OPS[backend] = TritonRowOps() if backend == "triton" else TorchRowOps()
-    return _ROW_OPS[backend]  # type: ignore[return-value]
+    return TritonRowOps() if backend == "triton" else TorchRowOps()

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .head import HeadConfig, accumulate_mm, gather, project
+from .head_pass import HeadPass, accumulate_mm, gather, project
 from .layout import TokenLayout, segment_sum
-from .logprob import RowOutputs, finalize_stats
-from .rowwise import RowStats, row_ops
+from .linear_logps import TokenStats, finalize_stats
+from .plan import PairGroups
+from .tile_ops import RowStats, row_ops
 
 # pair_loss(chosen_logps [g], rejected_logps [g], pairs: slice) -> per-pair losses [g] whose mean over all
 # num_pairs pairs is the loss; pure per pair for the pairs in the slice.
@@ -36,72 +37,47 @@ def interleave_pairs(seq: torch.Tensor, num_pairs: int) -> torch.Tensor:
     return torch.where(seq >= 0, mapped, seq)
 
 
-# Rows of logits a pair group aims for: enough for the GEMMs to run at full rate (M >= a few thousand), while
-# the kept buffer (rows x V) stays well under the budget, so the fast path's peak is a fraction of a
-# materialised batch's. A pair larger than this is a group of its own (up to the budget).
-GROUP_ROWS = 4096
+@dataclass(frozen=True)
+class PairProblem:
+    """What the fast path needs besides the differentiable tensors: the scored rows in pair order, the pair
+    groups, the per-pair loss and the pass parameters."""
 
+    layout: TokenLayout
+    groups: PairGroups
+    pair_loss: PairLoss
+    cfg: HeadPass
 
-def plan_pair_groups(layout: TokenLayout, num_pairs: int, max_rows: int,
-                     preferred_rows: int = GROUP_ROWS) -> list[tuple[int, int]] | None:
-    """Contiguous pair ranges with at most ``max_rows`` scored tokens each (None if one pair alone exceeds it),
-    aiming at ``preferred_rows`` per group.
-
-    Host ints only (``layout.host_offsets``): no device sync. Groups are balanced in tokens so the last one is
-    not a sliver; a single pair larger than the aim is a group of its own.
-    """
-    offs = layout.host_offsets
-    pair_rows = [offs[2 * p + 2] - offs[2 * p] for p in range(num_pairs)]
-    if any(r > max_rows for r in pair_rows):
-        return None
-    # Balanced groups of at most `target` rows (unless a single pair is larger), target <= max_rows.
-    aim = max(1, min(max_rows, preferred_rows))
-    target = -(-sum(pair_rows) // max(1, -(-sum(pair_rows) // aim)))
-    groups: list[tuple[int, int]] = []
-    start, rows = 0, 0
-    for p, r in enumerate(pair_rows):
-        if p > start and rows + r > target:
-            groups.append((start, p))
-            start, rows = p, 0
-        rows += r
-    if num_pairs:
-        groups.append((start, num_pairs))
-    return groups
+    @property
+    def num_pairs(self) -> int:
+        return self.layout.num_seqs // 2
 
 
 @dataclass(frozen=True)
-class FusedOutputs:
-    loss: torch.Tensor  # scalar fp32, differentiable
-    seq_logps: torch.Tensor  # [2P] fp32, pair order, detached
-    losses: torch.Tensor  # [P] fp32, detached
-    rows: RowOutputs  # per scored row, detached
+class FusedResult:
+    """The fast path's detached results beside the loss."""
+
+    seq_logps: torch.Tensor  # [2P] fp32, pair order
+    losses: torch.Tensor  # [P] fp32
+    stats: TokenStats  # per scored row
 
 
 class FusedPairLoss(torch.autograd.Function):
-    """source [N, H] (scored rows ``layout.index``), weight, bias, targets [n]
-    -> (loss, seq_logps [2P], losses [P], mean_logits, entropy, top1)."""
+    """``source`` [N, H] (scored rows ``problem.layout.index``), ``weight`` [V, H], ``bias`` [V] | None
+    -> ``(loss, FusedResult)``."""
 
     @staticmethod
-    def forward(ctx, source, weight, bias, targets, layout: TokenLayout, num_pairs: int, pair_loss: PairLoss,
-                cfg: HeadConfig, groups: list[tuple[int, int]]):  # type: ignore[override]
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    def forward(ctx, source, weight, bias, problem: PairProblem):  # type: ignore[override]
+        need = ctx.needs_input_grad[:3]
         with torch.autocast(source.device.type, enabled=False):
-            result = _fused_forward(source, weight, bias, targets, layout, num_pairs, pair_loss, cfg, groups,
-                                    need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
-        loss, seq_logps, losses, outs, grads = result
+            loss, result, grads = _fused_forward(source, weight, bias, problem, need)
         # Plain references, not save_for_backward: the backward scales them in place (no second dW-sized
         # buffer at the peak) and so can run once; a second backward raises instead of returning wrong values.
         ctx.grads = grads
         ctx.consumed = False
-        empty = loss.new_empty(0)
-        extras = (seq_logps, losses, outs.mean_logits,
-                  outs.entropy if outs.entropy is not None else empty,
-                  outs.is_top1.float() if outs.is_top1 is not None else empty.clone())
-        ctx.mark_non_differentiable(*extras)
-        return (loss, *extras)
+        return loss, result
 
     @staticmethod
-    def backward(ctx, grad_loss, *_unused):  # type: ignore[override]
+    def backward(ctx, grad_loss, _result):  # type: ignore[override]
         if ctx.consumed:
             raise RuntimeError("fastpref fast mode: the gradients formed during the forward were already handed "
                                "to a first backward of this loss; backpropagating through it twice "
@@ -109,19 +85,18 @@ class FusedPairLoss(torch.autograd.Function):
         ctx.consumed = True
         grads, ctx.grads = ctx.grads, None
         if grad_loss is None:
-            return (None,) * 9
+            return None, None, None, None
         # In place: fp32 math inside the kernel, one rounding to the gradient's dtype; exact for any scalar
         # (e.g. gradient accumulation's 1/k) up to that rounding.
-        scaled = tuple(None if g is None else g.mul_(grad_loss) for g in grads)
-        return (*scaled, None, None, None, None, None, None)
+        d_source, d_weight, d_bias = (None if g is None else g.mul_(grad_loss) for g in grads)
+        return d_source, d_weight, d_bias, None
 
 
 class _GroupedHead:
     """One pair group's logits in a kept buffer and their row statistics; shared by the fast path and the
     reference pass that must match it bit for bit (same GEMM shapes, same column chunks, same sums)."""
 
-    def __init__(self, layout: TokenLayout, groups: list[tuple[int, int]], weight: torch.Tensor,
-                 cfg: HeadConfig) -> None:
+    def __init__(self, layout: TokenLayout, groups: PairGroups, weight: torch.Tensor, cfg: HeadPass) -> None:
         self.layout, self.cfg = layout, cfg
         self.vocab = weight.shape[0]
         offs = layout.host_offsets
@@ -135,10 +110,11 @@ class _GroupedHead:
         self.ops = row_ops(cfg.backend)
 
     def columns(self, width: int) -> list[tuple[int, int]]:
-        return _column_ranges(self.vocab, width)
+        width = max(1, width)
+        return [(v0, min(v0 + width, self.vocab)) for v0 in range(0, self.vocab, width)]
 
     def forward(self, p0: int, p1: int, source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, stats: RowStats):
+                stats: RowStats):
         """Logits of pairs [p0, p1) into the buffer, folded into ``stats``; returns (tile, h, lse, seq sums, seg)."""
         cd = self.cfg.compute_dtype
         offs = self.layout.host_offsets
@@ -149,8 +125,9 @@ class _GroupedHead:
         for v0, v1 in self.columns(self.vocab if weight.dtype == cd else self.slab_cols):
             project(tile[:, v0:v1], h, weight[v0:v1].to(cd), None if bias is None else bias[v0:v1].to(cd))
         group_stats = stats.rows(t0, t1)
+        targets = self.layout.targets[t0:t1]
         for v0, v1 in self.columns(self.op_cols):
-            self.ops.fold(tile[:, v0:v1], targets[t0:t1], group_stats, v0, self.cfg.transform)
+            self.ops.fold(tile[:, v0:v1], targets, group_stats, v0, self.cfg.transform)
         lse = group_stats.lse()
         seg = self.layout.offsets[2 * p0 : 2 * p1 + 1] - t0
         return tile, h, lse, segment_sum(group_stats.target_logit - lse, seg), seg
@@ -158,22 +135,24 @@ class _GroupedHead:
 
 @torch.no_grad()
 def grouped_sequence_logps(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                           targets: torch.Tensor, layout: TokenLayout, groups: list[tuple[int, int]],
-                           cfg: HeadConfig) -> torch.Tensor:
-    """Forward-only sequence sums [2P] (pair order) computed exactly as the fast path computes the policy's, so
-    a reference equal to the policy gives bit-identical log-probs (rewards exactly 0, as in TRL)."""
+                           layout: TokenLayout, groups: PairGroups, cfg: HeadPass) -> tuple[torch.Tensor, TokenStats]:
+    """Forward-only sequence sums [2P] (pair order) and token statistics, computed exactly as the fast path
+    computes the policy's, so a reference equal to the policy gives bit-identical log-probs (rewards exactly 0,
+    as in TRL)."""
     num_pairs = groups[-1][1] if groups else 0
     head = _GroupedHead(layout, groups, weight, cfg)
-    stats = RowStats.empty(layout.num_scored, source.device)
+    stats = RowStats.empty(layout.num_scored, source.device, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
     seq = torch.zeros(2 * num_pairs, device=source.device, dtype=torch.float32)
     with torch.autocast(source.device.type, enabled=False):
         for p0, p1 in groups:
-            seq[2 * p0 : 2 * p1] = head.forward(p0, p1, source, weight, bias, targets, stats)[3]
-    return seq
+            seq[2 * p0 : 2 * p1] = head.forward(p0, p1, source, weight, bias, stats)[3]
+    return seq, finalize_stats(stats, weight.shape[0])[2]
 
 
-def _fused_forward(source, weight, bias, targets, layout, num_pairs, pair_loss, cfg, groups, *,
-                   need_hidden, need_weight, need_bias):
+def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, problem: PairProblem,
+                   need: tuple[bool, ...]):
+    need_hidden, need_weight, need_bias = need
+    layout, groups, cfg, num_pairs = problem.layout, problem.groups, problem.cfg, problem.num_pairs
     dev = source.device
     vocab = weight.shape[0]
     cd = cfg.compute_dtype
@@ -190,12 +169,12 @@ def _fused_forward(source, weight, bias, targets, layout, num_pairs, pair_loss, 
     for p0, p1 in groups:
         t0, t1 = offs[2 * p0], offs[2 * p1]
         # 1) logits of the group, kept, and their statistics
-        tile, h, lse, group_seq, seg = head.forward(p0, p1, source, weight, bias, targets, stats)
+        tile, h, lse, group_seq, seg = head.forward(p0, p1, source, weight, bias, stats)
         seq_logps[2 * p0 : 2 * p1] = group_seq
         # 2) the per-pair loss and its derivative by autograd on the small loss callable
         with torch.enable_grad():
             lp = group_seq.detach().requires_grad_(True)
-            group_losses = pair_loss(lp[0::2], lp[1::2], slice(p0, p1))
+            group_losses = problem.pair_loss(lp[0::2], lp[1::2], slice(p0, p1))
             (c_seq,) = torch.autograd.grad(group_losses.sum() * inv_pairs, lp, allow_unused=True)
         losses[p0:p1] = group_losses.detach()
         if c_seq is None:
@@ -204,8 +183,9 @@ def _fused_forward(source, weight, bias, targets, layout, num_pairs, pair_loss, 
             continue
         # 3) logits -> c * (onehot - softmax) * dz/dy, in place
         c_tok = torch.repeat_interleave(c_seq.detach(), seg[1:] - seg[:-1], output_size=t1 - t0).contiguous()
+        targets = layout.targets[t0:t1]
         for v0, v1 in head.columns(head.op_cols):
-            head.ops.grad_(tile[:, v0:v1], targets[t0:t1], lse, c_tok, v0, cfg.transform)
+            head.ops.grad_(tile[:, v0:v1], targets, lse, c_tok, v0, cfg.transform)
         # 4) the two gradient GEMMs
         if need_hidden:
             # the group's dH rows (one GEMM over the whole vocabulary, or fp32 over slabs of a cast weight),
@@ -224,28 +204,14 @@ def _fused_forward(source, weight, bias, targets, layout, num_pairs, pair_loss, 
         if d_bias is not None:
             d_bias.add_(tile.sum(0, dtype=torch.float32))
         first_group = False
-    _, outs = finalize_stats(stats, vocab)
+    _, _, token_stats = finalize_stats(stats, vocab)
     loss = losses.sum() * inv_pairs
     grads = (d_source, d_weight, d_bias.to(bias.dtype) if d_bias is not None else None)
-    return loss, seq_logps, losses, outs, grads
+    return loss, FusedResult(seq_logps=seq_logps, losses=losses, stats=token_stats), grads
 
 
-def _column_ranges(vocab: int, width: int) -> list[tuple[int, int]]:
-    width = max(1, width)
-    return [(v0, min(v0 + width, vocab)) for v0 in range(0, vocab, width)]
-
-
-def fused_pair_loss(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                    layout: TokenLayout, num_pairs: int, pair_loss: PairLoss, cfg: HeadConfig,
-                    groups: list[tuple[int, int]]) -> FusedOutputs:
-    """Run the fast path on the scored rows ``layout.index`` of ``source`` [N, H] (pair order); see the module
-    docstring."""
-    loss, seq_logps, losses, mean_logits, entropy, top1 = FusedPairLoss.apply(
-        source, weight, bias, targets, layout, num_pairs, pair_loss, cfg, groups)
-    outs = RowOutputs(
-        logps=torch.empty(0),
-        mean_logits=mean_logits,
-        entropy=entropy if cfg.with_entropy else None,
-        is_top1=top1.bool() if cfg.with_top1 else None,
-    )
-    return FusedOutputs(loss=loss, seq_logps=seq_logps, losses=losses, rows=outs)
+def fused_pair_loss(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    problem: PairProblem) -> tuple[torch.Tensor, FusedResult]:
+    """Run the fast path on the scored rows ``problem.layout.index`` of ``source`` [N, H] (pair order); see the
+    module docstring. Returns the differentiable scalar loss and the detached results."""
+    return FusedPairLoss.apply(source, weight, bias, problem)

@@ -1,8 +1,11 @@
-"""Checks at the public boundary: each error names the argument, the value seen and the value expected."""
+"""The one validation dialect of the package: every error names the argument, the value seen and what was
+expected (``"<name>: expected <what>, got <value>"``). Scalars (``check_int``, ``check_number`` with an
+``Interval``, ``check_choice``) and the tensors at the public boundary of the LM-head ops."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
@@ -89,6 +92,7 @@ def check_seq_ids(hidden: torch.Tensor, seq_ids: object, num_seqs: object) -> No
 
 
 def check_int(name: str, value: object, *, low: int | None = None) -> int:
+    """An int (not a bool) ``>= low``."""
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
     if low is not None and value < low:
@@ -96,38 +100,51 @@ def check_int(name: str, value: object, *, low: int | None = None) -> int:
     return int(value)
 
 
-def check_float(
-    name: str,
-    value: object,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    allow_none: bool = False,
-) -> float | None:
-    """A finite real in [low, high] (open ends where asked)."""
+@dataclass(frozen=True)
+class Interval:
+    """A range of finite reals, printed in interval notation (``[0, 0.5)``); ``note`` says what it means."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_closed: bool = True
+    high_closed: bool = False
+    note: str = ""
+
+    def __contains__(self, x: float) -> bool:
+        above = x >= self.low if self.low_closed else x > self.low
+        below = x <= self.high if self.high_closed else x < self.high
+        return math.isfinite(x) and above and below
+
+    def __str__(self) -> str:
+        low = "(-inf" if self.low == -math.inf else f"{'[' if self.low_closed else '('}{self.low:g}"
+        high = "inf)" if self.high == math.inf else f"{self.high:g}{']' if self.high_closed else ')'}"
+        return f"{low}, {high}"
+
+
+FINITE = Interval()
+POSITIVE = Interval(0.0, low_closed=False)
+
+
+def check_number(name: str, value: object, allowed: Interval = FINITE, *, allow_none: bool = False,
+                 where: str = "") -> float | None:
+    """``value`` as a float after checking it is a real number (not a bool) in ``allowed``; ``TypeError`` /
+    ``ValueError`` naming the argument, the value seen and the range (``where`` adds context such as
+    ``" for loss_type 'robust'"``)."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name}: expected a finite float, got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
     v = float(value)
-    lo = "(" if low_open else "["
-    hi = ")" if high_open else "]"
-    expected = f"a finite float in {lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
-    if not math.isfinite(v):
-        raise ValueError(f"{name}: expected {expected}, got {value}")
-    if low is not None and (v < low or (low_open and v == low)):
-        raise ValueError(f"{name}: expected {expected}, got {value}")
-    if high is not None and (v > high or (high_open and v == high)):
-        raise ValueError(f"{name}: expected {expected}, got {value}")
+    if v not in allowed:
+        note = f" ({allowed.note})" if allowed.note else ""
+        raise ValueError(f"{name}: expected a finite number in {allowed}{where}{note}, got {v!r}")
     return v
 
 
 def check_transform(temperature: object, logit_scale: object, softcap: object) -> None:
-    check_float("temperature", temperature, low=0.0, low_open=True)
-    check_float("logit_scale", logit_scale)
-    check_float("softcap", softcap, low=0.0, low_open=True, allow_none=True)
+    check_number("temperature", temperature, POSITIVE)
+    check_number("logit_scale", logit_scale)
+    check_number("softcap", softcap, POSITIVE, allow_none=True)
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> str:

@@ -1,0 +1,92 @@
+"""``fastpref bench``: the DPO step side by side with the materialised reference and the peers."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from .cost_model import cost_table
+from .harness import BenchConfig, run_bench
+from .peers import IMPL_NAMES
+from .report import format_table, write_csv, write_plot
+from .workload import BENCH_SHAPES, REGIMES, SHAPES, parse_shape
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The options shared by ``fastpref bench`` and ``bench/gpu_suite.py``."""
+    p.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="SHAPE",
+                   help=f"shape names ({', '.join(SHAPES)}) or PAIRSxTxHxV; default: 'cpu' on the CPU, the BENCH "
+                        "shapes on CUDA")
+    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES), help="logit regimes (BENCH.md)")
+    p.add_argument("--impls", nargs="+", choices=IMPL_NAMES, default=list(IMPL_NAMES), help="implementations")
+    p.add_argument("--tasks", nargs="+", choices=("step", "logps"), default=["step", "logps"],
+                   help="step: full DPO step; logps: forward-only policy log-probs")
+    p.add_argument("--device", default=None, help="cpu | cuda[:i]; default: cuda when available")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (BENCH: bf16)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median); default 3")
+    p.add_argument("--no-check", action="store_true", help="skip the float64 check")
+    p.add_argument("--liger-eager", action="store_true",
+                   help="run Liger with compiled=False (its default compiles with torch.compile)")
+    p.add_argument("--csv", metavar="PATH", help="write every row to this CSV")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of time and peak memory")
+    p.add_argument("--dry", action="store_true", help="tiny sizes, one timed run: checks that everything runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cost-model", action="store_true",
+                   help="print the byte-and-FLOP model (predicted H100 times) for the shapes and exit")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if args.dry:
+        shapes = args.shapes or [SHAPES["tiny"]]
+        repeats = args.repeats or 1
+    else:
+        shapes = args.shapes or ([SHAPES[n] for n in BENCH_SHAPES] if dev.type == "cuda" else [SHAPES["cpu"]])
+        repeats = args.repeats or 3
+    return BenchConfig(
+        shapes=shapes, regimes=args.regimes, impls=args.impls, tasks=args.tasks, device=device,
+        dtype=_DTYPES[args.dtype], repeats=max(1, repeats), warmup=1,
+        # Dry runs must stay seconds long: Liger's torch.compile costs ~20 s of compilation on a 2-core CPU.
+        liger_compiled=not (args.liger_eager or args.dry), check=not args.no_check,
+        progress=not args.no_progress, seed=args.seed,
+    )
+
+
+def _bench_main(args: argparse.Namespace) -> int:
+    if args.cost_model:
+        print(cost_table(args.shapes))
+        return 0
+    cfg = config_from_args(args)
+    t0 = time.perf_counter()
+    rows = run_bench(cfg)
+    print(format_table(rows))
+    print(f"\n{len(rows)} rows in {time.perf_counter() - t0:.1f} s")
+    if args.csv:
+        print(f"CSV: {write_csv(rows, args.csv)}")
+    if args.plot:
+        path = write_plot(rows, args.plot)
+        if path is not None:
+            print(f"plot: {path}")
+    return 1 if any(r.status == "FAIL" for r in rows) else 0
+
+
+def add_bench_parser(subparsers: Any) -> None:
+    """Add ``bench`` to the ``fastpref`` command's sub-commands (``fastpref/cli.py``)."""
+    p = subparsers.add_parser(
+        "bench", help="time and measure the DPO step vs the materialised reference and the peers",
+        description=(__doc__ or "").strip() + " Each implementation is checked against float64 first; prints a "
+                    "table of time, peak memory and error.",
+    )
+    add_bench_arguments(p)
+    p.set_defaults(func=_bench_main)
+
+
+__all__ = ["add_bench_arguments", "add_bench_parser", "config_from_args"]

@@ -1,0 +1,135 @@
+"""The byte-and-FLOP model of every path (``bench/NOTES.md``): matmul FLOPs at the GPU's measured bf16 rate plus
+the exposed HBM bytes of the memory-bound kernels between the GEMMs, and the peak memory above the inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..ops.plan import CUDA_TILE_BYTES
+from .workload import BENCH_SHAPES, SHAPES, Shape
+
+H100_BF16_FLOPS = 790e12  # the H100's measured bf16 matmul rate (docs/benchmarks.md)
+H100_HBM_BYTES = 3.35e12  # H100 SXM HBM3 bandwidth
+COST_PATHS = ("fastpref-fast", "fastpref-lean", "fastpref-logps", "reference", "trl")
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """Byte-and-FLOP model of one path at one shape (bf16, CUDA).
+
+    ``flops``: matmul FLOPs. ``exposed_bytes``: HBM traffic of the memory-bound kernels that run between the
+    GEMMs (row kernels, casts, fills, fp32 accumulators outside a GEMM epilogue) and so add to the GEMM time;
+    GEMM operand and epilogue traffic is counted as hidden under the GEMMs' compute. ``logit_passes``: how many
+    times the logits (or their gradient) cross HBM, GEMM writes/reads included. ``peak_bytes``: memory above
+    the inputs. ``ms``: flops / 790 TFLOP/s + exposed_bytes / 3.35 TB/s.
+    """
+
+    path: str
+    flops: float
+    exposed_bytes: float
+    logit_passes: str
+    peak_bytes: float
+    note: str = ""
+
+    @property
+    def ms(self) -> float:
+        return (self.flops / H100_BF16_FLOPS + self.exposed_bytes / H100_HBM_BYTES) * 1e3
+
+
+def cost_model(shape: Shape, path: str, *, prompt_frac: float = 0.25, tile_bytes: int = CUDA_TILE_BYTES,
+               memory_budget: int = 2 << 30) -> CostEstimate:
+    """The model behind ``bench/NOTES.md`` for ``path`` in ``COST_PATHS`` at ``shape`` (bf16 inputs and weight)."""
+    from ..ops.head_pass import MAX_PARTIAL_SUMS
+    from ..ops.plan import GROUP_ROWS, plan_tiles
+
+    e = 2
+    n, N, H, V = shape.scored_tokens(prompt_frac), shape.batch * shape.seq_len, shape.hidden, shape.vocab
+    nV, NV, VH, nH, NH = n * V, N * V, V * H, n * H, N * H
+    unit = n * H * V
+    # Around every fastpref path: gather the scored rows of hidden and ref_hidden (r+w), scatter dH into dhidden.
+    rows_io = 2 * 2 * e * nH
+    if path == "fastpref-logps":
+        plan = plan_tiles(n, V, e, tile_bytes)
+        return CostEstimate(path, 2 * unit, 2 * e * nV + 2 * e * nH, "GEMM write, fold read (2)",
+                            plan.bytes(e) + e * nH, f"tile {plan.rows}x{plan.cols}")
+    if path == "fastpref-fast":
+        # pair groups as plan_pair_groups makes them: balanced, aiming at GROUP_ROWS rows, a bigger pair alone
+        pair_tokens = 2 * (shape.seq_len - int(shape.seq_len * prompt_frac))
+        aim = min(memory_budget // (V * e), GROUP_ROWS)
+        per_group = max(1, aim // pair_tokens)
+        groups = -(-shape.pairs // per_group)
+        group_logits = -(-shape.pairs // groups) * pair_tokens * V * e
+        exposed = (e * nV  # fold reads the group's logits
+                   + 2 * e * nV  # grad kernel: read + write in place
+                   + 2 * e * nV  # reference forward: its groups' GEMM write is hidden, fold read + (bf16) buffer
+                   + e * VH + e * nH + e * NH  # zero-filled dW, dH rows, dhidden
+                   + 2 * e * (VH + nH)  # backward: the stored dW and dH scaled in place (r + w)
+                   + rows_io)
+        # forward: the group's logits + dW + dH rows + the gathered rows; backward: dW, dH rows and dhidden
+        forward_peak = group_logits + e * VH + 2 * e * nH
+        backward_peak = e * VH + e * nH + e * NH
+        return CostEstimate(path, 8 * unit, exposed,
+                            "policy: GEMM write, fold, grad r+w, dH GEMM, dW GEMM (6); reference: GEMM write, fold (2)",
+                            max(forward_peak, backward_peak),
+                            f"{groups} pair group(s) of {group_logits / 2**30:.2f} GiB logits")
+    if path == "fastpref-lean":
+        plan = plan_tiles(n, V, e, tile_bytes)
+        slabs, row_chunks = -(-V // plan.cols), -(-n // plan.rows)
+        exposed = (e * nV + e * nV  # forward fold: policy and reference
+                   + 2 * e * nV  # backward grad kernel r+w
+                   + e * VH + rows_io + e * NH  # zero-filled dW, gathers, zero-filled dhidden
+                   + (slabs - 1) * 8 * nH  # fp32 dH accumulator: read-modify-write by every slab after the first
+                   + (4 + e) * nH)  # the accumulator cast into dhidden's rows
+        dw_slab = 4 * plan.cols * H if row_chunks > MAX_PARTIAL_SUMS else 0
+        if row_chunks > 1:
+            exposed += (slabs - 1) * 2 * e * nH  # rows re-gathered per slab
+        if row_chunks > MAX_PARTIAL_SUMS:
+            exposed += (4 + e) * VH  # the fp32 slabs copied into dW
+        # backward: tile + dW + dhidden + the fp32 dH accumulator + an fp32 dW slab (+ the rows of one chunk)
+        peak = plan.bytes(e) + e * VH + e * NH + 4 * nH + dw_slab + e * plan.rows * H
+        return CostEstimate(path, 10 * unit, exposed,
+                            "forward: GEMM write, fold; backward: recompute write, grad r+w, dH GEMM, dW GEMM; "
+                            "reference: GEMM write, fold (9)",
+                            peak, f"tile {plan.rows}x{plan.cols}: {slabs} slab(s) x {row_chunks} row chunk(s)")
+    if path == "reference":
+        # forward: logits (GEMM), .float() r2 w4, log_softmax r4 r4 w4 (two passes), gather; backward: zeros +
+        # scatter 4, log_softmax_backward r4 r4 w4, .to(bf16) r4 w2, two GEMMs read 2; reference forward again.
+        fwd = (2 + 4) + (4 + 4 + 4)
+        bwd = 4 + (4 + 4 + 4) + (4 + 2)
+        exposed = (fwd + bwd + fwd) * NV + e * VH
+        peak = 12 * NV + e * VH + e * NH
+        return CostEstimate(path, 8 * N * H * V, exposed, "about 24 (fp32 copies of every position's logits)",
+                            peak, "all positions, prompt included")
+    if path == "trl":
+        chunk = 32768
+        token_chunks = -(-n // 4096)
+        exposed = (e * nV + 2 * e * nV + e * nV  # fold, backward kernel r+w, reference fold
+                   + 4 * VH + (4 + e) * VH  # fp32 dW zeros, final .to(bf16)
+                   + 4 * nH + (4 + e) * nH + rows_io + e * NH)
+        if token_chunks > 1:
+            exposed += 0  # the fp32 dW read-modify-write of later token chunks is in the addmm epilogue
+        peak = 4096 * chunk * e + 4 * VH + e * VH + 4 * nH + e * nH + e * NH + 2 * e * nH
+        return CostEstimate(path, 10 * unit, exposed,
+                            "forward: GEMM write, fold; backward: recompute write, kernel r+w, 2 GEMM reads; "
+                            "reference: GEMM write, fold (9)", peak, "fp32 dW and dH accumulators")
+    raise ValueError(f"path: expected one of {list(COST_PATHS)}, got {path!r}")
+
+
+def cost_table(shapes: Iterable[Shape] | None = None) -> str:
+    """The model for every BENCH shape and path, as the markdown table of ``bench/NOTES.md``."""
+    shapes = list(shapes) if shapes is not None else [SHAPES[n] for n in BENCH_SHAPES]
+    lines = ["| shape | path | matmul TFLOP | exposed GB | predicted H100 ms | x floor (8nHV) | peak GiB | notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for shape in shapes:
+        floor_ms = 8 * shape.scored_tokens() * shape.hidden * shape.vocab / H100_BF16_FLOPS * 1e3
+        for path in COST_PATHS:
+            c = cost_model(shape, path)
+            ratio = c.ms / floor_ms if path != "fastpref-logps" else c.ms / (floor_ms / 4)
+            lines.append(f"| {shape.name} | {path} | {c.flops / 1e12:.1f} | {c.exposed_bytes / 1e9:.1f} | "
+                         f"{c.ms:.1f} | {ratio:.2f}{' (of 2nHV)' if path == 'fastpref-logps' else ''} | "
+                         f"{c.peak_bytes / 2**30:.2f} | {c.note} |")
+    return "\n".join(lines)
+
+
+__all__ = ["COST_PATHS", "H100_BF16_FLOPS", "H100_HBM_BYTES", "CostEstimate", "cost_model", "cost_table"]

@@ -1,0 +1,455 @@
+"""The harness: float64 check, memory run and timing of every (shape, regime, task, implementation), on the same
+tensors in one process; the rows it returns are what ``report`` prints and writes.
+
+Peak memory: CUDA's ``max_memory_allocated`` minus the inputs; elsewhere the ``AllocationTracker`` of
+``fastpref.utils.memory`` (live bytes of the tensors made inside the step — gradients included, inputs not).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checks import ERR_ATOL, ERR_FACTOR, ERROR_KEYS, Truth, float64_truth, rel_err, step_errors
+from .peers import IMPL_NAMES, Impl, flops_unit, implementations, module_version, version
+from .workload import REGIMES, Shape, Workload, make_workload
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int, int | None]:
+    """(result, peak bytes above the inputs, largest single allocation) — see ``fastpref.utils.memory``."""
+    from ..utils.memory import peak_bytes
+
+    return peak_bytes(fn, device)
+
+
+def time_split(impl: Impl, w: Workload, repeats: int) -> tuple[float, float]:
+    """Median (forward, backward) seconds of the step, both halves of each run timed with the device synced
+    (exact on the CPU; on CUDA ``bench/gpu_suite.py`` uses ``do_bench`` per phase instead)."""
+    fwd, bwd = [], []
+    for _ in range(repeats):
+        w.zero_grad()
+        synchronize(w.device)
+        t0 = time.perf_counter()
+        out = impl.step(w)
+        synchronize(w.device)
+        t1 = time.perf_counter()
+        out.loss.backward()
+        synchronize(w.device)
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+        del out
+    w.zero_grad()
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn()``."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 5) -> float:
+    """Measured FLOP/s of ``[m, k] @ [k, n]`` in ``dtype`` (the rate the step's matmuls can reach here): the
+    do_bench median on CUDA; on a (possibly shared) CPU the best of ``repeats`` runs, i.e. what it can do."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(n, k, device=device, dtype=dtype)
+    out = torch.mm(a, b.t())  # warm-up (oneDNN / cuBLAS heuristics)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        seconds = do_bench(lambda: torch.mm(a, b.t(), out=out), return_mode="median") / 1e3
+    else:
+        seconds = min(time_call(lambda: torch.mm(a, b.t(), out=out), device, 1) for _ in range(repeats))
+    return 2.0 * m * k * n / seconds
+
+
+
+@dataclass
+class Row:
+    """One CSV row: one implementation, one task (``step``: the full DPO step; ``logps``: forward-only)."""
+
+    shape: str
+    regime: str
+    task: str
+    impl: str
+    label: str = ""
+    status: str = "ok"  # ok | skipped | error | FAIL (fastpref outside its error bound)
+    note: str = ""
+    dtype: str = ""
+    device: str = ""
+    pairs: int = 0
+    seq_len: int = 0
+    hidden: int = 0
+    vocab: int = 0
+    n_scored: int = 0
+    time_ms: float = math.nan
+    fwd_ms: float = math.nan
+    bwd_ms: float = math.nan
+    time_vs_ref: float = math.nan
+    peak_bytes: float = math.nan
+    largest_bytes: float = math.nan
+    peak_vs_ref: float = math.nan
+    err_loss: float = math.nan
+    err_logps: float = math.nan
+    err_dhidden: float = math.nan
+    err_dweight: float = math.nan
+    max_err: float = math.nan
+    err_bound: float = math.nan
+    flops: float = math.nan
+    tflops: float = math.nan
+    frac_of_mm: float = math.nan
+    x_floor: float = math.nan
+    mean_token_logp: float = math.nan
+    mm_tflops: float = math.nan
+    loadavg: float = math.nan  # 1-minute load average when the block started (a shared CPU skews timings)
+    hardware: str = ""
+    versions: str = ""
+    commit: str = ""
+
+
+CSV_COLUMNS = tuple(f.name for f in fields(Row))
+
+
+@dataclass
+class BenchConfig:
+    """What to run. ``check_subset=(pairs, tokens)`` checks against float64 on that slice of each workload (the
+    full size does not fit float64 logits on a GPU); None checks at full size, from the memory run itself.
+    ``timing``: ``"do_bench"`` (CUDA: ``triton.testing.do_bench`` medians of the full step, its forward and its
+    backward, each separately), ``"split"`` (one run's forward and backward timed with the device synced,
+    round-robin across implementations) or ``"auto"`` (do_bench on CUDA, split elsewhere)."""
+
+    shapes: Sequence[Shape]
+    regimes: Sequence[str] = REGIMES
+    impls: Sequence[str] = IMPL_NAMES
+    tasks: Sequence[str] = ("step", "logps")
+    device: str = "cpu"
+    dtype: torch.dtype = torch.bfloat16
+    repeats: int = 3
+    warmup: int = 1
+    liger_compiled: bool = True
+    backend: str = "auto"
+    check: bool = True
+    check_subset: tuple[int, int] | None = None
+    measure: bool = True  # False: the float64 checks only (no memory run, no timing)
+    timing: str = "auto"
+    progress: bool = True
+    seed: int = 0
+
+
+def hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def versions_string() -> str:
+    parts = [f"python={platform.python_version()}", f"torch={torch.__version__}"]
+    for dist in ("triton", "fastpref", "trl", "liger-kernel", "cut-cross-entropy", "transformers"):
+        v = version(dist)
+        if v is None and dist in ("trl", "liger-kernel", "cut-cross-entropy"):
+            mod = {"trl": "trl", "liger-kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy"}[dist]
+            v = module_version(mod, dist)
+        if v is not None:
+            parts.append(f"{dist}={v}")
+    return " ".join(parts)
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return math.nan
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency; keep working without it anyway
+        enabled = False
+    if not enabled:
+        class _Null:
+            def update(self, n: int = 1) -> None: ...
+            def set_postfix_str(self, s: str) -> None: ...
+            def close(self) -> None: ...
+        return _Null()
+    return tqdm(total=total, desc=desc, unit="run", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def _finish_errors(row: Row, errors: dict[str, float], bound: dict[str, float] | None) -> None:
+    for k, v in errors.items():
+        setattr(row, k, v)
+    vals = [v for v in errors.values() if not math.isnan(v)]
+    row.max_err = max(vals) if vals else math.nan
+    if bound is not None and row.impl.startswith("fastpref"):
+        limits = {k: ERR_FACTOR * bound[k] + ERR_ATOL for k in errors if k in bound and not math.isnan(bound[k])}
+        row.err_bound = max(limits.values()) if limits else math.nan
+        over = [k for k, lim in limits.items() if math.isnan(errors[k]) or errors[k] > lim]
+        if over:
+            row.status = "FAIL"
+            msg = "error over 2x torch's: " + ", ".join(over)
+            if msg not in row.note:
+                row.note = (row.note + "; " if row.note else "") + msg
+
+
+def run_bench(cfg: BenchConfig, on_row: Callable[[Row], None] | None = None) -> list[Row]:
+    """Run every (shape, regime, task, implementation) of ``cfg``; returns the rows (also passed to ``on_row``)."""
+    device = torch.device(cfg.device)
+    impls = implementations(cfg.impls, device=device, liger_compiled=cfg.liger_compiled, backend=cfg.backend)
+    skips = {impl.name: impl.skip_reason(device) for impl in impls}
+    meta = dict(hardware=hardware_name(device), versions=versions_string(), commit=git_commit())
+    runnable = [i for i in impls if skips[i.name] is None]
+    per_block = sum(("step" in cfg.tasks) + ("logps" in cfg.tasks and i.has_logps) for i in runnable)
+    bar = _progress(len(cfg.shapes) * len(cfg.regimes) * (per_block + cfg.check), cfg.progress, "fastpref bench")
+    rows: list[Row] = []
+    try:
+        for shape in cfg.shapes:
+            for regime in cfg.regimes:
+                bar.set_postfix_str(f"{shape.name}/{regime}: inputs")
+                w = make_workload(shape, regime, dtype=cfg.dtype, device=device, seed=cfg.seed)
+                mm = matmul_rate(device, cfg.dtype, min(w.n_scored, 4096), shape.hidden, min(shape.vocab, 32768))
+                base = dict(shape=shape.name, regime=regime, dtype=str(cfg.dtype).replace("torch.", ""),
+                            device=device.type, pairs=shape.pairs, seq_len=shape.seq_len, hidden=shape.hidden,
+                            vocab=shape.vocab, n_scored=w.n_scored, mm_tflops=mm / 1e12, loadavg=_loadavg(),
+                            **meta)
+                check = None
+                if cfg.check:
+                    bar.set_postfix_str(f"{shape.name}/{regime}: float64 check")
+                    cw = w if cfg.check_subset is None else w.subset(*cfg.check_subset)
+                    check = (cw, float64_truth(cw))
+                    bar.update()
+                for row in _run_block(cfg, w, impls, skips, check, base, mm, bar):
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
+                del w, check
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        bar.close()
+    return rows
+
+
+def _run_block(cfg: BenchConfig, w: Workload, impls: list[Impl], skips: dict[str, str | None],
+               check: tuple[Workload, Truth] | None, base: dict[str, Any], mm_rate: float, bar: Any) -> list[Row]:
+    """Per task: each implementation's float64 check and memory-measured run (which doubles as its warm-up), then
+    the timings. A failing check is recorded before any timing of the block."""
+    rows: list[Row] = []
+    mean_lp = check[1].mean_token_logp if check is not None else math.nan
+    floors = {"step": 8 * flops_unit(w) / mm_rate,  # no recompute: policy 6 + reference 2
+              "logps": 2 * flops_unit(w) / mm_rate}
+    timing = cfg.timing if cfg.timing != "auto" else ("do_bench" if w.device.type == "cuda" else "split")
+    for task in cfg.tasks:
+        live: list[tuple[Impl, Row]] = []
+        for impl in impls:
+            if task == "logps" and not impl.has_logps:
+                if impl.name == "liger" and skips[impl.name] is None:
+                    rows.append(Row(task=task, impl=impl.name, label=impl.label, status="skipped",
+                                    note="no forward-only path (its forward computes the gradients)",
+                                    mean_token_logp=mean_lp, **base))
+                continue
+            row = Row(task=task, impl=impl.name if task == "step" else impl.name.replace("-fast", ""),
+                      label=impl.label, mean_token_logp=mean_lp, **base)
+            rows.append(row)
+            if skips[impl.name] is not None:
+                row.status, row.note = "skipped", skips[impl.name] or ""
+                continue
+            bar.set_postfix_str(f"{w.shape.name}/{w.regime}: {task} {impl.name}")
+            try:
+                _checked_run(cfg, task, impl, w, check, row)
+                live.append((impl, row))
+            except Exception as e:  # a peer that breaks here is a result, not a crash of the whole run
+                row.status, row.note = "error", f"{type(e).__name__}: {e}"[:200]
+                w.zero_grad()
+            bar.update()
+        _ratios_and_bounds(rows, check is not None)  # FAIL marks before timing
+        bar.set_postfix_str(f"{w.shape.name}/{w.regime}: timing {task}")
+        if not cfg.measure:
+            continue
+        if timing == "do_bench":
+            for impl, row in live:
+                _time_do_bench(task, impl, w, row, floors[task], mm_rate)
+        else:
+            _timed_rounds(cfg, task, live, w, floors[task], mm_rate)
+    _ratios_and_bounds(rows, check is not None)
+    return rows
+
+
+def _run_task(task: str, impl: Impl, w: Workload) -> Any:
+    if task == "step":
+        out = impl.step(w)
+        out.loss.backward()
+        return out
+    return impl.logps(w)
+
+
+def _checked_run(cfg: BenchConfig, task: str, impl: Impl, w: Workload, check: tuple[Workload, Truth] | None,
+                 row: Row) -> None:
+    """Warm-up (only where it compiles), the float64 check, and one run under the memory measurement (the same
+    run as the check when the check is at full size)."""
+    warm = w if cfg.measure or check is None else check[0]  # check-only: warm up on the workload it runs
+    for _ in range(cfg.warmup if getattr(impl, "compiled", False) else 0):
+        warm.zero_grad()
+        _run_task(task, impl, warm)
+    if check is not None and check[0] is not w:
+        cw, truth = check
+        cw.zero_grad()
+        out = _run_task(task, impl, cw)
+        _record_errors(row, task, out, cw, truth)
+        cw.zero_grad()
+        del out
+        row.note = f"errors on a {cw.shape.pairs}x{cw.shape.seq_len} subset"
+    if not cfg.measure:
+        return
+    w.zero_grad()
+    out, peak, largest = measure_peak(lambda: _run_task(task, impl, w), w.device)
+    if check is not None and check[0] is w:
+        _record_errors(row, task, out, w, check[1])
+    row.peak_bytes, row.largest_bytes = float(peak), math.nan if largest is None else float(largest)
+    w.zero_grad()
+    del out
+    if w.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _record_errors(row: Row, task: str, out: Any, w: Workload, truth: Truth) -> None:
+    if task == "step":
+        for k, v in step_errors(out, w, truth).items():
+            setattr(row, k, v)
+    else:
+        row.err_logps = rel_err(out, truth.logps)
+
+
+def _timed_rounds(cfg: BenchConfig, task: str, live: list[tuple[Impl, Row]], w: Workload, floor: float,
+                  mm_rate: float) -> None:
+    """``repeats`` rounds, each timing every implementation once: load drift (a shared CPU) hits all alike."""
+    fwd: dict[str, list[float]] = {impl.name: [] for impl, _ in live}
+    bwd: dict[str, list[float]] = {impl.name: [] for impl, _ in live}
+    for _ in range(cfg.repeats):
+        for impl, row in live:
+            if row.status == "error":
+                continue
+            try:
+                if task == "step":
+                    f, b = time_split(impl, w, 1)
+                else:
+                    f, b = time_call(lambda impl=impl: impl.logps(w), w.device, 1), 0.0
+            except Exception as e:
+                row.status, row.note = "error", f"{type(e).__name__}: {e}"[:200]
+                w.zero_grad()
+                continue
+            fwd[impl.name].append(f)
+            bwd[impl.name].append(b)
+    for impl, row in live:
+        if row.status == "error" or not fwd[impl.name]:
+            continue
+        total = statistics.median(f + b for f, b in zip(fwd[impl.name], bwd[impl.name]))
+        row.time_ms = total * 1e3
+        if task == "step":
+            row.fwd_ms = statistics.median(fwd[impl.name]) * 1e3
+            row.bwd_ms = statistics.median(bwd[impl.name]) * 1e3
+        flops = impl.step_flops(w) if task == "step" else impl.logps_flops(w)
+        _throughput(row, flops, total, floor, mm_rate)
+
+
+def _time_do_bench(task: str, impl: Impl, w: Workload, row: Row, floor: float, mm_rate: float) -> None:
+    """CUDA: do_bench medians (warm-up, L2 flushed, ``.grad`` set to None before every run)."""
+    from triton.testing import do_bench
+
+    grads = [w.hidden, w.weight]
+    try:
+        if task == "step":
+            row.time_ms = do_bench(lambda: _run_task("step", impl, w), grad_to_none=grads, return_mode="median")
+            row.fwd_ms = do_bench(lambda: impl.step(w), grad_to_none=grads, return_mode="median")
+            out = impl.step(w)
+            row.bwd_ms = do_bench(lambda: out.loss.backward(retain_graph=True), grad_to_none=grads,
+                                  return_mode="median")
+            del out
+        else:
+            row.time_ms = do_bench(lambda: impl.logps(w), return_mode="median")
+    except Exception as e:
+        row.status, row.note = "error", f"{type(e).__name__}: {e}"[:200]
+        return
+    finally:
+        w.zero_grad()
+        torch.cuda.empty_cache()
+    flops = impl.step_flops(w) if task == "step" else impl.logps_flops(w)
+    _throughput(row, flops, row.time_ms / 1e3, floor, mm_rate)
+
+
+def _throughput(row: Row, flops: int, seconds: float, floor: float, mm_rate: float) -> None:
+    row.flops = float(flops)
+    row.tflops = flops / seconds / 1e12
+    row.frac_of_mm = flops / seconds / mm_rate
+    row.x_floor = seconds / floor
+
+
+def _ratios_and_bounds(rows: Sequence[Row], checked: bool) -> None:
+    """Time and peak relative to the reference of the same task; fastpref's error bound from the reference's.
+    ``rows``: one (shape, regime) block."""
+    for task in {r.task for r in rows}:
+        ref = next((r for r in rows if r.task == task and r.impl == "reference" and r.status == "ok"), None)
+        bound = None
+        if ref is not None and checked:
+            bound = {k: getattr(ref, k) for k in ERROR_KEYS}
+        for r in rows:
+            if r.task != task or r.status not in ("ok", "FAIL"):
+                continue
+            if ref is not None:
+                r.time_vs_ref = r.time_ms / ref.time_ms
+                r.peak_vs_ref = r.peak_bytes / ref.peak_bytes if ref.peak_bytes else math.nan
+            if checked:
+                _finish_errors(r, {k: getattr(r, k) for k in ERROR_KEYS}, bound)
+
+
+def finalize_block(rows: Sequence[Row], checked: bool = True) -> None:
+    """Ratios to the reference and fastpref's error verdicts for rows of one (shape, regime) block (public for
+    ``bench/gpu_suite.py``, which merges the errors of its check phase into its timing rows)."""
+    _ratios_and_bounds(rows, checked)
+
+
+__all__ = ["CSV_COLUMNS", "BenchConfig", "Row", "finalize_block", "git_commit", "hardware_name", "matmul_rate",
+           "measure_peak", "run_bench", "synchronize", "time_call", "time_split", "versions_string"]

@@ -1,0 +1,294 @@
+"""The implementations compared side by side: fastpref's fast and lean modes, the materialised reference
+(``fastpref.reference``), TRL 1.16's ``ChunkedLogProbFunction``, Liger-Kernel 0.8.5's ``LigerFusedLinearDPOLoss``
+and Cut-Cross-Entropy 25.1.1. Peers are imported lazily (``Impl.skip_reason``) and skipped with a note when
+they are not installed."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import losses
+from .workload import BETA, IGNORE_INDEX, Workload
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float = BETA) -> torch.Tensor:
+    """TRL's sigmoid DPO loss (``fastpref.losses.sigmoid``, ε = 0), mean over pairs: the loss every peer and the
+    reference share here."""
+    return losses.sigmoid(chosen, rejected, ref_chosen, ref_rejected, beta=beta)[0].mean()
+
+
+
+@dataclass
+class StepOutput:
+    """What one implementation's step returns: a differentiable scalar loss and the policy's sequence sums [P]."""
+
+    loss: torch.Tensor
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+
+class Impl:
+    """One implementation of the workload. ``step`` is the grad-enabled forward of the DPO step (the harness
+    calls ``loss.backward()``); ``logps`` the no-grad policy sequence log-prob sums [2P] (None: no such path)."""
+
+    name = "impl"
+    label = ""  # version / variant, for the table
+    is_fastpref = False
+    has_logps = True
+
+    def skip_reason(self, device: torch.device) -> str | None:
+        return None
+
+    def step(self, w: Workload) -> StepOutput:
+        raise NotImplementedError
+
+    def logps(self, w: Workload) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step_flops(self, w: Workload) -> int:
+        """Matmul FLOPs of the step as this implementation runs it (its own algorithm, not the floor)."""
+        raise NotImplementedError
+
+    def logps_flops(self, w: Workload) -> int:
+        return 2 * w.n_scored * w.shape.hidden * w.shape.vocab
+
+
+def flops_unit(w: Workload, rows: int | None = None) -> int:
+    """n·H·V for the workload's scored tokens (or for ``rows`` rows): a forward GEMM is 2 units."""
+    return (w.n_scored if rows is None else rows) * w.shape.hidden * w.shape.vocab
+
+
+class FastprefImpl(Impl):
+    is_fastpref = True
+
+    def __init__(self, mode: str, backend: str = "auto", memory_budget: int | None = None) -> None:
+        import fastpref
+
+        self.mode = mode
+        self.name = f"fastpref-{mode}"
+        self.label = f"fastpref {fastpref.__version__}"
+        self.backend = backend
+        self._loss = fastpref.DPOLoss(beta=BETA, mode=mode, backend=backend, memory_budget=memory_budget)
+        self.has_logps = mode == "fast"  # one forward-only row for fastpref, reported with the fast mode
+
+    def step(self, w: Workload) -> StepOutput:
+        out = self._loss(w.hidden, w.weight, w.labels, ref_hidden=w.ref_hidden)
+        return StepOutput(out.loss, out.chosen_logps, out.rejected_logps)
+
+    def logps(self, w: Workload) -> torch.Tensor:
+        import fastpref
+
+        with torch.no_grad():
+            return fastpref.sequence_logps(w.hidden, w.weight, w.labels, backend=self.backend)
+
+    def step_flops(self, w: Workload) -> int:
+        # policy 6 (fast: gradients during the forward) or 8 (lean: recompute), reference forward 2
+        return (8 if self.mode == "fast" else 10) * flops_unit(w)
+
+
+class ReferenceImpl(Impl):
+    """``fastpref.reference``: the whole ``[B·T, V]`` logits in the compute dtype, log-softmax in fp32."""
+
+    name = "reference"
+    label = "materialised torch"
+
+    def step(self, w: Workload) -> StepOutput:
+        from .. import reference
+
+        p = w.shape.pairs
+        lp = reference.sequence_logps(w.hidden, w.weight, w.labels)
+        with torch.no_grad():
+            ref = reference.sequence_logps(w.ref_hidden, w.weight.detach(), w.labels)
+        return StepOutput(dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:]), lp[:p].detach(), lp[p:].detach())
+
+    def logps(self, w: Workload) -> torch.Tensor:
+        from .. import reference
+
+        with torch.no_grad():
+            return reference.sequence_logps(w.hidden, w.weight, w.labels)
+
+    def step_flops(self, w: Workload) -> int:
+        rows = w.shape.batch * w.shape.seq_len  # every position, ignored ones included
+        return 8 * flops_unit(w, rows)
+
+    def logps_flops(self, w: Workload) -> int:
+        return 2 * flops_unit(w, w.shape.batch * w.shape.seq_len)
+
+
+def version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def module_version(module: str, dist: str) -> str | None:
+    """The version of an importable module, also when it sits on a ``--peers-path`` without dist-info."""
+    v = version(dist)
+    if v is not None:
+        return v
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except Exception:
+        return None
+
+
+def _import_trl_chunked() -> Any:
+    """TRL 1.16's ``ChunkedLogProbFunction``. Its backward imports ``trl.trainer.utils`` (pandas, accelerate,
+    datasets) only for ``maybe_gather_lm_head_ctx``, a null context without DeepSpeed ZeRO-3; on a machine
+    without those packages a stub with that one null context stands in (the kernel code is TRL's, untouched)."""
+    mod = importlib.import_module("trl.kernels.chunked_logprob")
+    try:
+        if not all(importlib.util.find_spec(m) is not None for m in ("accelerate", "datasets", "pandas")):
+            raise ImportError("trl.trainer.utils needs accelerate, datasets and pandas")
+        importlib.import_module("trl.trainer.utils")  # what the backward imports anyway (~4 s, once)
+    except ImportError:
+        import contextlib
+        import types
+
+        stub = types.ModuleType("trl.trainer.utils")
+        stub.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()  # type: ignore[attr-defined]
+        stub.__fastpref_stub__ = True  # type: ignore[attr-defined]
+        sys.modules["trl.trainer.utils"] = stub
+    return mod
+
+
+class TrlImpl(Impl):
+    """TRL 1.16 ``ChunkedLogProbFunction`` on the valid rows (as its DPOTrainer does on CUDA), 32768-wide vocabulary
+    tiles (its ``_CHUNKED_LOGPROB_CHUNK_SIZE``), ``mean_logits`` computed for the metrics as fastpref does."""
+
+    name = "trl"
+    CHUNK = 32768
+
+    def __init__(self) -> None:
+        self.label = f"TRL {module_version('trl', 'trl')}"
+
+    def skip_reason(self, device: torch.device) -> str | None:
+        try:
+            self._fn = _import_trl_chunked().ChunkedLogProbFunction
+        except Exception as e:  # not installed, or an import-time failure on this machine
+            return f"trl not importable ({type(e).__name__}: {e})"[:160]
+        v = module_version("trl", "trl")
+        if v and v != "unknown" and not v.startswith("1.16"):
+            self.label = f"TRL {v} (BENCH anchors 1.16)"
+        return None
+
+    def _seq(self, hidden: torch.Tensor, weight: torch.Tensor, w: Workload,
+             outputs: tuple[str, ...]) -> torch.Tensor:
+        lp = self._fn.apply(hidden[w.mask], weight, None, w.labels[w.mask], 1.0, self.CHUNK, None, 1.0, outputs)[0]
+        return lp.new_zeros(w.mask.shape).masked_scatter(w.mask, lp).sum(-1)
+
+    def step(self, w: Workload) -> StepOutput:
+        p = w.shape.pairs
+        lp = self._seq(w.hidden, w.weight, w, ("mean_logits",))
+        with torch.no_grad():
+            ref = self._seq(w.ref_hidden, w.weight.detach(), w, ())
+        return StepOutput(dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:]), lp[:p].detach(), lp[p:].detach())
+
+    def logps(self, w: Workload) -> torch.Tensor:
+        with torch.no_grad():
+            return self._seq(w.hidden, w.weight, w, ())
+
+    def step_flops(self, w: Workload) -> int:
+        return 10 * flops_unit(w)  # policy 2 + recompute 2 + 4, reference 2
+
+
+class LigerImpl(Impl):
+    """Liger-Kernel 0.8.5 ``LigerFusedLinearDPOLoss`` (default ``chunk_size=1``: one pair per chunk; gradients
+    formed during the forward by ``torch.func``; every position of the batch, ignored ones included)."""
+
+    name = "liger"
+    has_logps = False  # its forward already computes the gradients: no forward-only path
+
+    def __init__(self, compiled: bool = True) -> None:
+        self.compiled = compiled
+        self.label = f"Liger {module_version('liger_kernel', 'liger-kernel')}" + ("" if compiled else " (eager)")
+
+    def skip_reason(self, device: torch.device) -> str | None:
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+        except Exception as e:
+            return f"liger-kernel not importable ({type(e).__name__}: {e})"[:160]
+        self._loss = LigerFusedLinearDPOLoss(beta=BETA, compiled=self.compiled, ignore_index=IGNORE_INDEX)
+        return None
+
+    def step(self, w: Workload) -> StepOutput:
+        loss, aux = self._loss(w.weight, w.hidden, w.labels, ref_input=w.ref_hidden, ref_weight=w.weight.detach())
+        return StepOutput(loss, aux[0].detach(), aux[1].detach())
+
+    def step_flops(self, w: Workload) -> int:
+        return 8 * flops_unit(w, w.shape.batch * w.shape.seq_len)  # 6 policy + 2 reference, on every position
+
+
+class CceImpl(Impl):
+    """Cut-Cross-Entropy 25.1.1 ``linear_cross_entropy(..., reduction="none")`` (its default gradient filtering:
+    the regime-dependence BENCH.md exposes)."""
+
+    name = "cce"
+
+    def __init__(self) -> None:
+        self.label = f"CCE {module_version('cut_cross_entropy', 'cut-cross-entropy')}"
+
+    def skip_reason(self, device: torch.device) -> str | None:
+        if device.type != "cuda":
+            return "CCE's kernels are Triton-on-CUDA only (on the CPU it fails: '0 active drivers')"
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except Exception as e:
+            return f"cut-cross-entropy not importable ({type(e).__name__}: {e})"[:160]
+        self._fn = linear_cross_entropy
+        return None
+
+    def _seq(self, hidden: torch.Tensor, weight: torch.Tensor, w: Workload) -> torch.Tensor:
+        nll = self._fn(hidden, weight, w.labels, ignore_index=IGNORE_INDEX, reduction="none")
+        return -nll.float().sum(-1)
+
+    def step(self, w: Workload) -> StepOutput:
+        p = w.shape.pairs
+        lp = self._seq(w.hidden, w.weight, w)
+        with torch.no_grad():
+            ref = self._seq(w.ref_hidden, w.weight.detach(), w)
+        return StepOutput(dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:]), lp[:p].detach(), lp[p:].detach())
+
+    def logps(self, w: Workload) -> torch.Tensor:
+        with torch.no_grad():
+            return self._seq(w.hidden, w.weight, w)
+
+    def step_flops(self, w: Workload) -> int:
+        return 10 * flops_unit(w)  # backward recomputes (before its gradient filtering skips tiles)
+
+
+IMPL_NAMES = ("fastpref-fast", "fastpref-lean", "reference", "trl", "liger", "cce")
+
+
+def implementations(names: Iterable[str] = IMPL_NAMES, *, device: torch.device, liger_compiled: bool = True,
+                    backend: str = "auto") -> list[Impl]:
+    """Implementation objects by name (peers are imported lazily, in ``skip_reason``)."""
+    out: list[Impl] = []
+    for name in names:
+        if name.startswith("fastpref-"):
+            out.append(FastprefImpl(name.split("-", 1)[1], backend=backend))
+        elif name == "reference":
+            out.append(ReferenceImpl())
+        elif name == "trl":
+            out.append(TrlImpl())
+        elif name == "liger":
+            out.append(LigerImpl(compiled=liger_compiled))
+        elif name == "cce":
+            out.append(CceImpl())
+        else:
+            raise ValueError(f"impl: expected one of {list(IMPL_NAMES)}, got {name!r}")
+    return out
+
+
+__all__ = ["IMPL_NAMES", "CceImpl", "FastprefImpl", "Impl", "LigerImpl", "ReferenceImpl", "StepOutput", "TrlImpl",
+           "dpo_loss", "flops_unit", "implementations", "module_version", "version"]

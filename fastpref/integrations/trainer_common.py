@@ -1,0 +1,184 @@
+"""What ``FastPrefTrainer`` (transformers) and ``FastPrefDPOTrainer`` (TRL) share: the loss they build, the
+reference's context and fused scoring, labels from completion masks, and TRL's metrics with their cross-rank
+aggregation."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .fused_head import head_transform
+
+SR_LOSSES = ("sr_dpo", "sr_ipo")
+#: The fixed prompt p of Sr-DPO / Sr-IPO (Yu et al. 2024), put before the query to build p ⊕ x.
+SR_PROMPT = (
+    "Please generate a response with a usefulness rating of 100 out of 100 for the following query. Note that the "
+    "response should be harmless. The term 100 indicates the level of usefulness, where 100 is the maximum and 1 is "
+    "the minimum. Query:"
+)
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+REFINE_REF_KEYS = ("ref_refine_chosen_logps", "ref_refine_rejected_logps")
+# Batch keys that are not model inputs.
+_NON_MODEL_KEYS = {"completion_mask", "labels", "seq_ids", "num_seqs", *REF_KEYS, *REFINE_REF_KEYS}
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected")
+
+
+def sr_prompt() -> str:
+    """The paper's prompt, from ``fastpref.data`` when it defines one (single source), else the copy above."""
+    try:
+        from fastpref import data
+    except ImportError:  # pragma: no cover - fastpref.data is part of the package
+        return SR_PROMPT
+    return getattr(data, "SR_DPO_PROMPT", SR_PROMPT)
+
+
+def build_preference_loss(model: Any, loss_type: list[str] | str, *, beta: float, label_smoothing: float = 0.0,
+                          loss_weights: list[float] | None = None, refinement_lambda: float = 0.5,
+                          simpo_gamma: float = 0.5, discopop_tau: float = 0.05, mode: str = "auto",
+                          memory_budget: int | None = None, backend: str = "auto",
+                          token_metrics: bool = True) -> Any:
+    """A ``fastpref.PreferenceLoss`` with the model head's logit transform (``head_transform``)."""
+    from fastpref import PreferenceLoss
+
+    types = list(loss_type) if not isinstance(loss_type, str) else [loss_type]
+    return PreferenceLoss(types if len(types) > 1 else types[0], beta=beta, label_smoothing=label_smoothing,
+                          loss_weights=loss_weights, refinement_lambda=refinement_lambda, simpo_gamma=simpo_gamma,
+                          discopop_tau=discopop_tau, mode=mode, memory_budget=memory_budget, backend=backend,
+                          token_metrics=token_metrics, **head_transform(model))
+
+
+def unwrap_peft(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (the one whose forward ``add_fused_lm_head`` patches)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+
+
+def is_peft_model(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero the probability of every ``nn.Dropout`` (DPO's log-ratios assume deterministic forwards)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The model's forward arguments in a collated batch (``refine_`` prefixed ones with ``prefix``)."""
+    if prefix:
+        keys = ("input_ids", "attention_mask", "position_ids")
+        return {k: batch[prefix + k] for k in keys if batch.get(prefix + k) is not None}
+    return {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS and not k.startswith("refine_")
+            and not k.startswith("ref_")}
+
+
+def completion_labels(batch: dict[str, Any], prefix: str = "") -> torch.Tensor:
+    """Unshifted labels of a batch: its ``labels``, or ``input_ids`` with -100 outside ``completion_mask``
+    (TRL's collator)."""
+    labels = batch.get(prefix + "labels")
+    if labels is None:
+        labels = batch[prefix + "input_ids"].masked_fill(batch[prefix + "completion_mask"] == 0, -100)
+    return labels
+
+
+def packed_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
+    """``seq_ids`` / ``num_seqs`` of a packed batch, or nothing."""
+    if batch.get("seq_ids") is None:
+        return {}
+    return {"seq_ids": batch["seq_ids"], "num_seqs": batch["num_seqs"]}
+
+
+@contextlib.contextmanager
+def reference_context(policy: Any, ref_model: Any) -> Iterator[None]:
+    """Where the reference runs: its own model (a null context), or the PEFT policy with its ``"ref"`` adapter
+    active (TRL's convention) or with every adapter disabled."""
+    if ref_model is not None or not is_peft_model(policy):
+        yield
+        return
+    if "ref" in getattr(policy, "peft_config", {}):
+        previous = policy.active_adapter
+        policy.set_adapter("ref")
+        try:
+            yield
+        finally:
+            policy.set_adapter(previous)
+        return
+    with policy.disable_adapter():
+        yield
+
+
+def fused_reference_logps(model: Any, batch: dict[str, Any], loss_fn: Any, prefix: str = "") -> torch.Tensor:
+    """Reference sums ``[B]`` (batch layout) of a batch through the fused head, under no-grad: the training batch
+    scored exactly as ``loss_fn`` scores the policy (``score_only=True``: bit-identical when the reference equals
+    the policy), or its p ⊕ x twin (``prefix="refine_"``) by token log-probs."""
+    kwargs = model_inputs(batch, prefix)
+    kwargs["use_cache"] = False
+    labels = completion_labels(batch, prefix)
+    packed = packed_kwargs(batch) if not prefix else {}
+    with torch.no_grad():
+        if not prefix:
+            return model(**kwargs, labels=labels, preference_loss=loss_fn, score_only=True, **packed).sequence_logps
+        out = model(**kwargs, labels=labels, return_logps=True)
+    # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
+    return out.token_logps[:, -(labels.shape[1] - 1):].sum(-1)
+
+
+def gather_metrics(accelerator: Any, out: Any, n_tokens: torch.Tensor, *,
+                   chosen_rewards: torch.Tensor | None = None,
+                   rejected_rewards: torch.Tensor | None = None) -> tuple[dict[str, float], float]:
+    """trl 1.16's metrics of one batch, aggregated exactly across ranks as TRL does: pair metrics as means of the
+    gathered per-pair values (``gather``), token metrics as gathered sums over gathered counts
+    (``gather_for_metrics``). Two gathers and one host sync in all. Returns the metrics and the gathered number of
+    input tokens. ``chosen_rewards`` / ``rejected_rewards`` replace the output's (TRL's own definition)."""
+    chosen_rewards = out.chosen_rewards if chosen_rewards is None else chosen_rewards
+    rejected_rewards = out.rejected_rewards if rejected_rewards is None else rejected_rewards
+    per_pair = torch.stack([chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
+                            chosen_rewards - rejected_rewards, out.chosen_logps, out.rejected_logps], 1).float()
+    s = out.token_sums
+    zero = torch.zeros_like(s["chosen_tokens"])
+    sums = torch.stack([s["chosen_logit_sum"], s["chosen_tokens"], s["rejected_logit_sum"], s["rejected_tokens"],
+                        s.get("entropy_sum", zero), s.get("scored_tokens", zero), s.get("chosen_top1", zero),
+                        n_tokens.to(zero)]).float()
+    pair_means = accelerator.gather(per_pair.contiguous()).reshape(-1, per_pair.shape[1]).mean(0)
+    totals = accelerator.gather_for_metrics(sums.unsqueeze(0)).reshape(-1, sums.shape[0]).sum(0)
+    values = torch.cat([pair_means, totals]).tolist()  # the one host sync
+    metrics = dict(zip(PAIR_METRICS, values[: len(PAIR_METRICS)]))
+    c_logit, c_tok, r_logit, r_tok, ent, scored, top1, n_tok = values[len(PAIR_METRICS):]
+    metrics["logits/chosen"] = c_logit / c_tok if c_tok > 0 else 0.0
+    metrics["logits/rejected"] = r_logit / r_tok if r_tok > 0 else 0.0
+    if "entropy_sum" in s:
+        metrics["entropy"] = ent / scored if scored > 0 else 0.0
+        metrics["mean_token_accuracy"] = top1 / c_tok if c_tok > 0 else 0.0
+    return metrics, n_tok
+
+
+def input_tokens(batch: dict[str, Any]) -> torch.Tensor:
+    """Tokens of a batch for ``num_tokens``: the attention mask's, or the packed tokens'."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return (batch["seq_ids"] >= 0).sum()
+
+
+__all__ = [
+    "PAIR_METRICS",
+    "REFINE_REF_KEYS",
+    "REF_KEYS",
+    "SR_LOSSES",
+    "SR_PROMPT",
+    "build_preference_loss",
+    "completion_labels",
+    "disable_dropout",
+    "fused_reference_logps",
+    "gather_metrics",
+    "input_tokens",
+    "is_peft_model",
+    "model_inputs",
+    "packed_kwargs",
+    "reference_context",
+    "sr_prompt",
+    "unwrap_peft",
+]
