@@ -1,4 +1,4 @@
-"""SPEC "Bad input": invalid inputs raise a clear ValueError/TypeError naming the argument, the value seen and
+"""Bad input: invalid inputs raise a clear ValueError/TypeError naming the argument, the value seen and
 the value expected; valid edge cases give the right answer (see test_logps.py for those)."""
 
 from __future__ import annotations

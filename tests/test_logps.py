@@ -153,8 +153,8 @@ def test_non_contiguous_and_expanded_inputs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("autocast", [False, True], ids=["no-autocast", "autocast"])
 def test_bf16_hidden_fp32_weight(backend, autocast):
-    """SPEC's compute dtype: the autocast dtype when on, else hidden's; the fp32 weight is cast chunk by chunk and
-    its gradient comes back in fp32."""
+    """The compute dtype (docs/design.md): the autocast dtype when on, else hidden's; the fp32 weight is cast chunk
+    by chunk and its gradient comes back in fp32."""
     hidden = torch.randn(2, 19, 32).bfloat16().requires_grad_()
     weight = (torch.randn(300, 32) / 6).requires_grad_()
     labels = make_labels(2, 19, 300)

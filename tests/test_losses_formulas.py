@@ -81,7 +81,7 @@ def _log1mexp(x: float) -> float:
 
 
 def _expected(loss_type: str, b: dict, hp: dict[str, float]) -> list[float]:
-    """Per-pair loss worked out with python floats from the formulas of SPEC / trl 1.16."""
+    """Per-pair loss worked out with python floats from the formulas of the README / trl 1.16."""
     beta, eps = b["beta"], hp.get("label_smoothing", 0.0)
     lw, ll, rw, rl, d = ([float(v) for v in b[k]] for k in ("lp_w", "lp_l", "ref_w", "ref_l", "delta"))
     pairs = len(lw)

@@ -21,14 +21,14 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """The options shared by ``fastpref bench`` and ``bench/gpu_suite.py``."""
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="SHAPE",
-                   help=f"shape names ({', '.join(SHAPES)}) or PAIRSxTxHxV; default: 'cpu' on the CPU, the BENCH "
+                   help=f"shape names ({', '.join(SHAPES)}) or PAIRSxTxHxV; default: 'cpu' on the CPU, the benchmark "
                         "shapes on CUDA")
-    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES), help="logit regimes (BENCH.md)")
+    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES), help="logit regimes (docs/benchmarks.md)")
     p.add_argument("--impls", nargs="+", choices=IMPL_NAMES, default=list(IMPL_NAMES), help="implementations")
     p.add_argument("--tasks", nargs="+", choices=("step", "logps"), default=["step", "logps"],
                    help="step: full DPO step; logps: forward-only policy log-probs")
     p.add_argument("--device", default=None, help="cpu | cuda[:i]; default: cuda when available")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (BENCH: bf16)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (the benchmark: bf16)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median); default 3")
     p.add_argument("--no-check", action="store_true", help="skip the float64 check")
     p.add_argument("--liger-eager", action="store_true",

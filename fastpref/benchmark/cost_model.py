@@ -117,7 +117,7 @@ def cost_model(shape: Shape, path: str, *, prompt_frac: float = 0.25, tile_bytes
 
 
 def cost_table(shapes: Iterable[Shape] | None = None) -> str:
-    """The model for every BENCH shape and path, as the markdown table of ``bench/NOTES.md``."""
+    """The model for every benchmark shape and path, as the markdown table of ``bench/NOTES.md``."""
     shapes = list(shapes) if shapes is not None else [SHAPES[n] for n in BENCH_SHAPES]
     lines = ["| shape | path | matmul TFLOP | exposed GB | predicted H100 ms | x floor (8nHV) | peak GiB | notes |",
              "|---|---|---|---|---|---|---|---|"]

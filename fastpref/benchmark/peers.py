@@ -179,7 +179,7 @@ class TrlImpl(Impl):
             return f"trl not importable ({type(e).__name__}: {e})"[:160]
         v = module_version("trl", "trl")
         if v and v != "unknown" and not v.startswith("1.16"):
-            self.label = f"TRL {v} (BENCH anchors 1.16)"
+            self.label = f"TRL {v} (the benchmark anchors 1.16)"
         return None
 
     def _seq(self, hidden: torch.Tensor, weight: torch.Tensor, w: Workload,
@@ -231,7 +231,7 @@ class LigerImpl(Impl):
 
 class CceImpl(Impl):
     """Cut-Cross-Entropy 25.1.1 ``linear_cross_entropy(..., reduction="none")`` (its default gradient filtering:
-    the regime-dependence BENCH.md exposes)."""
+    the regime-dependence docs/benchmarks.md exposes)."""
 
     name = "cce"
 

@@ -4,13 +4,13 @@ Every function has the form ``f(policy_chosen_logps, policy_rejected_logps, ref_
 ref_rejected_logps=None, *, beta=0.1, <its hyper-parameters>, chosen_lengths=None, rejected_lengths=None)``
 and returns ``(losses [P], chosen_rewards [P], rejected_rewards [P])``; the batch loss is ``losses.mean()``.
 
-Notation (SPEC "Preference losses"): ``lp`` are per-pair **sums** of token log-probs, ``ref`` the reference
+Notation (README "Losses"): ``lp`` are per-pair **sums** of token log-probs, ``ref`` the reference
 sums (0 when None or when the type is reference-free), ρ = lp − ref, h = ρ_w − ρ_l (w = chosen, l = rejected),
 n = number of scored tokens of a response clamped to ≥ 1, x̄ = x / n, σ the logistic function. Rewards are
 ``β · (lp − ref)`` on the sums, detached, for every type (trl 1.16 logs them so).
 
 The formulas are trl 1.16's ``DPOTrainer._compute_loss`` (reverse-KL scores, no WPO weighting, no
-``ld_alpha``) with SPEC's additions (cDPO smoothing on ``sigmoid``, Sr-DPO / Sr-IPO) and the CPO / ORPO
+``ld_alpha``) with fastpref's additions (cDPO smoothing on ``sigmoid``, Sr-DPO / Sr-IPO) and the CPO / ORPO
 trainers' ``simpo``, ``cpo`` and ``orpo``. Degenerate inputs never give NaN/inf where TRL would: a response
 with no scored token (sum 0, length 0) is normalised by 1, ORPO's log(1 − p̄) sees p̄ ≤ 1 − eps, the NLL
 denominator is clamped to ≥ 1 token, and DiscoPOP's exp(−βh) is capped below the dtype's overflow (where its

@@ -17,7 +17,7 @@ from .backend import compute_dtype, resolve_backend
 from .plan import TilePlan, default_tile_bytes, plan_tiles
 from .tile_ops import LogitTransform, RowStats, row_ops
 
-# SPEC's accumulation rule: across chunks, an accumulator of the whole dW may take at most a handful of partial
+# The accumulation rule (docs/design.md): across chunks, an accumulator of the whole dW may take at most a handful of partial
 # sums in its own dtype; beyond that, dW accumulates in fp32 one vocabulary slab at a time.
 MAX_PARTIAL_SUMS = 4
 # `torch.mm(..., out_dtype=torch.float32)` from bf16/fp16 inputs (CUDA, torch >= 2.8)

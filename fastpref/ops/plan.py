@@ -70,7 +70,7 @@ def _available_host_bytes() -> int | None:
 
 
 def default_memory_budget(device: torch.device) -> int:
-    """SPEC: ``memory_budget=None`` means min(2 GiB, a quarter of the free device memory)."""
+    """``memory_budget=None``: min(2 GiB, a quarter of the free device memory)."""
     free: int | None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
