@@ -112,10 +112,18 @@ def test_rs_dpo_duplicates_and_identical_responses():
     assert out == [] and stats.skipped == {"identical": 1}
 
 
-def test_rs_dpo_fewer_than_two_responses_give_no_pairs():
+def test_rs_dpo_fewer_than_two_responses_are_counted_not_lost():
     out, stats = rejection_sampling_pairs([{"prompt": "Q", "responses": ["a"], "rewards": [1.0]},
-                                           {"prompt": "Q", "responses": [], "rewards": []}], return_stats=True)
-    assert out == [] and stats.records_in == 2 and stats.skipped == {}
+                                           {"prompt": "Q", "responses": [], "rewards": []}, SAMPLE],
+                                          return_stats=True)
+    assert len(out) == 2 and stats.records_in == 3 and stats.records_out == 2 and stats.invalid == []
+    assert stats.skipped == {"fewer_than_2_responses": 2, "below_threshold": 4}
+    assert stats.summary() == "rs-dpo: 3 records in, 2 out; skipped: 4 below_threshold, 2 fewer_than_2_responses; " \
+        "0 invalid"
+    # A malformed one-response record is invalid, not "fewer than 2".
+    _, stats = rejection_sampling_pairs([{"prompt": "Q", "responses": ["a"], "rewards": [math.nan]}], errors="skip",
+                                        return_stats=True)
+    assert stats.skipped == {} and len(stats.invalid) == 1
 
 
 @pytest.mark.parametrize(
@@ -147,7 +155,9 @@ def test_rs_dpo_never_keeps_a_reversed_pair_and_is_monotone_in_eta(rewards, tau,
     assert all(r["score_chosen"] > r["score_rejected"] for r in out)
     assert all(1 / (1 + math.exp(-(r["score_chosen"] - r["score_rejected"]) / tau)) > eta for r in out)
     k = len(rewards)
-    assert len(out) + sum(stats.skipped.values()) == k * (k - 1) // 2
+    pairs_skipped = sum(n for reason, n in stats.skipped.items() if reason != "fewer_than_2_responses")
+    assert len(out) + pairs_skipped == k * (k - 1) // 2
+    assert stats.skipped.get("fewer_than_2_responses", 0) == (k < 2)
     stricter = rejection_sampling_pairs([sample], tau=tau, eta=min(0.9999, eta + 0.05))
     assert {(r["chosen"], r["rejected"]) for r in stricter} <= {(r["chosen"], r["rejected"]) for r in out}
 

@@ -47,8 +47,9 @@ class RecipeStats:
     """What a recipe read, wrote and skipped.
 
     ``skipped`` maps a reason to a count of candidate pairs not emitted (e.g. ``below_threshold``, ``ties``,
-    ``identical``, ``duplicate``); ``invalid`` lists the messages of malformed records skipped under
-    ``errors="skip"`` (with ``errors="raise"`` the first one raises instead).
+    ``identical``, ``duplicate``) or, for ``fewer_than_2_responses``, of well-formed records that cannot
+    give a pair; ``invalid`` lists the messages of malformed records skipped under ``errors="skip"`` (with
+    ``errors="raise"`` the first one raises instead).
     """
 
     recipe: str
