@@ -136,6 +136,8 @@ def test_rs_dpo_fewer_than_two_responses_are_counted_not_lost():
         pytest.param({"tau": -1.0}, r"tau must be a finite number > 0, got -1\.0", id="tau-negative"),
         pytest.param({"tau": math.inf}, r"tau must be a finite number > 0, got inf", id="tau-inf"),
         pytest.param({"tau": "1"}, r"tau must be a finite number > 0, got '1'", id="tau-str"),
+        pytest.param({"tau": 10**400}, r"tau must be a finite number > 0, got an integer of about 401 digits",
+                     id="tau-int-beyond-float-range"),
     ],
 )
 def test_rs_dpo_hyper_parameters_are_validated(kwargs, match):
@@ -276,6 +278,10 @@ def test_reward_augment_ties_custom_template_and_scores():
         pytest.param({"score_chosen": True}, r"record 1: field 'score_chosen' must be a finite number, got bool",
                      id="bool-score"),
         pytest.param({"chosen": 3}, r"record 1: field 'chosen' must be text \(str\) or chat messages", id="int-chosen"),
+        pytest.param({"score_chosen": 10**400}, r"record 1: field 'score_chosen' must be a finite number, got an "
+                     r"integer of about 401 digits \(beyond the float range", id="int-score-beyond-float-range"),
+        pytest.param({"chosen": 10**5000}, r"record 1: field 'chosen' must be text \(str\) or chat messages .*got an "
+                     r"integer of about 5001 digits", id="int-beyond-int-string-limit"),
     ],
 )
 def test_reward_augment_malformed_records(bad, match):
@@ -363,8 +369,8 @@ def test_jsonl_round_trip_and_line_numbers(tmp_path):
     assert len(out) == 2 and stats.records_in == 3
     assert [m.split(": ", 1)[0] for m in stats.invalid] == [f"{path}:3", f"{path}:4"]
     assert "invalid JSON" in stats.invalid[1]
-    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
-        write_jsonl([{"x": math.nan}], tmp_path / "nan.jsonl")
+    with pytest.raises(ValueError, match=r"^record 1: field 'x\.y\[1\]' must be a finite number, got nan"):
+        write_jsonl([{"x": 1}, {"x": {"y": [0, math.nan]}}], tmp_path / "nan.jsonl")
     assert not (tmp_path / "nan.jsonl").exists()
 
 
