@@ -1,6 +1,6 @@
 """``fastpref data ...`` on hostile input and outputs. Every malformed line ends as ``<file>:<line>: <what>`` (exit 1,
-nothing written) or, with --skip-invalid, a counted skip, never a traceback; stdout
-receives nothing unless the command succeeds."""
+nothing written) or, with --skip-invalid, a counted skip, never a traceback; the output never replaces the input;
+stdout receives nothing unless the command succeeds; overwriting an existing output is reported."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import tempfile
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -206,3 +208,120 @@ def test_stdin_and_stdout_are_never_the_same_file(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert [json.loads(line) for line in out.splitlines()] == rejection_sampling_pairs([SAMPLE])
     assert "skipped invalid record: <stdin>:2: field 'id' contains the lone surrogate '\\ud800'" in err
+
+
+# ---------------------------------------------------------------------------------- output == input
+
+EXTRA_ARGS = {
+    "rs-dpo": [],
+    "counterfactual": [],
+    "reward-augment": [],
+    "sr-augment": [],
+    # Checked before the model is loaded (a missing model would be an error of its own after).
+    "sample": ["--model", "no/such-model"],
+    "counterfactual-generate": ["--model", "no/such-model", "--desired", "d", "--undesired", "u"],
+}
+
+
+@pytest.mark.parametrize("alias", ["same-path", "dot-relative-vs-absolute", "symlink-output", "symlink-input",
+                                   "hard-link"])
+@pytest.mark.parametrize("recipe", sorted(EXTRA_ARGS))
+def test_output_that_is_the_input_file_is_refused(tmp_path, monkeypatch, capsys, recipe, alias):
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "data.jsonl"
+    src.write_bytes(GOOD + b"\n")
+    if alias == "same-path":
+        inp, out = "data.jsonl", "data.jsonl"
+    elif alias == "dot-relative-vs-absolute":
+        inp, out = "./data.jsonl", str(src)
+    elif alias == "symlink-output":
+        os.symlink(src, tmp_path / "link.jsonl")
+        inp, out = "data.jsonl", "link.jsonl"
+    elif alias == "symlink-input":
+        os.symlink(src, tmp_path / "link.jsonl")
+        inp, out = "link.jsonl", str(src)
+    else:
+        os.link(src, tmp_path / "hard.jsonl")
+        inp, out = str(src), "hard.jsonl"
+    before = sorted(os.listdir(tmp_path))
+    assert _cli(["data", recipe, inp, out, *EXTRA_ARGS[recipe]]) == 1
+    err = capsys.readouterr().err
+    assert f"fastpref data {recipe}: error: the output {out} is the same file as the input {inp}: refusing" in err
+    assert src.read_bytes() == GOOD + b"\n" and sorted(os.listdir(tmp_path)) == before
+
+
+def test_output_that_is_the_template_file_is_refused(tmp_path, capsys):
+    src, template = tmp_path / "in.jsonl", tmp_path / "goal.txt"
+    write_jsonl([{"prompt": "x", "chosen": "a", "rejected": "b", "score_chosen": 2, "score_rejected": 1}], src)
+    template.write_text("Aim for {score}.\n")
+    assert _cli(["data", "reward-augment", str(src), str(template), "--template-file", str(template)]) == 1
+    assert f"the output {template} is the same file as the --template-file {template}" in capsys.readouterr().err
+    assert template.read_text() == "Aim for {score}.\n"
+
+
+def test_template_file_that_is_not_utf8_names_the_file(tmp_path, capsys):
+    src, template = tmp_path / "in.jsonl", tmp_path / "goal.txt"
+    write_jsonl([{"prompt": "x", "chosen": "a", "rejected": "b", "score_chosen": 2, "score_rejected": 1}], src)
+    template.write_bytes(b"Aim for {score}\xff.\n")
+    assert _cli(["data", "reward-augment", str(src), str(tmp_path / "o.jsonl"), "--template-file", str(template)]) == 1
+    assert f"error: --template-file {template}: not valid UTF-8 text (byte 0xff at byte 16)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- output paths
+
+
+def test_missing_output_directory_names_the_output(tmp_path, capsys):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "missing" / "out.jsonl"
+    src.write_bytes(GOOD + b"\n")
+    assert _cli(["data", "rs-dpo", str(src), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert (f"fastpref data rs-dpo: error: {dst}: No such file or directory (the directory {dst.parent} does not "
+            "exist)") in err and ".fastpref-" not in err
+    assert _cli(["data", "rs-dpo", str(src), str(tmp_path)]) == 1
+    assert f"error: {tmp_path}: Is a directory" in capsys.readouterr().err
+    # The library names the output too.
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
+        write_jsonl([SAMPLE], dst)
+    assert info.value.filename == str(dst) and ".fastpref-" not in str(info.value)
+
+
+def test_missing_input_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    assert _cli(["data", "rs-dpo", str(missing), str(tmp_path / "o.jsonl")]) == 1
+    assert capsys.readouterr().err == f"fastpref data rs-dpo: error: {missing}: No such file or directory\n"
+
+
+def test_existing_output_is_overwritten_and_reported(tmp_path, capsys):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(GOOD + b"\n")
+    dst.write_text("old\n")
+    os.chmod(dst, 0o640)
+    assert _cli(["data", "rs-dpo", str(src), str(dst)]) == 0
+    err = capsys.readouterr().err
+    assert f"rs-dpo: overwrote the existing {dst}" in err
+    assert read_jsonl(dst) == rejection_sampling_pairs([SAMPLE])
+    assert stat.S_IMODE(os.stat(dst).st_mode) == 0o640  # as open(path, "w") keeps the mode
+    fresh = tmp_path / "fresh.jsonl"
+    assert _cli(["data", "rs-dpo", str(src), str(fresh)]) == 0
+    assert "overwrote" not in capsys.readouterr().err
+    # Through a symlink: the target is replaced and the link stays a link.
+    link = tmp_path / "link.jsonl"
+    os.symlink(fresh, link)
+    fresh.write_text("old\n")
+    assert _cli(["data", "rs-dpo", str(src), str(link)]) == 0
+    assert link.is_symlink() and read_jsonl(fresh) == rejection_sampling_pairs([SAMPLE])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.jsonl", "in.jsonl", "link.jsonl", "out.jsonl"]
+
+
+def test_non_regular_output_is_written_to_not_replaced(tmp_path, capsys):
+    src, fifo = tmp_path / "in.jsonl", tmp_path / "pipe"
+    src.write_bytes(GOOD + b"\n")
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    assert _cli(["data", "rs-dpo", str(src), str(fifo)]) == 0
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # renaming a temporary file over it would have replaced the pipe
+    assert [json.loads(line) for line in received[0].splitlines()] == rejection_sampling_pairs([SAMPLE])
+    assert "overwrote" not in capsys.readouterr().err
