@@ -112,10 +112,18 @@ def test_rs_dpo_duplicates_and_identical_responses():
     assert out == [] and stats.skipped == {"identical": 1}
 
 
-def test_rs_dpo_fewer_than_two_responses_give_no_pairs():
+def test_rs_dpo_fewer_than_two_responses_are_counted_not_lost():
     out, stats = rejection_sampling_pairs([{"prompt": "Q", "responses": ["a"], "rewards": [1.0]},
-                                           {"prompt": "Q", "responses": [], "rewards": []}], return_stats=True)
-    assert out == [] and stats.records_in == 2 and stats.skipped == {}
+                                           {"prompt": "Q", "responses": [], "rewards": []}, SAMPLE],
+                                          return_stats=True)
+    assert len(out) == 2 and stats.records_in == 3 and stats.records_out == 2 and stats.invalid == []
+    assert stats.skipped == {"fewer_than_2_responses": 2, "below_threshold": 4}
+    assert stats.summary() == "rs-dpo: 3 records in, 2 out; skipped: 4 below_threshold, 2 fewer_than_2_responses; " \
+        "0 invalid"
+    # A malformed one-response record is invalid, not "fewer than 2".
+    _, stats = rejection_sampling_pairs([{"prompt": "Q", "responses": ["a"], "rewards": [math.nan]}], errors="skip",
+                                        return_stats=True)
+    assert stats.skipped == {} and len(stats.invalid) == 1
 
 
 @pytest.mark.parametrize(
@@ -128,6 +136,8 @@ def test_rs_dpo_fewer_than_two_responses_give_no_pairs():
         pytest.param({"tau": -1.0}, r"tau must be a finite number > 0, got -1\.0", id="tau-negative"),
         pytest.param({"tau": math.inf}, r"tau must be a finite number > 0, got inf", id="tau-inf"),
         pytest.param({"tau": "1"}, r"tau must be a finite number > 0, got '1'", id="tau-str"),
+        pytest.param({"tau": 10**400}, r"tau must be a finite number > 0, got an integer of about 401 digits",
+                     id="tau-int-beyond-float-range"),
     ],
 )
 def test_rs_dpo_hyper_parameters_are_validated(kwargs, match):
@@ -147,7 +157,9 @@ def test_rs_dpo_never_keeps_a_reversed_pair_and_is_monotone_in_eta(rewards, tau,
     assert all(r["score_chosen"] > r["score_rejected"] for r in out)
     assert all(1 / (1 + math.exp(-(r["score_chosen"] - r["score_rejected"]) / tau)) > eta for r in out)
     k = len(rewards)
-    assert len(out) + sum(stats.skipped.values()) == k * (k - 1) // 2
+    pairs_skipped = sum(n for reason, n in stats.skipped.items() if reason != "fewer_than_2_responses")
+    assert len(out) + pairs_skipped == k * (k - 1) // 2
+    assert stats.skipped.get("fewer_than_2_responses", 0) == (k < 2)
     stricter = rejection_sampling_pairs([sample], tau=tau, eta=min(0.9999, eta + 0.05))
     assert {(r["chosen"], r["rejected"]) for r in stricter} <= {(r["chosen"], r["rejected"]) for r in out}
 
@@ -266,6 +278,10 @@ def test_reward_augment_ties_custom_template_and_scores():
         pytest.param({"score_chosen": True}, r"record 1: field 'score_chosen' must be a finite number, got bool",
                      id="bool-score"),
         pytest.param({"chosen": 3}, r"record 1: field 'chosen' must be text \(str\) or chat messages", id="int-chosen"),
+        pytest.param({"score_chosen": 10**400}, r"record 1: field 'score_chosen' must be a finite number, got an "
+                     r"integer of about 401 digits \(beyond the float range", id="int-score-beyond-float-range"),
+        pytest.param({"chosen": 10**5000}, r"record 1: field 'chosen' must be text \(str\) or chat messages .*got an "
+                     r"integer of about 5001 digits", id="int-beyond-int-string-limit"),
     ],
 )
 def test_reward_augment_malformed_records(bad, match):
@@ -353,8 +369,8 @@ def test_jsonl_round_trip_and_line_numbers(tmp_path):
     assert len(out) == 2 and stats.records_in == 3
     assert [m.split(": ", 1)[0] for m in stats.invalid] == [f"{path}:3", f"{path}:4"]
     assert "invalid JSON" in stats.invalid[1]
-    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
-        write_jsonl([{"x": math.nan}], tmp_path / "nan.jsonl")
+    with pytest.raises(ValueError, match=r"^record 1: field 'x\.y\[1\]' must be a finite number, got nan"):
+        write_jsonl([{"x": 1}, {"x": {"y": [0, math.nan]}}], tmp_path / "nan.jsonl")
     assert not (tmp_path / "nan.jsonl").exists()
 
 

@@ -7,14 +7,25 @@
     fastpref data sample PROMPTS.jsonl OUT.jsonl --model M [--reward-model RM] [-k 4] [--temperature 1] ...
     fastpref data counterfactual-generate PROMPTS.jsonl OUT.jsonl --model M --desired D --undesired U [--prefix]
 
-``-`` reads stdin / writes stdout. A malformed record stops the command with its file and line (exit 1, no
-output written) unless ``--skip-invalid``, which reports each one on stderr and counts it. A summary of the
-records read, written and skipped goes to stderr.
+``-`` reads stdin / writes stdout. Input is JSON Lines: UTF-8 (an opening byte-order mark allowed), one JSON
+object per line, LF or CRLF line ends, blank lines ignored. A malformed record (not UTF-8, not JSON, not an
+object, NaN / Infinity or a number beyond the float range, a lone surrogate, nesting beyond 100 levels, or
+fields the recipe cannot use) stops the command with ``<file>:<line>: <what>`` (exit 1, nothing written)
+unless ``--skip-invalid``, which reports each one on stderr and counts it. A summary of the records read,
+written and skipped goes to stderr.
+
+Output is written only once every record is ready: a file through a temporary file renamed over it (a failed
+command leaves an existing output as it was), stdout in one go at the end. An existing output file is
+overwritten, and the summary says so; an output that is the same file as the input (the same path, another
+path to it, a symlink or a hard link) is refused before anything is read.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import stat
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -44,10 +55,19 @@ def _skip_arg(p: argparse.ArgumentParser) -> None:
                    help="skip malformed records (each reported on stderr with its line) instead of stopping")
 
 
+def _write(args: argparse.Namespace, records: list[dict[str, Any]], name: str) -> int:
+    """``write_jsonl`` to the output; say on stderr when an existing file was replaced (the overwrite policy)."""
+    replaced = args.output != "-" and os.path.isfile(args.output)
+    n = write_jsonl(records, args.output)
+    if replaced:
+        print(f"{name}: overwrote the existing {args.output}", file=sys.stderr)
+    return n
+
+
 def _finish(args: argparse.Namespace, records: list[dict[str, Any]], stats: RecipeStats) -> int:
     for message in stats.invalid:
         print(f"skipped invalid record: {message}", file=sys.stderr)
-    write_jsonl(records, args.output)
+    _write(args, records, stats.recipe)
     print(stats.summary(), file=sys.stderr)
     return 0
 
@@ -71,8 +91,13 @@ def _run_counterfactual(args: argparse.Namespace) -> int:
 
 def _template(args: argparse.Namespace) -> str:
     if args.template_file is not None:
-        with open(args.template_file, encoding="utf-8") as f:
-            text = f.read()
+        with open(args.template_file, "rb") as f:
+            data = f.read()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--template-file {args.template_file}: not valid UTF-8 text "
+                             f"(byte 0x{e.object[e.start]:02x} at byte {e.start + 1})") from None
         return text[:-1] if text.endswith("\n") else text
     return args.template
 
@@ -116,7 +141,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         rm, rm_tokenizer = _load_lm(args, args.reward_model, "AutoModelForSequenceClassification")
         samples = score_responses(samples, rm, tokenizer=rm_tokenizer, batch_size=args.batch_size * args.num_samples,
                                   progress=not args.no_progress)
-    n = write_jsonl(samples, args.output)
+    n = _write(args, samples, "sample")
     scored = " and scored" if args.reward_model is not None else ""
     print(f"sample: {n} prompts, {args.num_samples} responses each, sampled{scored}", file=sys.stderr)
     return 0
@@ -129,7 +154,7 @@ def _run_counterfactual_generate(args: argparse.Namespace) -> int:
     records = counterfactual_generations(model, tokenizer, args.input, desired_instruction=args.desired,
                                          undesired_instruction=args.undesired, as_system_message=not args.prefix,
                                          do_sample=args.sample, **_generation_kwargs(args))
-    n = write_jsonl(records, args.output)
+    n = _write(args, records, "counterfactual-generate")
     print(f"counterfactual-generate: {n} prompts, control/treatment/negative generated", file=sys.stderr)
     return 0
 
@@ -223,14 +248,59 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse, before reading anything, an output that cannot be written or that is one of the inputs.
+
+    Writing renames a new file over the output, so an output that is the input file (by any path, symlink or
+    hard link: compared by device and inode) would replace it. ``-`` is never the same file as anything.
+    """
+    output = args.output
+    if output == "-":
+        return
+    try:
+        out_stat = os.stat(output)
+    except FileNotFoundError:
+        directory = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(directory):  # fail now, not after hours of sampling
+            raise FileNotFoundError(errno.ENOENT, f"No such file or directory (the directory {directory} does not "
+                                    "exist)", output) from None
+        return
+    if stat.S_ISDIR(out_stat.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory (expected the path of the JSONL file to write, or -)",
+                                output)
+    if not stat.S_ISREG(out_stat.st_mode):  # /dev/null, a pipe: written to, never replaced
+        return
+    for flag, path in (("input", args.input), ("--template-file", getattr(args, "template_file", None))):
+        if path is None or path == "-":
+            continue
+        try:
+            same = os.path.samestat(os.stat(path), out_stat)
+        except OSError:  # a missing input is reported when it is read
+            continue
+        if same:
+            raise ValueError(f"the output {output} is the same file as the {flag} {path}: refusing to overwrite "
+                             "it (write to another path)")
+
+
+def _os_error(e: OSError) -> str:
+    """``<path>: <reason>`` (instead of ``[Errno 2] ...: '<path>'``)."""
+    if e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
 def _reporting_errors(func: Callable[[argparse.Namespace], int], prog: str) -> Callable[[argparse.Namespace], int]:
     """Wrap a command so that bad input gives ``<prog>: error: <message>`` on stderr and exit status 1."""
 
     def run(args: argparse.Namespace) -> int:
         try:
+            _check_paths(args)
             return int(func(args) or 0)
-        except (ValueError, OSError) as e:
+        except ValueError as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"{prog}: error: {_os_error(e)}", file=sys.stderr)
             return 1
 
     return run

@@ -110,7 +110,8 @@ def rejection_sampling_pairs(
             both are counted in the stats (``identical``, ``duplicate``). ``False`` keeps them.
         errors: ``"raise"`` on the first malformed record, or ``"skip"`` it and list it in the stats.
         return_stats: also return :class:`RecipeStats`; ``skipped["below_threshold"]`` counts unordered
-            candidate pairs where neither direction passed.
+            candidate pairs where neither direction passed, ``skipped["fewer_than_2_responses"]`` the records
+            with 0 or 1 responses (no pair to form).
     """
     tau = check_finite_number(tau, "tau", low=0.0, expected="a finite number > 0")
     eta = check_finite_number(eta, "eta", low=0.5, high=1.0, low_inclusive=True,
@@ -128,10 +129,13 @@ def rejection_sampling_pairs(
         rewards = [float(check_score(r, f"rewards[{i}]", where)) for i, r in enumerate(rewards)]
         extra = {key: value for key, value in rec.items() if key not in ("prompt", "responses", "rewards")}
 
+        k = len(responses)
+        if k < 2:  # a well-formed record that cannot give a pair: counted, not silently gone
+            stats.skip("fewer_than_2_responses")
+            return []
         out: list[Record] = []
         seen: set[str] = set()
         passed = 0
-        k = len(responses)
         for j in range(k):
             for l in range(k):  # noqa: E741 (the paper's index)
                 if j == l or not _sigmoid((rewards[j] - rewards[l]) / tau) > eta:

@@ -18,6 +18,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,8 +48,9 @@ class RecipeStats:
     """What a recipe read, wrote and skipped.
 
     ``skipped`` maps a reason to a count of candidate pairs not emitted (e.g. ``below_threshold``, ``ties``,
-    ``identical``, ``duplicate``); ``invalid`` lists the messages of malformed records skipped under
-    ``errors="skip"`` (with ``errors="raise"`` the first one raises instead).
+    ``identical``, ``duplicate``) or, for ``fewer_than_2_responses``, of well-formed records that cannot
+    give a pair; ``invalid`` lists the messages of malformed records skipped under ``errors="skip"`` (with
+    ``errors="raise"`` the first one raises instead).
     """
 
     recipe: str
@@ -79,10 +81,15 @@ def is_dataset(obj: Any) -> bool:
     return mod is not None and isinstance(obj, mod.Dataset)
 
 
-def iter_source(source: Source) -> Iterator[tuple[str, Any]]:
-    """Yield ``(where, record)``; for JSONL an unparsable line yields an :class:`InvalidRecordError` as record."""
+def iter_source(source: Source, *, allow_nan: bool = False) -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, record)``; for JSONL a malformed line yields an :class:`InvalidRecordError` as record.
+
+    A JSONL line is malformed when it is not UTF-8, not JSON, or fails :func:`json_problem` (non-finite
+    numbers unless ``allow_nan``, lone surrogates, nesting beyond :data:`MAX_JSON_DEPTH`), so every field is
+    checked where it is read and the error names the line. Blank lines are skipped (they still count as lines).
+    """
     if isinstance(source, (str, os.PathLike)):
-        yield from _iter_jsonl(os.fspath(source))
+        yield from _iter_jsonl(os.fspath(source), allow_nan=allow_nan)
         return
     if isinstance(source, Mapping):
         raise TypeError(f"records must be an iterable of dicts, a datasets.Dataset or a JSONL path; got one dict "
@@ -94,22 +101,146 @@ def iter_source(source: Source) -> Iterator[tuple[str, Any]]:
         yield f"record {i}", rec
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")
-    name = "<stdin>" if path == "-" else path
-    try:
-        for lineno, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            where = f"{name}:{lineno}"
+#: Deepest nesting accepted in a JSONL record. Preference records are a few levels deep (chat messages with
+#: content parts: 5); a cap far below Python's recursion limit keeps every later step (copies, comparisons,
+#: ``json.dumps`` at write time) from hitting a RecursionError on a record that happened to parse.
+MAX_JSON_DEPTH = 100
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _describe(path: str, limit: int = 60) -> str:
+    if not path:
+        return "the value"
+    short = path if len(path) <= limit else path[: limit - 3] + "..."  # deep nesting: 'meta[0][0][0]...'
+    return f"value {short!r}" if path.startswith("[") else f"field {short!r}"
+
+
+def json_problem(value: Any, *, allow_nan: bool = False, max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """Why ``value`` (a parsed JSON record) cannot round-trip through standard UTF-8 JSON, or ``None``.
+
+    Finds, in document order, a non-finite float (``NaN`` / ``Infinity`` literals, or numbers beyond
+    ±1.8e308, which Python's ``json`` reads as ``inf``) unless ``allow_nan``, a lone surrogate in a string or
+    key (``"\\ud800"`` is valid JSON syntax but no Unicode text, so it cannot be written as UTF-8), or
+    containers nested deeper than ``max_depth``. The reason names the field (``field 'meta.scores[2]'``).
+    Iterative, so depth costs no Python stack.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, "", 1)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, str):
+            bad = _LONE_SURROGATE.search(item)
+            if bad is not None:
+                return (f"{_describe(path)} contains the lone surrogate {bad.group()!r} (not Unicode text; it cannot "
+                        "be written as UTF-8)")
+        elif isinstance(item, float):
+            if not allow_nan and not math.isfinite(item):
+                return (f"{_describe(path)} must be a finite number, got {item!r} (standard JSON has no NaN or "
+                        "Infinity; numbers beyond ±1.8e308 read as inf)")
+        elif isinstance(item, (Mapping, list, tuple)):
+            if depth > max_depth:
+                return f"{_describe(path)} is nested more than {max_depth} levels deep"
+            if isinstance(item, Mapping):
+                children = []
+                for key, child in item.items():
+                    key = str(key)
+                    bad = _LONE_SURROGATE.search(key)
+                    if bad is not None:
+                        inside = f" in {_describe(path)}" if path else ""
+                        return (f"a field name{inside} contains the lone surrogate {bad.group()!r} (not Unicode "
+                                "text; it cannot be written as UTF-8)")
+                    children.append((child, f"{path}.{key}" if path else key, depth + 1))
+            else:
+                children = [(child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item)]
+            stack.extend(reversed(children))  # popped in document order
+    return None
+
+
+_BLANK = object()  # a blank line (a line reading "null" is a record, a malformed one)
+
+# A lone surrogate can only come from a \uD800-\uDFFF escape: strict UTF-8 decoding never yields one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class _LineParser:
+    """``json.loads`` for JSONL lines that notes whether a line may hold what :func:`json_problem` refuses.
+
+    The full walk costs about as much as the parse, so it runs only on lines that may need it: a non-finite
+    number was parsed (the hooks see every ``NaN`` / ``Infinity`` token and every float), a surrogate escape
+    occurs, or there are more brackets than :data:`MAX_JSON_DEPTH`.
+    """
+
+    def __init__(self, allow_nan: bool) -> None:
+        self.allow_nan = allow_nan
+        self.non_finite = False
+        self._decoder = json.JSONDecoder(parse_float=self._float, parse_constant=self._constant)
+
+    def _float(self, text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):  # 1e400
+            self.non_finite = True
+        return value
+
+    def _constant(self, text: str) -> float:  # "NaN", "Infinity", "-Infinity"
+        self.non_finite = True
+        return float(text)
+
+    def __call__(self, raw: bytes | str, where: str, *, first: bool) -> Any:
+        """One line -> the parsed value, ``_BLANK``, or an :class:`InvalidRecordError` (returned, not raised)."""
+        if isinstance(raw, bytes):
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, InvalidRecordError(where, f"invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            yield where, rec
+                # A UTF-8 byte-order mark may open the file (Windows tools write one); json.loads(bytes) allows it.
+                line = raw.decode("utf-8-sig" if first else "utf-8")
+            except UnicodeDecodeError as e:
+                offset = e.start + len(raw) - len(e.object)  # utf-8-sig reports offsets past the BOM
+                return InvalidRecordError(where, f"not valid UTF-8 text (byte 0x{raw[offset]:02x} at byte "
+                                          f"{offset + 1} of the line)")
+        else:
+            line = raw.removeprefix("\ufeff") if first else raw
+        if not line.strip():
+            return _BLANK
+        if line.startswith("\ufeff"):  # files concatenated with `cat`: one BOM per part
+            return InvalidRecordError(where, "invalid JSON (a byte-order mark, U+FEFF, opens the line; only the "
+                                      "first line of a file may have one)")
+        self.non_finite = False
+        try:
+            rec = self._decoder.decode(line)
+        except json.JSONDecodeError as e:
+            return InvalidRecordError(where, f"invalid JSON ({e.msg} at column {e.colno})")
+        except RecursionError:  # the decoder recurses per level; the record would be refused below anyway
+            return InvalidRecordError(where, f"invalid JSON (nested more than {MAX_JSON_DEPTH} levels deep)")
+        except ValueError as e:  # int("1" * 5000): Python's integer-string conversion limit
+            if "integer string conversion" in str(e):
+                return InvalidRecordError(where, f"invalid JSON (an integer with more than "
+                                          f"{sys.get_int_max_str_digits()} digits)")
+            return InvalidRecordError(where, f"invalid JSON ({e})")
+        suspect = (
+            (self.non_finite and not self.allow_nan)
+            or _SURROGATE_ESCAPE.search(line) is not None
+            or (not isinstance(raw, bytes) and _LONE_SURROGATE.search(line) is not None)
+            or line.count("[") + line.count("{") > MAX_JSON_DEPTH
+        )
+        problem = json_problem(rec, allow_nan=self.allow_nan) if suspect else None
+        return rec if problem is None else InvalidRecordError(where, problem)
+
+
+def _iter_jsonl(path: str, *, allow_nan: bool = False) -> Iterator[tuple[str, Any]]:
+    # Bytes, split on "\n" only (the JSON Lines rule; "\r" of CRLF is JSON whitespace): a line that is not
+    # UTF-8 is then one malformed record with its line number instead of a decode error that ends the file.
+    if path == "-":
+        stream: Any = getattr(sys.stdin, "buffer", sys.stdin)
+    else:
+        stream = open(path, "rb")
+    name = "<stdin>" if path == "-" else path
+    parse = _LineParser(allow_nan)
+    try:
+        for lineno, raw in enumerate(stream, start=1):
+            where = f"{name}:{lineno}"
+            rec = parse(raw, where, first=lineno == 1)
+            if rec is not _BLANK:
+                yield where, rec
     finally:
-        if stream is not sys.stdin:
+        if path != "-":
             stream.close()
 
 
@@ -182,9 +313,13 @@ def check_text_or_messages(value: Any, name: str, where: str) -> Prompt:
 
 
 def check_score(value: Any, name: str, where: str) -> float | int:
-    """A finite real number (bool and strings rejected); returned unchanged (ints stay ints)."""
+    """A finite real number (bool and strings rejected) within the float range; returned unchanged (ints
+    stay ints)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidRecordError(where, f"field {name!r} must be a finite number, got {_short(value)}")
+    if isinstance(value, numbers.Integral) and abs(int(value)) > sys.float_info.max:  # float() would overflow
+        raise InvalidRecordError(where, f"field {name!r} must be a finite number, got {_short(value)} (beyond the "
+                                 "float range, ±1.8e308)")
     if not math.isfinite(float(value)):
         raise InvalidRecordError(where, f"field {name!r} must be a finite number, got {float(value)!r}")
     return value
@@ -196,7 +331,20 @@ def check_list(value: Any, name: str, where: str) -> list[Any]:
     return list(value)
 
 
+def _repr(value: Any) -> str:
+    """``repr``, except for integers too long to print (beyond Python's int-string limit) or to read."""
+    if _is_long_int(value):
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return repr(value)
+
+
+def _is_long_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200
+
+
 def _short(value: Any, limit: int = 60) -> str:
+    if _is_long_int(value):
+        return _repr(value)
     text = repr(value)
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(value).__name__} {text}"
@@ -205,13 +353,16 @@ def _short(value: Any, limit: int = 60) -> str:
 def check_finite_number(value: Any, name: str, *, low: float | None = None, high: float | None = None,
                         low_inclusive: bool = False, high_inclusive: bool = False, expected: str = "") -> float:
     """Validate a hyper-parameter; the error names the argument, the value seen and the range expected."""
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
+    if ok and isinstance(value, numbers.Integral):
+        ok = abs(int(value)) <= sys.float_info.max  # float() of a larger int raises OverflowError
+    ok = ok and math.isfinite(float(value))
     if ok and low is not None:
         ok = value >= low if low_inclusive else value > low
     if ok and high is not None:
         ok = value <= high if high_inclusive else value < high
     if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise ValueError(f"{name} must be {expected}, got {_repr(value)}")
     return float(value)
 
 
