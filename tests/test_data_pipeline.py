@@ -149,9 +149,9 @@ def test_score_responses_with_a_callable_and_bad_rewards():
 def test_generation_argument_errors(policy, reward_model, tokenizer):
     with pytest.raises(ValueError, match="num_samples must be 1 with do_sample=False"):
         sample_responses(policy, tokenizer, ["hello"], num_samples=2, do_sample=False)
-    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got 0\.0"):
+    with pytest.raises(ValueError, match=r"temperature: expected a finite number in \(0, inf\), got 0\.0"):
         sample_responses(policy, tokenizer, ["hello"], temperature=0.0)
-    with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\], got 1\.5"):
+    with pytest.raises(ValueError, match=r"top_p: expected a finite number in \(0, 1\], got 1\.5"):
         sample_responses(policy, tokenizer, ["hello"], top_p=1.5)
     with pytest.raises(ValueError, match="tokenizer must be given with a reward model"):
         score_responses([{"prompt": "a", "responses": ["b"]}], reward_model)

@@ -23,7 +23,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="SHAPE",
                    help=f"shape names ({', '.join(SHAPES)}) or PAIRSxTxHxV; default: 'cpu' on the CPU, the benchmark "
                         "shapes on CUDA")
-    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES), help="logit regimes (docs/benchmarks.md)")
+    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES),
+                   help="logit regimes (docs/benchmarks.md)")
     p.add_argument("--impls", nargs="+", choices=IMPL_NAMES, default=list(IMPL_NAMES), help="implementations")
     p.add_argument("--tasks", nargs="+", choices=("step", "logps"), default=["step", "logps"],
                    help="step: full DPO step; logps: forward-only policy log-probs")

@@ -8,20 +8,19 @@ tokens) or chat messages (rendered with the tokenizer's chat template and the ge
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from .recipes import rejection_sampling_pairs
+from ..utils.validation import POSITIVE, Interval, check_int, check_number
+from .recipes import check_rs_dpo_thresholds, rejection_sampling_pairs
 from .records import (
     InvalidRecordError,
     Prompt,
     Record,
     Source,
     add_instruction,
-    check_finite_number,
     check_text_or_messages,
     is_dataset,
     iter_source,
@@ -106,12 +105,6 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="prompt", disable=not enabled)
 
 
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def sample_responses(
     model: Any,
     tokenizer: Any,
@@ -145,12 +138,12 @@ def sample_responses(
         ``[{"prompt", "responses": [k str], ...}]`` in prompt order (a ``datasets.Dataset`` for a Dataset input).
         Responses are the decoded new tokens, special tokens removed.
     """
-    num_samples = _check_positive_int(num_samples, "num_samples")
-    batch_size = _check_positive_int(batch_size, "batch_size")
-    max_new_tokens = _check_positive_int(max_new_tokens, "max_new_tokens")
+    num_samples = check_int("num_samples", num_samples, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
     if do_sample:
-        check_finite_number(temperature, "temperature", low=0.0, expected="a finite number > 0")
-        check_finite_number(top_p, "top_p", low=0.0, high=1.0, high_inclusive=True, expected="a number in (0, 1]")
+        check_number("temperature", temperature, POSITIVE)
+        check_number("top_p", top_p, Interval(0.0, 1.0, low_closed=False, high_closed=True))
     elif num_samples != 1:
         raise ValueError(f"num_samples must be 1 with do_sample=False (greedy decoding gives one response), "
                          f"got {num_samples}")
@@ -228,7 +221,7 @@ def score_responses(
 
     Non-finite rewards raise, naming the record and the response.
     """
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    batch_size = check_int("batch_size", batch_size, low=1)
     is_model = isinstance(reward, torch.nn.Module)
     if not is_model and not callable(reward):
         raise TypeError(f"reward must be a reward model (torch.nn.Module) or a callable, got {type(reward).__name__}")
@@ -320,9 +313,7 @@ def rs_dpo_pipeline(
 ) -> Any:
     """RS-DPO end to end (Khaki et al. 2024): sample k responses per prompt, score them, keep the pairs with
     σ((r_j − r_l)/τ) > η. Returns the preference records of :func:`rejection_sampling_pairs`."""
-    tau = check_finite_number(tau, "tau", low=0.0, expected="a finite number > 0")
-    check_finite_number(eta, "eta", low=0.5, high=1.0, low_inclusive=True,
-                        expected="a number with 0.5 <= eta < 1 (below 0.5 reversed pairs would pass)")
+    tau, _ = check_rs_dpo_thresholds(tau, eta)
     samples = sample_responses(model, tokenizer, prompts, num_samples=num_samples, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                progress=progress, **generate_kwargs)

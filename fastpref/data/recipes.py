@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..utils.validation import POSITIVE, Interval, check_number
 from .records import (
     InvalidRecordError,
     Prompt,
@@ -20,7 +21,6 @@ from .records import (
     Source,
     add_instruction,
     align_formats,
-    check_finite_number,
     check_list,
     check_score,
     check_text_or_messages,
@@ -79,6 +79,15 @@ def _sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
+# η in [0.5, 1): below 0.5 the reversed pair of a kept pair would pass too.
+ETA_RANGE = Interval(0.5, 1.0, note="below 0.5 reversed pairs would pass")
+
+
+def check_rs_dpo_thresholds(tau: object, eta: object) -> tuple[float, float]:
+    """RS-DPO's temperature τ > 0 and threshold η ∈ [0.5, 1), as floats."""
+    return check_number("tau", tau, POSITIVE), check_number("eta", eta, ETA_RANGE)  # type: ignore[return-value]
+
+
 def rejection_sampling_pairs(
     samples: Source,
     tau: float = 1.0,
@@ -113,9 +122,7 @@ def rejection_sampling_pairs(
             candidate pairs where neither direction passed, ``skipped["fewer_than_2_responses"]`` the records
             with 0 or 1 responses (no pair to form).
     """
-    tau = check_finite_number(tau, "tau", low=0.0, expected="a finite number > 0")
-    eta = check_finite_number(eta, "eta", low=0.5, high=1.0, low_inclusive=True,
-                              expected="a number with 0.5 <= eta < 1 (below 0.5 reversed pairs would pass)")
+    tau, eta = check_rs_dpo_thresholds(tau, eta)
 
     def per_record(rec: Mapping[str, Any], where: str, stats: RecipeStats) -> list[Record]:
         prompt = check_text_or_messages(require(rec, "prompt", where), "prompt", where)
@@ -256,7 +263,7 @@ def reward_augment_prompt(
     condition on the scale's best score: ``score=10`` (the default) for the paper's 1–10 scale.
     """
     template = _check_template(template)
-    check_finite_number(score, "score", expected="a finite number")
+    check_number("score", score)
     goal = template.replace("{score}", format_score(score))
     return add_instruction(prompt, goal, as_system_message=as_system_message, separator="\n\n")
 

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from ..utils.validation import describe
+
 Message: TypeAlias = Mapping[str, Any]
 Prompt: TypeAlias = str | list[dict[str, Any]]
 Response: TypeAlias = str | list[dict[str, Any]]
@@ -333,9 +335,7 @@ def check_list(value: Any, name: str, where: str) -> list[Any]:
 
 def _repr(value: Any) -> str:
     """``repr``, except for integers too long to print (beyond Python's int-string limit) or to read."""
-    if _is_long_int(value):
-        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
-    return repr(value)
+    return describe(value)
 
 
 def _is_long_int(value: Any) -> bool:
@@ -348,22 +348,6 @@ def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(value).__name__} {text}"
-
-
-def check_finite_number(value: Any, name: str, *, low: float | None = None, high: float | None = None,
-                        low_inclusive: bool = False, high_inclusive: bool = False, expected: str = "") -> float:
-    """Validate a hyper-parameter; the error names the argument, the value seen and the range expected."""
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
-    if ok and isinstance(value, numbers.Integral):
-        ok = abs(int(value)) <= sys.float_info.max  # float() of a larger int raises OverflowError
-    ok = ok and math.isfinite(float(value))
-    if ok and low is not None:
-        ok = value >= low if low_inclusive else value > low
-    if ok and high is not None:
-        ok = value <= high if high_inclusive else value < high
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {_repr(value)}")
-    return float(value)
 
 
 # ------------------------------------------------------------------------------------------- prompts

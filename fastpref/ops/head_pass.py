@@ -17,8 +17,8 @@ from .backend import compute_dtype, resolve_backend
 from .plan import TilePlan, default_tile_bytes, plan_tiles
 from .tile_ops import LogitTransform, RowStats, row_ops
 
-# The accumulation rule (docs/design.md): across chunks, an accumulator of the whole dW may take at most a handful of partial
-# sums in its own dtype; beyond that, dW accumulates in fp32 one vocabulary slab at a time.
+# The accumulation rule (docs/design.md): across chunks, an accumulator of the whole dW may take at most a handful
+# of partial sums in its own dtype; beyond that, dW accumulates in fp32 one vocabulary slab at a time.
 MAX_PARTIAL_SUMS = 4
 # `torch.mm(..., out_dtype=torch.float32)` from bf16/fp16 inputs (CUDA, torch >= 2.8)
 _MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)

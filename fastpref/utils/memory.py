@@ -173,8 +173,8 @@ def track_peak(fn: Callable[[], T], device: str | torch.device | None = None) ->
 def cuda_peak_scope(device: torch.device | int | None = None) -> Iterator[dict[str, int]]:
     """``max_memory_allocated`` during the block minus what was allocated when it started (the inputs).
 
-    Empties the cache and resets the peak first, as the benchmark's method asks (docs/benchmarks.md). Yields a dict filled on exit with
-    ``peak_bytes`` (the increase over the start) and ``start_bytes``.
+    Empties the cache and resets the peak first (the benchmark's method, docs/benchmarks.md). Yields a dict
+    filled on exit with ``peak_bytes`` (the increase over the start) and ``start_bytes``.
     """
     stats: dict[str, int] = {}
     gc.collect()

@@ -125,6 +125,13 @@ FINITE = Interval()
 POSITIVE = Interval(0.0, low_closed=False)
 
 
+def describe(value: object) -> str:
+    """``repr(value)``, except for integers too long to print (Python's int-string limit) or to read."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return repr(value)
+
+
 def check_number(name: str, value: object, allowed: Interval = FINITE, *, allow_none: bool = False,
                  where: str = "") -> float | None:
     """``value`` as a float after checking it is a real number (not a bool) in ``allowed``; ``TypeError`` /
@@ -133,11 +140,15 @@ def check_number(name: str, value: object, allowed: Interval = FINITE, *, allow_
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {describe(value)}")
+    note = f" ({allowed.note})" if allowed.note else ""
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond the float range
+        v = math.inf
     if v not in allowed:
-        note = f" ({allowed.note})" if allowed.note else ""
-        raise ValueError(f"{name}: expected a finite number in {allowed}{where}{note}, got {v!r}")
+        seen = describe(value) if isinstance(value, Integral) and not math.isfinite(v) else repr(v)
+        raise ValueError(f"{name}: expected a finite number in {allowed}{where}{note}, got {seen}")
     return v
 
 
