@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import HeadPass, LogitTransform, TokenLayout, build_layout, flat_rows, interleave_pairs
+from .ops import HeadPass, LogitTransform, TokenLayout, build_layout, flat_rows
 from .utils.validation import check_head_inputs, check_seq_ids
 
 
@@ -48,9 +48,9 @@ def pair_layout(labels: torch.Tensor, vocab: int, seq_ids: torch.Tensor | None, 
     if seq_ids is None:
         batch, seq_len = labels.shape
         seq_ids = torch.arange(batch, device=labels.device).repeat_interleave(seq_len)
-    ids = interleave_pairs(seq_ids.reshape(-1).long(), num_pairs)
-    return build_layout(labels.reshape(-1), ignore_index=ignore_index, vocab_size=vocab, seq_ids=ids,
-                        num_seqs=2 * num_pairs)
+    # the ids are range-checked in the batch layout, then remapped (a bad id must not land on another sequence)
+    return build_layout(labels.reshape(-1), ignore_index=ignore_index, vocab_size=vocab, seq_ids=seq_ids.reshape(-1),
+                        num_seqs=2 * num_pairs, pair_order=True)
 
 
 def _num_pairs(hidden: torch.Tensor, num_seqs: int | None) -> int:

@@ -27,7 +27,7 @@ from .ops import (
     plan_pair_groups,
     segment_sum,
 )
-from .ops.plan import default_memory_budget
+from .ops.plan import default_memory_budget, preferred_group_rows
 from .outputs import PreferenceOutput, build_output, token_sums
 from .scoring import reference_sums, refinement_margin, score_sequences
 
@@ -59,7 +59,8 @@ def _fast_groups(cfg: PreferenceConfig, batch: PolicyBatch) -> tuple[PairGroups 
     budget = cfg.memory_budget if cfg.memory_budget is not None else default_memory_budget(batch.weight.device)
     elem = torch.empty((), dtype=batch.head.compute_dtype).element_size()
     max_rows = budget // (batch.weight.shape[0] * elem)
-    return plan_pair_groups(batch.layout.host_offsets, batch.num_pairs, max_rows), budget, elem
+    preferred = preferred_group_rows(batch.weight.shape[1], elem, batch.weight.element_size())
+    return plan_pair_groups(batch.layout.host_offsets, batch.num_pairs, max_rows, preferred), budget, elem
 
 
 def _choose_mode(cfg: PreferenceConfig, batch: PolicyBatch, needs_grad: bool) -> tuple[str, PairGroups | None]:

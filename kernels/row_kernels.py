@@ -1,7 +1,8 @@
 """Row-wise Triton kernels that turn tiles of LM-head logits into log-prob statistics and gradients.
 
-The matmuls around them run in cuBLAS on bounded ``[tokens, vocab]`` tiles; these kernels do the fused
-row-wise work on each tile, so the full ``[tokens, vocab]`` logits never exist. Equivalent torch code for a
+The matmuls around them run in cuBLAS on bounded ``[tokens, vocab]`` tiles (each tile does reach memory: the
+GEMM writes it and these kernels read it); these kernels do the row-wise work on each tile, so the full
+``[tokens, vocab]`` logits never exist at once. Equivalent torch code for a
 tile ``y = h @ W[v0:v1].T (+ b[v0:v1])`` of raw logits::
 
     z = y.float() * logit_scale
@@ -73,41 +74,53 @@ def _fold_logsumexp_kernel(
     HAS_TOP1: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Fold one vocabulary chunk of one row's logits into its running statistics (one program per row)."""
+    """Fold one vocabulary chunk of one row's logits into its running statistics (one program per row).
+
+    Each lane keeps its own running max / sum-exp (and entropy, top-1) across the column blocks, rescaled
+    lane-wise as an online softmax does; the block-wide reductions happen once, after the loop, and merge the
+    chunk into the row's running statistics of the earlier chunks."""
     row = tl.program_id(0).to(tl.int64)
     p_row = p_tile + row * stride_tile
-    b_max = tl.load(p_max + row)
-    b_sum = tl.load(p_sumexp + row)
-    b_zsum = tl.load(p_logit_sum + row)
     local_target = tl.load(p_targets + row) - vocab_start
-    if HAS_ENTROPY:
-        b_ent = tl.load(p_entropy_acc + row)
-    if HAS_TOP1:
-        b_before = tl.load(p_max_before_target + row)
+    v_max = tl.full([BLOCK_V], -float("inf"), tl.float32)
+    v_sum = tl.zeros([BLOCK_V], tl.float32)
+    v_zsum = tl.zeros([BLOCK_V], tl.float32)
+    v_ent = tl.zeros([BLOCK_V], tl.float32)
+    v_before = tl.full([BLOCK_V], -float("inf"), tl.float32)
     for start in range(0, n_cols, BLOCK_V):
         o_v = start + tl.arange(0, BLOCK_V)
         m_v = o_v < n_cols
         b_y = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_z = _transform(b_y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-        b_zsum += tl.sum(tl.where(m_v, b_z, 0.0), axis=0)
-        b_z = tl.where(m_v, b_z, -float("inf"))
+        v_zsum += tl.where(m_v, b_z, 0.0)
         if HAS_TOP1:
             # argmax takes the first maximum, so a tie with an earlier token is not a top-1 hit
-            b_before = tl.maximum(b_before, tl.max(tl.where(o_v < local_target, b_z, -float("inf")), axis=0))
-        new_max = tl.maximum(b_max, tl.max(b_z, axis=0))
-        rescale = tl.exp(b_max - new_max)
-        b_e = tl.where(m_v, tl.exp(b_z - new_max), 0.0)
-        b_sum = b_sum * rescale + tl.sum(b_e, axis=0)
+            v_before = tl.maximum(v_before, tl.where(m_v & (o_v < local_target), b_z, -float("inf")))
+        new_max = tl.maximum(v_max, tl.where(m_v, b_z, -float("inf")))
+        # lanes that have seen no column yet stay at (max -inf, sum 0): shift by 0 there, never by -inf
+        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+        rescale = tl.exp(v_max - shift)
+        b_e = tl.where(m_v, tl.exp(b_z - shift), 0.0)
+        v_sum = v_sum * rescale + b_e
         if HAS_ENTROPY:
-            b_ent = b_ent * rescale + tl.sum(b_e * tl.where(m_v, b_z, 0.0), axis=0)
-        b_max = new_max
-    tl.store(p_max + row, b_max)
-    tl.store(p_sumexp + row, b_sum)
-    tl.store(p_logit_sum + row, b_zsum)
+            v_ent = v_ent * rescale + b_e * tl.where(m_v, b_z, 0.0)
+        v_max = new_max
+    # one reduction per statistic, then the merge with the running statistics of the earlier chunks
+    chunk_max = tl.max(v_max, axis=0)
+    lane_scale = tl.where(v_max == -float("inf"), 0.0, tl.exp(v_max - chunk_max))
+    chunk_sum = tl.sum(v_sum * lane_scale, axis=0)
+    b_max = tl.load(p_max + row)
+    new_max = tl.maximum(b_max, chunk_max)
+    old_scale = tl.exp(b_max - new_max)  # b_max = -inf on the first chunk: 0
+    chunk_scale = tl.exp(chunk_max - new_max)
+    tl.store(p_max + row, new_max)
+    tl.store(p_sumexp + row, tl.load(p_sumexp + row) * old_scale + chunk_sum * chunk_scale)
+    tl.store(p_logit_sum + row, tl.load(p_logit_sum + row) + tl.sum(v_zsum, axis=0))
     if HAS_ENTROPY:
-        tl.store(p_entropy_acc + row, b_ent)
+        chunk_ent = tl.sum(v_ent * lane_scale, axis=0)
+        tl.store(p_entropy_acc + row, tl.load(p_entropy_acc + row) * old_scale + chunk_ent * chunk_scale)
     if HAS_TOP1:
-        tl.store(p_max_before_target + row, b_before)
+        tl.store(p_max_before_target + row, tl.maximum(tl.load(p_max_before_target + row), tl.max(v_before, axis=0)))
     if (local_target >= 0) & (local_target < n_cols):
         b_t = tl.load(p_row + local_target).to(tl.float32)
         tl.store(p_target_logit + row, _transform(b_t, logit_scale, softcap, inv_temperature, HAS_SOFTCAP))

@@ -175,7 +175,8 @@ def test_upstream_gradient_scaling_fast_mode(backend):
     out = loss_fn(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden)
     g3 = torch.autograd.grad(-3.0 * out.loss, [hidden, weight, bias], retain_graph=True)
     for a, b in zip(g1, g3):
-        torch.testing.assert_close(b, -3.0 * a, rtol=1e-6, atol=0)
+        # the last dW GEMM takes s·h instead of scaling dW afterwards: equal up to fp32 rounding (norm-wise)
+        assert rel_err(b, -3.0 * a) <= 1e-6
     with pytest.raises(RuntimeError, match=r"backpropagating through it twice .* needs mode='lean'"):
         torch.autograd.grad(out.loss, [hidden, weight, bias])
 

@@ -37,11 +37,27 @@ class CostEstimate:
         return (self.flops / H100_BF16_FLOPS + self.exposed_bytes / H100_HBM_BYTES) * 1e3
 
 
+def fast_groups(shape: Shape, *, prompt_frac: float = 0.25, memory_budget: int = 2 << 30,
+                elem: int = 2) -> list[tuple[int, int]]:
+    """The pair groups the fast path plans for the benchmark workload at ``shape`` (every sequence scores its
+    last ``1 - prompt_frac`` tokens), with the code's own planner."""
+    from ..ops.plan import plan_pair_groups, preferred_group_rows
+
+    per_seq = shape.seq_len - int(shape.seq_len * prompt_frac)
+    offsets = [per_seq * s for s in range(2 * shape.pairs + 1)]
+    groups = plan_pair_groups(offsets, shape.pairs, memory_budget // (shape.vocab * elem),
+                              preferred_group_rows(shape.hidden, elem, elem))
+    if groups is None:
+        raise ValueError(f"memory_budget: one pair of {shape.name} does not fit {memory_budget} bytes of logits")
+    return groups
+
+
 def cost_model(shape: Shape, path: str, *, prompt_frac: float = 0.25, tile_bytes: int = CUDA_TILE_BYTES,
                memory_budget: int = 2 << 30) -> CostEstimate:
-    """The model behind ``bench/NOTES.md`` for ``path`` in ``COST_PATHS`` at ``shape`` (bf16 inputs and weight)."""
+    """The model behind ``bench/NOTES.md`` for ``path`` in ``COST_PATHS`` at ``shape`` (bf16 inputs and weight),
+    built from the plans the code makes (``fast_groups``, ``plan_tiles``)."""
     from ..ops.head_pass import MAX_PARTIAL_SUMS
-    from ..ops.plan import GROUP_ROWS, plan_tiles
+    from ..ops.plan import MAX_GROUPS_DIRECT_DW, plan_tiles
 
     e = 2
     n, N, H, V = shape.scored_tokens(prompt_frac), shape.batch * shape.seq_len, shape.hidden, shape.vocab
@@ -51,34 +67,42 @@ def cost_model(shape: Shape, path: str, *, prompt_frac: float = 0.25, tile_bytes
     rows_io = 2 * 2 * e * nH
     if path == "fastpref-logps":
         plan = plan_tiles(n, V, e, tile_bytes)
-        return CostEstimate(path, 2 * unit, 2 * e * nV + 2 * e * nH, "GEMM write, fold read (2)",
+        return CostEstimate(path, 2 * unit, e * nV + 2 * e * nH, "GEMM write, fold read (2, 1 exposed)",
                             plan.bytes(e) + e * nH, f"tile {plan.rows}x{plan.cols}")
     if path == "fastpref-fast":
-        # pair groups as plan_pair_groups makes them: balanced, aiming at GROUP_ROWS rows, a bigger pair alone
-        pair_tokens = 2 * (shape.seq_len - int(shape.seq_len * prompt_frac))
-        aim = min(memory_budget // (V * e), GROUP_ROWS)
-        per_group = max(1, aim // pair_tokens)
-        groups = -(-shape.pairs // per_group)
-        group_logits = -(-shape.pairs // groups) * pair_tokens * V * e
-        exposed = (e * nV  # fold reads the group's logits
+        groups = fast_groups(shape, prompt_frac=prompt_frac, memory_budget=memory_budget, elem=e)
+        per_seq = shape.seq_len - int(shape.seq_len * prompt_frac)
+        group_rows = [2 * per_seq * (p1 - p0) for p0, p1 in groups]
+        buffer = max(group_rows) * V * e
+        last_rows = group_rows[-1]
+        exposed = (e * nV  # fold reads each group's logits
                    + 2 * e * nV  # grad kernel: read + write in place
-                   + 2 * e * nV  # reference forward: its groups' GEMM write is hidden, fold read + (bf16) buffer
-                   + e * VH + e * nH + e * NH  # zero-filled dW, dH rows, dhidden
-                   + 2 * e * (VH + nH)  # backward: the stored dW and dH scaled in place (r + w)
+                   + e * nV  # reference forward (same groups): fold read
+                   + e * NH  # zero-filled dhidden
+                   + 2 * e * nH  # each group's dH rows copied into dhidden
+                   + 2 * e * NH  # backward: dhidden scaled by the upstream gradient (r + w)
+                   + 2 * e * last_rows * H  # backward: the last group's rows scaled (s·h) for its dW GEMM
                    + rows_io)
-        # forward: the group's logits + dW + dH rows + the gathered rows; backward: dW, dH rows and dhidden
-        forward_peak = group_logits + e * VH + 2 * e * nH
-        backward_peak = e * VH + e * nH + e * NH
+        fp32_dw = len(groups) > MAX_GROUPS_DIRECT_DW
+        if len(groups) > 1:  # backward: dW of the earlier groups scaled in place (r + w), in fp32 beyond the cap
+            exposed += 2 * (4 if fp32_dw else e) * VH
+        if fp32_dw:
+            exposed += (4 + e) * VH  # the fp32 accumulator cast into dW
+        dw_bytes = (4 if fp32_dw else e) * VH
+        # forward: the kept buffer + dW of the earlier groups + dhidden + one group's rows; backward: the buffer
+        # (kept for the last dW GEMM) + dW + dhidden + the last rows and their scaled copy
+        forward_peak = buffer + (dw_bytes if len(groups) > 1 else 0) + e * NH + e * max(group_rows) * H
+        backward_peak = buffer + dw_bytes + (e * VH if fp32_dw else 0) + e * NH + 2 * e * last_rows * H
         return CostEstimate(path, 8 * unit, exposed,
-                            "policy: GEMM write, fold, grad r+w, dH GEMM, dW GEMM (6); reference: GEMM write, fold (2)",
-                            max(forward_peak, backward_peak),
-                            f"{groups} pair group(s) of {group_logits / 2**30:.2f} GiB logits")
+                            "policy: GEMM write, fold, grad r+w, dH GEMM, dW GEMM (6, 3 exposed); reference: GEMM "
+                            "write, fold (2, 1 exposed)", max(forward_peak, backward_peak),
+                            f"{len(groups)} pair group(s), {buffer / 2**30:.2f} GiB kept logits")
     if path == "fastpref-lean":
         plan = plan_tiles(n, V, e, tile_bytes)
         slabs, row_chunks = -(-V // plan.cols), -(-n // plan.rows)
         exposed = (e * nV + e * nV  # forward fold: policy and reference
                    + 2 * e * nV  # backward grad kernel r+w
-                   + e * VH + rows_io + e * NH  # zero-filled dW, gathers, zero-filled dhidden
+                   + rows_io + e * NH  # gathers, zero-filled dhidden
                    + (slabs - 1) * 8 * nH  # fp32 dH accumulator: read-modify-write by every slab after the first
                    + (4 + e) * nH)  # the accumulator cast into dhidden's rows
         dw_slab = 4 * plan.cols * H if row_chunks > MAX_PARTIAL_SUMS else 0
@@ -132,4 +156,5 @@ def cost_table(shapes: Iterable[Shape] | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["COST_PATHS", "H100_BF16_FLOPS", "H100_HBM_BYTES", "CostEstimate", "cost_model", "cost_table"]
+__all__ = ["COST_PATHS", "H100_BF16_FLOPS", "H100_HBM_BYTES", "CostEstimate", "cost_model", "cost_table",
+           "fast_groups"]

@@ -4,9 +4,9 @@ Knows nothing of the loss formulas: the fused preference op receives the per-pai
 """
 
 from .backend import compute_dtype, resolve_backend
-from .fused_pair_loss import FusedResult, PairProblem, fused_pair_loss, grouped_sequence_logps, interleave_pairs
+from .fused_pair_loss import FusedResult, PairProblem, fused_pair_loss, grouped_sequence_logps
 from .head_pass import HeadPass
-from .layout import TokenLayout, build_layout, segment_sum, sum_by_id
+from .layout import TokenLayout, build_layout, interleave_pairs, segment_sum, sum_by_id
 from .linear_logps import (
     LinearLogProbs,
     ScoredTokens,

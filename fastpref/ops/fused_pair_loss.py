@@ -5,10 +5,15 @@ logits of one group of pairs are computed once, kept (bounded by the memory budg
 gradient in place and fed to the two gradient matmuls — no logits recompute in backward. Per group of
 t tokens: ``logits = h @ W.T`` (2·t·H·V), row statistics, sequence sums, the per-pair loss and its
 derivative ``c = dL/dlogp`` by autograd on the tiny loss callable, ``logits <- c·(onehot - softmax)·dz/dy``,
-``dH = G @ W`` and ``dW += G.T @ h`` (4·t·H·V). The backward only scales the stored gradients by the upstream
-scalar gradient (exact for any scalar, e.g. gradient accumulation).
+``dH = G @ W`` and ``dW += G.T @ h`` (4·t·H·V).
 
-Tokens are ordered pair by pair (chosen then rejected, see ``interleave_pairs``) so a group of pairs is one
+The upstream gradient s (1, or gradient accumulation's 1/k, ...) is only known in the backward. To fold it in
+without a pass over dW, the last group's dW GEMM waits for the backward and takes ``s·h`` (a [t, H] operand) —
+with one group, the usual case, dW is written exactly once. The backward scales the small stored pieces (the dH
+rows, the bias gradient, and dW of earlier groups when there are several) by s. dH needs the weight and runs in
+the forward, so ZeRO-3's gathered head is only needed there.
+
+Tokens are ordered pair by pair (chosen then rejected, see ``layout.interleave_pairs``) so a group of pairs is one
 contiguous range of scored rows. The op never imports the loss formulas: it receives ``pair_loss``.
 """
 
@@ -22,19 +27,12 @@ import torch
 from .head_pass import HeadPass, accumulate_mm, gather, project
 from .layout import TokenLayout, segment_sum
 from .linear_logps import TokenStats, finalize_stats
-from .plan import PairGroups
+from .plan import MAX_GROUPS_DIRECT_DW, PairGroups
 from .tile_ops import RowStats, row_ops
 
 # pair_loss(chosen_logps [g], rejected_logps [g], pairs: slice) -> per-pair losses [g] whose mean over all
 # num_pairs pairs is the loss; pure per pair for the pairs in the slice.
 PairLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
-
-
-def interleave_pairs(seq: torch.Tensor, num_pairs: int) -> torch.Tensor:
-    """Batch-layout sequence ids (i chosen, i + P rejected) -> pair order (2i chosen, 2i + 1 rejected).
-    Negative ids (not scored) stay negative."""
-    mapped = 2 * (seq % max(num_pairs, 1)) + (seq >= num_pairs).long()
-    return torch.where(seq >= 0, mapped, seq)
 
 
 @dataclass(frozen=True)
@@ -69,27 +67,58 @@ class FusedPairLoss(torch.autograd.Function):
     def forward(ctx, source, weight, bias, problem: PairProblem):  # type: ignore[override]
         need = ctx.needs_input_grad[:3]
         with torch.autocast(source.device.type, enabled=False):
-            loss, result, grads = _fused_forward(source, weight, bias, problem, need)
-        # Plain references, not save_for_backward: the backward scales them in place (no second dW-sized
-        # buffer at the peak) and so can run once; a second backward raises instead of returning wrong values.
-        ctx.grads = grads
-        ctx.consumed = False
+            loss, result, pending = _fused_forward(source, weight, bias, problem, need)
+        # Plain references, not save_for_backward: the backward finishes and scales them in place (no second
+        # dW-sized buffer) and so can run once; a second backward raises instead of returning wrong values.
+        ctx.pending = pending
         return loss, result
 
     @staticmethod
     def backward(ctx, grad_loss, _result):  # type: ignore[override]
-        if ctx.consumed:
+        pending, ctx.pending = ctx.pending, None
+        if pending is None:
             raise RuntimeError("fastpref fast mode: the gradients formed during the forward were already handed "
                                "to a first backward of this loss; backpropagating through it twice "
                                "(retain_graph=True) needs mode='lean'")
-        ctx.consumed = True
-        grads, ctx.grads = ctx.grads, None
         if grad_loss is None:
             return None, None, None, None
-        # In place: fp32 math inside the kernel, one rounding to the gradient's dtype; exact for any scalar
-        # (e.g. gradient accumulation's 1/k) up to that rounding.
-        d_source, d_weight, d_bias = (None if g is None else g.mul_(grad_loss) for g in grads)
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            d_source, d_weight, d_bias = pending.finish(grad_loss)
         return d_source, d_weight, d_bias, None
+
+
+@dataclass
+class _PendingGrads:
+    """The gradients the forward formed (unscaled), and the last group's dW GEMM left for the backward."""
+
+    d_source: torch.Tensor | None
+    d_weight: torch.Tensor | None  # dW of the earlier groups (None when there were none), or an fp32 accumulator
+    d_bias: torch.Tensor | None  # fp32
+    weight_dtype: torch.dtype
+    bias_dtype: torch.dtype | None
+    last_tile: torch.Tensor | None = None  # the last group's logits gradient G [t, V] (the kept buffer)
+    last_rows: torch.Tensor | None = None  # the last group's hidden rows h [t, H]
+
+    def finish(self, scale: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Scale everything by the upstream gradient ``scale`` (0-dim): fp32 math inside each op, one rounding
+        to the gradient's dtype; the last dW GEMM takes ``scale·h``, so dW itself is not re-read."""
+        d_source = None if self.d_source is None else self.d_source.mul_(scale)
+        d_bias = None if self.d_bias is None else self.d_bias.mul_(scale).to(self.bias_dtype)
+        d_weight = None
+        if self.last_tile is not None:
+            earlier = self.d_weight
+            if earlier is None:
+                d_weight = torch.empty((self.last_tile.shape[1], self.last_rows.shape[1]), device=scale.device,
+                                       dtype=self.weight_dtype)
+            else:
+                d_weight = earlier.mul_(scale)
+            rows = self.last_rows * scale  # fp32 math, one rounding to h's dtype
+            accumulate_mm(d_weight, self.last_tile.t(), rows, first=earlier is None)
+            d_weight = d_weight.to(self.weight_dtype)
+        elif self.d_weight is not None:  # the last group had no scored token (or nothing was scored at all)
+            d_weight = self.d_weight.mul_(scale).to(self.weight_dtype)
+        self.last_tile = self.last_rows = None
+        return d_source, d_weight, d_bias
 
 
 class _GroupedHead:
@@ -150,7 +179,7 @@ def grouped_sequence_logps(source: torch.Tensor, weight: torch.Tensor, bias: tor
 
 
 def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, problem: PairProblem,
-                   need: tuple[bool, ...]):
+                   need: tuple[bool, ...]) -> tuple[torch.Tensor, FusedResult, _PendingGrads]:
     need_hidden, need_weight, need_bias = need
     layout, groups, cfg, num_pairs = problem.layout, problem.groups, problem.cfg, problem.num_pairs
     dev = source.device
@@ -160,13 +189,18 @@ def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     stats = RowStats.empty(layout.num_scored, dev, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
     seq_logps = torch.zeros(2 * num_pairs, device=dev, dtype=torch.float32)
     losses = torch.zeros(num_pairs, device=dev, dtype=torch.float32)
-    d_source = torch.zeros_like(source) if need_hidden else None
-    d_weight = torch.zeros_like(weight) if need_weight else None
-    d_bias = torch.zeros(vocab, device=dev, dtype=torch.float32) if need_bias and bias is not None else None
+    pending = _PendingGrads(
+        d_source=torch.zeros_like(source) if need_hidden else None,  # unscored rows get 0
+        d_weight=None, d_bias=torch.zeros(vocab, device=dev, dtype=torch.float32) if need_bias and bias is not None
+        else None, weight_dtype=weight.dtype, bias_dtype=None if bias is None else bias.dtype)
+    if need_weight and (not groups or layout.num_scored == 0):
+        pending.d_weight = torch.zeros_like(weight)
+    # dW of the groups before the last: straight into a dW in its own dtype for up to MAX_GROUPS_DIRECT_DW
+    # partial sums (one rounding each), else in an fp32 accumulator (one rounding at the end).
+    dw_dtype = weight.dtype if len(groups) <= MAX_GROUPS_DIRECT_DW else torch.float32
     offs = layout.host_offsets
     inv_pairs = 1.0 / max(num_pairs, 1)
-    first_group = True
-    for p0, p1 in groups:
+    for i, (p0, p1) in enumerate(groups):
         t0, t1 = offs[2 * p0], offs[2 * p1]
         # 1) logits of the group, kept, and their statistics
         tile, h, lse, group_seq, seg = head.forward(p0, p1, source, weight, bias, stats)
@@ -179,17 +213,16 @@ def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         losses[p0:p1] = group_losses.detach()
         if c_seq is None:
             c_seq = torch.zeros_like(lp)
-        if not (need_hidden or need_weight or d_bias is not None):
+        if not (need_hidden or need_weight or pending.d_bias is not None) or t1 == t0:
             continue
         # 3) logits -> c * (onehot - softmax) * dz/dy, in place
         c_tok = torch.repeat_interleave(c_seq.detach(), seg[1:] - seg[:-1], output_size=t1 - t0).contiguous()
         targets = layout.targets[t0:t1]
         for v0, v1 in head.columns(head.op_cols):
             head.ops.grad_(tile[:, v0:v1], targets, lse, c_tok, v0, cfg.transform)
-        # 4) the two gradient GEMMs
+        # 4) the gradient GEMMs: the group's dH rows (one GEMM over the whole vocabulary, or fp32 over slabs of a
+        # cast weight), written straight into the rows of the [N, H] gradient; dW, the last group's in backward
         if need_hidden:
-            # the group's dH rows (one GEMM over the whole vocabulary, or fp32 over slabs of a cast weight),
-            # written straight into the rows of the [N, H] gradient
             if weight.dtype == cd:
                 dh = torch.empty((t1 - t0, weight.shape[1]), device=dev, dtype=source.dtype)
                 accumulate_mm(dh, tile, weight, first=True)
@@ -197,17 +230,22 @@ def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                 dh = torch.empty((t1 - t0, weight.shape[1]), device=dev, dtype=torch.float32)
                 for v0, v1 in head.columns(head.slab_cols):
                     accumulate_mm(dh, tile[:, v0:v1], weight[v0:v1].to(cd), first=v0 == 0)
-            d_source.index_copy_(0, layout.index[t0:t1], dh.to(source.dtype))
+            pending.d_source.index_copy_(0, layout.index[t0:t1], dh.to(source.dtype))
+        if pending.d_bias is not None:
+            pending.d_bias.add_(tile.sum(0, dtype=torch.float32))
         if need_weight:
-            # dW sums over groups: few groups by construction (the budget bounds the group, not the batch)
-            accumulate_mm(d_weight, tile.t(), h, first=first_group)
-        if d_bias is not None:
-            d_bias.add_(tile.sum(0, dtype=torch.float32))
-        first_group = False
+            if i == len(groups) - 1:
+                pending.last_tile, pending.last_rows = tile, h
+            else:
+                first = pending.d_weight is None
+                if first:
+                    pending.d_weight = torch.empty(weight.shape, device=dev, dtype=dw_dtype)
+                accumulate_mm(pending.d_weight, tile.t(), h, first=first)
     _, _, token_stats = finalize_stats(stats, vocab)
     loss = losses.sum() * inv_pairs
-    grads = (d_source, d_weight, d_bias.to(bias.dtype) if d_bias is not None else None)
-    return loss, FusedResult(seq_logps=seq_logps, losses=losses, stats=token_stats), grads
+    if need_weight and pending.last_tile is None and pending.d_weight is None:
+        pending.d_weight = torch.zeros_like(weight)  # no scored row reached a gradient GEMM
+    return loss, FusedResult(seq_logps=seq_logps, losses=losses, stats=token_stats), pending
 
 
 def fused_pair_loss(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

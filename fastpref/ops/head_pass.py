@@ -9,6 +9,9 @@ rows of a [N, H] gradient. Nothing of size tokens x vocabulary is allocated.
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +23,6 @@ from .tile_ops import LogitTransform, RowStats, row_ops
 # The accumulation rule (docs/design.md): across chunks, an accumulator of the whole dW may take at most a handful
 # of partial sums in its own dtype; beyond that, dW accumulates in fp32 one vocabulary slab at a time.
 MAX_PARTIAL_SUMS = 4
-# `torch.mm(..., out_dtype=torch.float32)` from bf16/fp16 inputs (CUDA, torch >= 2.8)
-_MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 @dataclass(frozen=True)
@@ -66,19 +67,55 @@ def project(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor
     return torch.addmm(b, h, w.t(), out=out)
 
 
+def probe_fp32_out_matmul(device: torch.device, addmm: Callable[..., torch.Tensor] = torch.addmm) -> bool:
+    """Whether ``addmm(acc, a, b, beta=0 | 1, out_dtype=torch.float32, out=acc)`` accumulates bf16 products into
+    an fp32 ``acc`` correctly on ``device``: tried once on 16 x 16 tensors. The op exists only for CUDA, from
+    some torch 2.x on, and no release range of it was verified on a GPU here, so it is probed rather than
+    assumed from the version; on any failure the caller upcasts instead (with a warning). The check of the
+    values syncs once, on the first call per device."""
+    try:
+        a = torch.ones((16, 16), device=device, dtype=torch.bfloat16)
+        acc = torch.full((16, 16), float("nan"), device=device, dtype=torch.float32)
+        addmm(acc, a, a, beta=0, out_dtype=torch.float32, out=acc)  # beta=0 must ignore the NaN
+        addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        ok = bool(torch.all(acc == 32.0))
+    except (TypeError, RuntimeError, NotImplementedError) as e:
+        warnings.warn(f"fastpref: torch.addmm(..., out_dtype=torch.float32) is not usable on {device} with torch "
+                      f"{torch.__version__} ({type(e).__name__}: {str(e)[:120]}); gradients accumulate through fp32 "
+                      "copies of the operands instead (slower, same values)", RuntimeWarning, stacklevel=2)
+        return False
+    if not ok:
+        warnings.warn(f"fastpref: torch.addmm(..., out_dtype=torch.float32) gave wrong values on {device}; "
+                      "gradients accumulate through fp32 copies of the operands instead", RuntimeWarning,
+                      stacklevel=2)
+    return ok
+
+
+@functools.cache
+def _fp32_out_matmul(device_type: str, index: int | None) -> bool:
+    return device_type == "cuda" and probe_fp32_out_matmul(torch.device(device_type, index))
+
+
+def fp32_out_matmul(device: torch.device) -> bool:
+    """Whether this device takes the fp32-output matmul path of ``accumulate_mm`` (CUDA, probed once)."""
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return _fp32_out_matmul(device.type, index)
+
+
 def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:
     """``acc (+)= a @ b`` with fp32 accumulation inside the matmul and in ``acc`` (fp32), without rounding
-    ``a @ b`` to the inputs' dtype first where the device allows it."""
+    ``a @ b`` to the inputs' dtype first where the device allows it (``fp32_out_matmul``). ``first``: ``acc``
+    is overwritten (its content is never read, so it may be uninitialised)."""
     if acc.dtype == a.dtype:
         if first:
             torch.mm(a, b, out=acc)
         else:
             acc.addmm_(a, b)
         return
-    if _MM_OUT_DTYPE and acc.is_cuda and acc.dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16):
-        if first:
-            acc.zero_()
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # TRL's call, CUDA + torch >= 2.8
+    if acc.dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16) and fp32_out_matmul(acc.device):
+        torch.addmm(acc, a, b, beta=0 if first else 1, out_dtype=torch.float32, out=acc)
         return
     prod = torch.mm(a.to(acc.dtype), b.to(acc.dtype))
     if first:
@@ -137,10 +174,13 @@ def backward(
     """
     n, vocab = index.numel(), weight.shape[0]
     dev = source.device
-    d_source = torch.zeros_like(source) if need_hidden else None
-    d_weight = torch.zeros_like(weight) if need_weight else None
-    d_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
-    if n == 0 or vocab == 0 or not (need_hidden or need_weight or d_bias is not None):
+    nothing_scored = n == 0 or vocab == 0
+    d_source = torch.zeros_like(source) if need_hidden else None  # unscored rows get 0
+    # every slab of dW and of d_bias is written below (its first row chunk overwrites): no zero fill
+    fill = torch.zeros_like if nothing_scored else torch.empty_like
+    d_weight = fill(weight) if need_weight else None
+    d_bias = fill(bias) if need_bias and bias is not None else None
+    if nothing_scored or not (need_hidden or need_weight or d_bias is not None):
         return d_source, d_weight, d_bias
     ops = row_ops(cfg.backend)
     plan = cfg.plan(n, vocab)

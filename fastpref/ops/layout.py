@@ -42,6 +42,13 @@ class TokenLayout:
         return self.offsets[1:] - self.offsets[:-1]
 
 
+def interleave_pairs(seq: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """Batch-layout sequence ids (i chosen, i + P rejected) -> pair order (2i chosen, 2i + 1 rejected).
+    Negative ids (not scored) stay negative."""
+    mapped = 2 * (seq % max(num_pairs, 1)) + (seq >= num_pairs).long()
+    return torch.where(seq >= 0, mapped, seq)
+
+
 def build_layout(
     labels: torch.Tensor,
     *,
@@ -49,25 +56,36 @@ def build_layout(
     vocab_size: int,
     seq_ids: torch.Tensor | None = None,
     num_seqs: int = 1,
+    pair_order: bool = False,
 ) -> TokenLayout:
-    """Compact and group the scored tokens of flat ``labels`` [N] (int64), validating label and seq-id ranges
-    in the same single host sync. Without ``seq_ids`` every scored token belongs to sequence 0."""
-    device = labels.device
+    """Compact and group the scored tokens of flat ``labels`` [N] (any integer dtype, read as int64), validating
+    label and seq-id ranges in the same single host sync. Without ``seq_ids`` every scored token belongs to
+    sequence 0. ``pair_order``: ``seq_ids`` are in the batch layout (i chosen, i + S/2 rejected) and the
+    sequences are grouped in pair order (chosen 2i, rejected 2i + 1) — validated before the remapping.
+
+    The one host sync is a single device-to-host transfer of the range checks and the per-sequence offsets; the
+    offsets are computed on the device (a sorted search, no ``bincount``, whose CUDA kernel syncs twice to size
+    its output), so no host-to-device copy follows either.
+    """
+    labels = labels.long()  # int8 / uint8 labels would wrap ignore_index (-100 -> 156) in the comparisons below
     n_total = labels.numel()
     scored = labels != ignore_index
     if seq_ids is not None:
         seq_ids = seq_ids.to(torch.int64)
         bad_seq = (seq_ids < -1) | (seq_ids >= num_seqs)
         scored = scored & (seq_ids >= 0)
-        key = torch.where(scored, seq_ids.clamp(0, max(num_seqs - 1, 0)), num_seqs)
+        ids = interleave_pairs(seq_ids, num_seqs // 2) if pair_order else seq_ids
+        key = torch.where(scored, ids.clamp(0, max(num_seqs - 1, 0)), num_seqs)
     else:
         bad_seq = None
         key = torch.where(scored, 0, num_seqs)
     bad_label = scored & ((labels < 0) | (labels >= vocab_size))
-    counts = torch.bincount(key, minlength=num_seqs + 1)
+    order = torch.argsort(key, stable=True)
+    boundaries = torch.arange(num_seqs + 1, device=labels.device, dtype=key.dtype)
+    offsets = torch.searchsorted(key.index_select(0, order), boundaries)  # [S + 1], offsets[S] = scored tokens
     checks = torch.stack([bad_label.sum(), bad_seq.sum() if bad_seq is not None else bad_label.new_zeros(())])
-    host = torch.cat([checks, counts]).tolist()  # the one host sync of the call
-    n_bad_label, n_bad_seq, seq_counts = host[0], host[1], host[2 : 2 + num_seqs]
+    host = torch.cat([checks, offsets]).tolist()  # the one host sync of the call
+    n_bad_label, n_bad_seq, host_offsets = host[0], host[1], host[2:]
     if n_bad_seq:
         first = int(bad_seq.nonzero()[0, 0])
         raise ValueError(f"seq_ids: values must be -1 (not scored) or in [0, num_seqs={num_seqs}); found "
@@ -77,16 +95,13 @@ def build_layout(
         raise ValueError(f"labels: values must be in [0, vocab_size={vocab_size}) or equal to "
                          f"ignore_index={ignore_index}; found {int(labels[first])} at flat position {first} "
                          f"({n_bad_label} bad entries)")
-    host_offsets = [0]
-    for c in seq_counts:
-        host_offsets.append(host_offsets[-1] + c)
     n = host_offsets[-1]
-    order = torch.argsort(key, stable=True)[:n]
+    order = order[:n]
     return TokenLayout(
         index=order,
-        targets=labels.index_select(0, order).long(),
-        seq=key[order],
-        offsets=torch.tensor(host_offsets, dtype=torch.int64, device=device),
+        targets=labels.index_select(0, order),
+        seq=key.index_select(0, order),
+        offsets=offsets,
         host_offsets=tuple(host_offsets),
         num_tokens=n_total,
     )

@@ -6,6 +6,7 @@ real sizes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,8 +55,41 @@ def plan_tiles(n_rows: int, vocab: int, elem_bytes: int, tile_bytes: int, max_ro
     return TilePlan(rows=rows, cols=cols)
 
 
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the plans read of a device: plain data, so every device-dependent decision is a pure function that
+    can be checked on the CPU with another device's properties (``REFERENCE_DEVICES``)."""
+
+    type: str  # "cuda", "cpu", ...
+    name: str = ""
+    total_memory: int = 0  # bytes
+    capability: tuple[int, int] | None = None
+    multiprocessors: int = 0
+
+    @classmethod
+    def of(cls, device: torch.device) -> DeviceInfo:
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            return cls("cuda", props.name, int(props.total_memory), (props.major, props.minor),
+                       int(props.multi_processor_count))
+        return cls(device.type, device.type, _available_host_bytes() or 0)
+
+
+# The GPUs the plans are checked against on the CPU (tests/test_plan.py) and the cost model's H100.
+REFERENCE_DEVICES: dict[str, DeviceInfo] = {
+    "H100": DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", 85_029_158_912, (9, 0), 132),
+    "H200": DeviceInfo("cuda", "NVIDIA H200", 150_058_434_560, (9, 0), 132),
+    "A100": DeviceInfo("cuda", "NVIDIA A100-SXM4-80GB", 85_094_825_984, (8, 0), 108),
+}
+
+
+def tile_bytes_for(info: DeviceInfo) -> int:
+    """Working-set bound of one logits tile on a device (see ``CUDA_TILE_BYTES``)."""
+    return CUDA_TILE_BYTES if info.type == "cuda" else CPU_TILE_BYTES
+
+
 def default_tile_bytes(device: torch.device) -> int:
-    return CUDA_TILE_BYTES if device.type == "cuda" else CPU_TILE_BYTES
+    return tile_bytes_for(DeviceInfo(device.type))
 
 
 def _available_host_bytes() -> int | None:
@@ -69,27 +103,59 @@ def _available_host_bytes() -> int | None:
     return None
 
 
-def default_memory_budget(device: torch.device) -> int:
-    """``memory_budget=None``: min(2 GiB, a quarter of the free device memory)."""
-    free: int | None
-    if device.type == "cuda":
+def memory_budget_for(free_bytes: int | None, cached_free_bytes: int = 0) -> int:
+    """``memory_budget=None``: min(2 GiB, a quarter of the free memory), where free memory counts what the
+    device reports free plus what PyTorch's caching allocator holds reserved but unused (``cached_free_bytes``:
+    free for our tensors too, and invisible to ``mem_get_info``)."""
+    if free_bytes is None:
+        return DEFAULT_BUDGET_CAP
+    return min(DEFAULT_BUDGET_CAP, (free_bytes + max(cached_free_bytes, 0)) // 4)
+
+
+@functools.cache
+def _device_budget(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        device = torch.device("cuda", index)
         free, _ = torch.cuda.mem_get_info(device)
-    else:
-        free = _available_host_bytes()
-    return DEFAULT_BUDGET_CAP if free is None else min(DEFAULT_BUDGET_CAP, free // 4)
+        cached_free = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return memory_budget_for(free, cached_free)
+    return memory_budget_for(_available_host_bytes())
 
 
-# Rows of logits a pair group aims for: enough for the GEMMs to run at full rate (M >= a few thousand), while
-# the kept buffer (rows x V) stays well under the budget, so the fast path's peak is a fraction of a
-# materialised batch's. A pair larger than this is a group of its own (up to the budget).
-GROUP_ROWS = 4096
+def default_memory_budget(device: torch.device) -> int:
+    """The default budget of ``device``, read once per device and then kept: re-reading free memory on every call
+    would let the group plan, the path and the summation order drift from step to step (and auto mode fall to
+    lean while another allocation is momentarily live)."""
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return _device_budget(device.type, index)
 
 
-def plan_pair_groups(host_offsets: Sequence[int], num_pairs: int, max_rows: int,
-                     preferred_rows: int = GROUP_ROWS) -> PairGroups | None:
+# Pair groups of the fast path. The kept logits buffer (group rows x V) is bounded by the budget and by
+# GROUP_TO_WEIGHT_GRAD x the weight gradient's own size: fast mode's peak is about buffer + dW, so this keeps it
+# near 2.5 x dW, under TRL's fp32-accumulator peak (about 3.4 x dW at the benchmark shapes). Both scale with V,
+# so the cap is GROUP_TO_WEIGHT_GRAD x H rows for bf16 logits and weight: 6144 at H = 4096, where
+# llama3-8b-1k's 6144 scored rows make one group. Groups are never smaller than MIN_GROUP_ROWS (the GEMMs need
+# a few thousand rows to run at full rate) unless the budget says so, and the plan prefers at most
+# MAX_GROUPS_DIRECT_DW groups: each adds one rounding of dW in its own dtype; beyond that dW accumulates in fp32.
+GROUP_TO_WEIGHT_GRAD = 1.5
+MIN_GROUP_ROWS = 2048
+MAX_GROUPS_DIRECT_DW = 4
+
+
+def preferred_group_rows(hidden: int, logits_elem: int, weight_grad_elem: int) -> int:
+    """Rows a pair group aims for: ``GROUP_TO_WEIGHT_GRAD`` x the weight gradient's bytes in rows of logits (V
+    cancels), at least ``MIN_GROUP_ROWS``."""
+    return max(MIN_GROUP_ROWS, int(GROUP_TO_WEIGHT_GRAD * hidden * weight_grad_elem / max(logits_elem, 1)))
+
+
+def plan_pair_groups(host_offsets: Sequence[int], num_pairs: int, max_rows: int, preferred_rows: int,
+                     max_groups: int = MAX_GROUPS_DIRECT_DW) -> PairGroups | None:
     """Contiguous pair ranges with at most ``max_rows`` scored tokens each (None if one pair alone exceeds it),
-    aiming at ``preferred_rows`` per group. ``host_offsets`` [2P + 1]: the scored tokens of sequence ``s`` (pair
-    order: chosen 2i, rejected 2i + 1) are ``host_offsets[s]:host_offsets[s + 1]``.
+    aiming at ``preferred_rows`` per group, or at bigger groups (up to ``max_rows``) when the aim would make more
+    than ``max_groups``. ``host_offsets`` [2P + 1]: the scored tokens of sequence ``s`` (pair order: chosen 2i,
+    rejected 2i + 1) are ``host_offsets[s]:host_offsets[s + 1]``.
 
     Host ints only: no device sync. Groups are balanced in tokens so the last one is not a sliver; a single pair
     larger than the aim is a group of its own.
@@ -98,9 +164,11 @@ def plan_pair_groups(host_offsets: Sequence[int], num_pairs: int, max_rows: int,
     pair_rows = [offs[2 * p + 2] - offs[2 * p] for p in range(num_pairs)]
     if any(r > max_rows for r in pair_rows):
         return None
-    # Balanced groups of at most `target` rows (unless a single pair is larger), target <= max_rows.
-    aim = max(1, min(max_rows, preferred_rows))
-    target = -(-sum(pair_rows) // max(1, -(-sum(pair_rows) // aim)))
+    total = sum(pair_rows)
+    count = -(-total // max(1, min(max_rows, preferred_rows)))
+    if count > max_groups:  # fewer, bigger groups within the budget rather than more roundings of dW
+        count = max(max_groups, -(-total // max(1, max_rows)))
+    target = -(-total // max(1, count))
     groups: PairGroups = []
     start, rows = 0, 0
     for p, r in enumerate(pair_rows):
