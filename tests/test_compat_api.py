@@ -281,3 +281,10 @@ def test_drop_ins_work_without_liger_installed():
         "print(len(aux), len(aux2), bool(torch.isfinite(x.grad).all()))"
     )
     assert out == "7 9 True"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_class_docstrings_state_the_differences(family):
+    doc = OURS[family].__doc__
+    assert "Differences from Liger 0.8.5" in doc
+    assert "a sequence with no scored token has log-prob 0" in " ".join(doc.split())

@@ -347,27 +347,37 @@ def _aux(spec: LigerSpec, x: Inputs, sums: Tensor, ref: Tensor | None, lengths: 
 
 _T = TypeVar("_T")
 
-DIFFERENCES = """
-    Differences from Liger 0.8.5 (everything else is its definition):
-
-    - a sequence with no scored token has log-prob 0 (sum and mean), so its loss, rewards and NLL stay finite,
-      where Liger divides by zero and returns NaN;
-    - an odd batch raises a ``ValueError`` naming ``_input`` (Liger pairs row i with row i + B // 2 and silently
-      broadcasts the unpaired row); bad shapes, dtypes and labels raise errors naming Liger's arguments;
-    - hyper-parameters are checked against the formulas' ranges{ranges}; Liger's own error message comes first
-      where Liger raises;
-    - the auxiliary outputs are detached (Liger's carry no gradient either); the logits means are accumulated in
-      fp64 from the hidden-state and weight sums, so no logits are formed for them;
-    - ``compiled`` and ``chunk_size`` are accepted and unused: fastpref sizes its tiles by a memory budget and
-      needs no ``torch.compile``.{extra}
-"""
+_COMMON_DIFFERENCES = (
+    "a sequence with no scored token has log-prob 0 (sum and mean), so its loss, rewards and NLL stay finite, "
+    "where Liger divides by zero and returns NaN",
+    "an odd batch raises a ``ValueError`` naming ``_input`` (Liger pairs row i with row i + B // 2 and silently "
+    "broadcasts the unpaired row); bad shapes, dtypes and labels raise errors naming Liger's arguments",
+    "the auxiliary outputs are detached (Liger's carry no gradient either); the logits means are accumulated in "
+    "fp64 from the hidden-state and weight sums, so no logits are formed for them",
+    "``compiled`` and ``chunk_size`` are accepted and unused: fastpref sizes its tiles by a memory budget and "
+    "needs no ``torch.compile``",
+)
 
 
-def with_differences(ranges: str, extra: str = "") -> Callable[[_T], _T]:
-    """Append ``DIFFERENCES`` (with the family's ``ranges`` and ``extra`` items) to a class's or function's
-    docstring."""
+def _bullets(items: tuple[str, ...], width: int = 116) -> str:
+    lines = []
+    for k, item in enumerate(items):
+        words, line = item.split(), "    -"
+        for word in words:
+            if len(line) + 1 + len(word) > width:
+                lines.append(line)
+                line = "     "
+            line += " " + word
+        lines.append(line + (";" if k < len(items) - 1 else "."))
+    return "\n".join(lines)
+
+
+def with_differences(*items: str) -> Callable[[_T], _T]:
+    """Append "Differences from Liger 0.8.5" (the shared items, then the family's ``items``) to a docstring."""
     def deco(obj: _T) -> _T:
-        obj.__doc__ = (obj.__doc__ or "").rstrip() + "\n" + DIFFERENCES.format(ranges=ranges, extra=extra)
+        text = _bullets((*_COMMON_DIFFERENCES, *items))
+        obj.__doc__ = (f"{(obj.__doc__ or '').rstrip()}\n\n    Differences from Liger 0.8.5 (everything else is its "
+                       f"definition):\n\n{text}\n")
         return obj
     return deco
 
@@ -388,5 +398,5 @@ class LigerModule(nn.Module):
         return cached
 
 
-__all__ = ["DIFFERENCES", "Inputs", "LigerModule", "LigerSpec", "caller_names", "check_batch", "run",
+__all__ = ["Inputs", "LigerModule", "LigerSpec", "caller_names", "check_batch", "run",
            "validate", "with_differences"]

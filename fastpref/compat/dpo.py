@@ -8,18 +8,20 @@ from torch import Tensor
 
 from ._base import Inputs, LigerModule, LigerSpec, run, validate, with_differences
 
+_DIFFERENCES = (
+    "hyper-parameters are checked against the formulas' ranges: ``beta > 0``, ``label_smoothing`` in (0, 0.5] for "
+    "exo_pair and [0, 0.5) for robust (unused by the other types, as in Liger), ``discopop_tau > 0`` for "
+    "discopop; where Liger raises, its own message comes first",
+    "``ref_weight=None`` means the policy's head, detached (its bias too unless ``ref_bias`` is given), where "
+    "Liger needs it",
+    "``loss_type=\"ipo\"`` works: (h̄ − 1/(2β))² with h̄ length-normalised by the scored tokens (as TRL), with "
+    "or without ``average_log_prob``; Liger raises ``NotImplementedError``",
+)
+
 # Liger 0.8.5's ``LigerFusedLinearDPOLoss._SUPPORTED_LOSS_TYPES``, plus IPO (which Liger refuses).
 LIGER_DPO_LOSS_TYPES = frozenset({"sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
                                   "apo_zero", "apo_down", "discopop"})
 SUPPORTED_LOSS_TYPES = LIGER_DPO_LOSS_TYPES | {"ipo"}
-
-_RANGES = (" (``beta > 0``; ``label_smoothing`` in (0, 0.5] for exo_pair and [0, 0.5) for robust, unused by the "
-           "other types as in Liger; ``discopop_tau > 0`` for discopop)")
-_EXTRA = """
-    - ``ref_weight=None`` means the policy's head, detached (its bias too unless ``ref_bias`` is given); Liger
-      needs it;
-    - ``loss_type="ipo"`` works: (h̄ − 1/(2β))² with h̄ length-normalised by the scored tokens (as TRL), with
-      or without ``average_log_prob``; Liger raises ``NotImplementedError``."""
 
 
 def _spec(ignore_index: int, beta: float, alpha: float, compute_nll_loss: bool, use_ref_model: bool,
@@ -71,7 +73,7 @@ class LigerFusedLinearDPOFunction:
     apply = staticmethod(liger_fused_linear_dpo)
 
 
-@with_differences(_RANGES, _EXTRA)
+@with_differences(*_DIFFERENCES)
 class LigerFusedLinearDPOLoss(LigerModule):
     """Liger-Kernel 0.8.5's ``LigerFusedLinearDPOLoss``, on fastpref's fused kernels.
 

@@ -6,10 +6,11 @@ from torch import Tensor
 
 from ._base import Inputs, LigerModule, LigerSpec, run, validate, with_differences
 
-_RANGES = " (``beta > 0``)"
-_EXTRA = """
-    - log(1 − p̄) is evaluated as log(−expm1(lp̄)) near p̄ = 1, with lp̄ kept ≤ −eps, so a response the model
-      is certain of gives a finite loss where Liger's ``log1p(-exp(lp̄))`` gives −inf."""
+_DIFFERENCES = (
+    "``beta > 0`` is checked (Liger does not)",
+    "log(1 − p̄) is evaluated as log(−expm1(lp̄)) near p̄ = 1, with lp̄ kept ≤ −eps, so a response the model is "
+    "certain of gives a finite loss where Liger's ``log1p(-exp(lp̄))`` gives −inf",
+)
 
 
 def _spec(ignore_index: int, beta: float, compute_nll_loss: bool) -> LigerSpec:
@@ -44,7 +45,7 @@ class LigerFusedLinearORPOFunction:
     apply = staticmethod(liger_fused_linear_orpo)
 
 
-@with_differences(_RANGES, _EXTRA)
+@with_differences(*_DIFFERENCES)
 class LigerFusedLinearORPOLoss(LigerModule):
     """Liger-Kernel 0.8.5's ``LigerFusedLinearORPOLoss`` (Hong et al. 2024), reference-free, on fastpref's
     kernels.

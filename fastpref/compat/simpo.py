@@ -6,7 +6,10 @@ from torch import Tensor
 
 from ._base import Inputs, LigerModule, LigerSpec, run, validate, with_differences
 
-_RANGES = " (``beta > 0``; ``label_smoothing`` in [0, 0.5]; ``gamma >= 0``)"
+_DIFFERENCES = (
+    "hyper-parameters are checked against the formulas' ranges: ``beta > 0``, ``label_smoothing`` in [0, 0.5], "
+    "``gamma >= 0`` (Liger checks none)",
+)
 
 
 def _spec(ignore_index: int, beta: float, alpha: float, label_smoothing: float, compute_nll_loss: bool,
@@ -46,7 +49,7 @@ class LigerFusedLinearSimPOFunction:
     apply = staticmethod(liger_fused_linear_simpo)
 
 
-@with_differences(_RANGES)
+@with_differences(*_DIFFERENCES)
 class LigerFusedLinearSimPOLoss(LigerModule):
     """Liger-Kernel 0.8.5's ``LigerFusedLinearSimPOLoss`` (Meng et al. 2024), reference-free, on fastpref's
     kernels.
