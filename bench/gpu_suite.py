@@ -1,31 +1,32 @@
-"""The GPU suite: every implementation checked against float64, then timed side by side at every BENCH shape.
+"""The GPU suite: every implementation checked against float64, then timed side by side at the benchmark shapes.
 
-One command on the GPU machine (torch, triton and transformers installed; the peers carried as pure-Python
-wheels, installed with ``pip install --no-deps --target``)::
+One call on a GPU machine with torch, triton and transformers (the peers carried as pure-Python wheels, made
+once with ``pip download --no-deps trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 -d .whl``)::
 
-    pip download --no-deps trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 -d .whl   # here, once
-    pip install --no-deps --target .peers .whl/*.whl                                          # there
-    python bench/gpu_suite.py --peers-path .peers                          # all shapes, both regimes
-    python bench/gpu_suite.py --peers-path .peers --shapes llama3-8b-1k    # one shape per call (10-min limit)
+    pip install -q --no-deps --no-build-isolation --no-index -e . && \
+    pip install -q --no-deps --no-index --target .peers .whl/*.whl && \
+    python bench/gpu_suite.py --peers-path .peers --shapes llama3-8b-1k        # one shape per call
 
-Phase 1 checks every implementation (loss, logps, dH, dW; forward-only logps) against float64 on a subset of
-each workload (``--check-pairs`` pairs x ``--check-tokens`` tokens at the real H and V: the float64 logits of
-the whole batch do not fit) and prints that table first: a failure outranks timings, and makes the exit status
-non-zero. Phase 2 times the full step, its forward and its backward (``triton.testing.do_bench`` medians,
-``.grad`` set to None before each run), the forward-only log-probs, and the peak memory
-(``max_memory_allocated`` minus the inputs, cache emptied before each reading). The bf16 matmul rate is
-measured in the same run; each row reports achieved TFLOP/s, its fraction of that rate and its time over the
-floor's. Results: a CSV (GPU, versions, commit in every row) and a PNG under ``bench/results/``, the targets of
-the performance issue as ratios, and the table last.
+fastpref must be *installed* (that is what maps ``kernels/`` to ``fastpref.kernels``); with the repository only
+on ``PYTHONPATH`` the suite stops at once and says so. Phase 1 checks every implementation (loss, logps, dH, dW;
+forward-only logps) against float64 on a subset of each workload — ``--check-pairs`` pairs x ``--check-tokens``
+tokens at the real H and V (the float64 logits of the whole batch do not fit), fast mode also over three pair
+groups (``fastpref-fast-3groups``, so dW summed across groups is checked). Phase 2 measures the peak memory and
+times the full step (forward and backward apart) and the forward-only log-probs with the harness the CPU
+benchmark uses (``fastpref.benchmark.harness``: CUDA events are its only difference; every run builds a fresh
+graph). The bf16 matmul rate is measured in the same run; each row reports achieved TFLOP/s, its fraction of
+that rate and its time over the floor's. Results: a CSV (GPU, versions, commit in every row) and a PNG under
+``bench/results/``, then the tables, and the targets of ``docs/benchmarks.md`` as measured ratios, last. The exit
+status is non-zero when a fastpref row fails its check or errors.
 
 ``--dry`` runs the same code at tiny sizes (the CPU is fine): CI runs it through ``tests/test_benchmark.py``.
-The workload builders, implementations and checks are ``fastpref.benchmark``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import re
 import sys
@@ -33,13 +34,27 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+INSTALL_HINT = "pip install --no-deps --no-build-isolation --no-index -e .  (from the repository root)"
 
-# fast mode's time as a fraction of TRL 1.16's, per shape (the performance issue's targets)
+# fast mode's time as a fraction of TRL 1.16's, per shape (docs/benchmarks.md)
 FAST_VS_TRL = {"llama3-8b-1k": 0.65, "llama3-8b-4k": 0.70, "qwen2.5-7b-2k": 0.70, "small-1k": 0.75}
 FAST_PEAK_VS_TRL = 0.8
 LEAN_VS_TRL = 0.85
 LEAN_PEAK_VS_CCE = 1.5
 FORWARD_X_FLOOR = 1.15
+
+
+def require_installed() -> str | None:
+    """None when fastpref is installed in this Python; else why not and how to fix it (checked before anything
+    else runs, so a lent machine is not spent on a suite whose every fastpref row would error)."""
+    if importlib.util.find_spec("fastpref") is None:
+        return f"fastpref is not installed in this Python ({sys.executable}): {INSTALL_HINT}"
+    try:
+        import fastpref.kernels  # noqa: F401  (needs triton; the package-dir mapping of an install)
+    except ImportError as e:
+        return (f"fastpref is importable but fastpref.kernels is not ({type(e).__name__}: {e}); the repository was "
+                f"put on the path instead of installed, or triton is missing: {INSTALL_HINT}")
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers-path", action="append", default=[], metavar="DIR",
                    help="directory with the peers' packages (pip install --no-deps --target DIR), put first on "
                         "sys.path; repeatable")
-    p.add_argument("--check-pairs", type=int, default=1, help="pairs of the float64 check subset")
+    p.add_argument("--check-pairs", type=int, default=4,
+                   help="pairs of the float64 check subset (several: the fast path's pair groups are exercised)")
     p.add_argument("--check-tokens", type=int, default=512, help="tokens per sequence of the float64 check subset")
     p.add_argument("--check-only", action="store_true", help="phase 1 only")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory of the CSV and PNG (default bench/results)")
@@ -85,7 +101,7 @@ def _merge_errors(rows: list, checks: list) -> None:
 
 
 def targets_table(rows: list) -> tuple[str, bool]:
-    """The performance issue's targets as measured ratios; (text, all met)."""
+    """The targets of docs/benchmarks.md as measured ratios; (text, all met)."""
     lines = [f"{'shape':<14} {'regime':<8} {'target':<34} {'measured':>9} {'limit':>7}  verdict"]
     all_met, measured = True, 0
 
@@ -129,7 +145,15 @@ def targets_table(rows: list) -> tuple[str, bool]:
     return "\n".join(lines), all_met and measured > 0
 
 
+def _fastpref_failures(rows: list) -> list:
+    return [r for r in rows if r.impl.startswith("fastpref") and r.status in ("FAIL", "error")]
+
+
 def main(argv: list[str] | None = None) -> int:
+    problem = require_installed()
+    if problem is not None:
+        print(f"gpu_suite: {problem}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     for path in reversed(args.peers_path):  # before any peer is imported
         sys.path.insert(0, str(Path(path).resolve()))
@@ -138,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastpref.benchmark import (
         BENCH_SHAPES,
+        CHECK_ONLY_IMPLS,
         SHAPES,
         config_from_args,
         format_table,
@@ -154,38 +179,44 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if not args.dry and args.shapes is None:
         cfg = dataclasses.replace(cfg, shapes=[SHAPES[n] for n in BENCH_SHAPES])
-    subset = (args.check_pairs, args.check_tokens) if not args.dry else (1, 32)
+    subset = (args.check_pairs, args.check_tokens) if not args.dry else (min(args.check_pairs, 2), 32)
     t0 = time.perf_counter()
 
     # Phase 1: correctness first, on a subset (a failure outranks timings).
-    checks = run_bench(dataclasses.replace(cfg, check=not args.no_check, check_subset=subset, measure=False))
-    failed = [c for c in checks if c.status in ("FAIL", "error")]
-    print("float64 check (subset):")
-    print(format_table(checks))
-    if failed:
-        print("\nCHECK FAILURES (they outrank every timing below):")
-        for c in failed:
-            print(f"  {c.shape}/{c.regime} {c.task} {c.impl}: {c.status} {c.note}")
+    check_impls = [*cfg.impls, *(i for i in CHECK_ONLY_IMPLS if "fastpref-fast" in cfg.impls)]
+    checks = run_bench(dataclasses.replace(cfg, impls=check_impls, check=not args.no_check, check_subset=subset,
+                                           measure=False))
+    failed = _fastpref_failures(checks)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     device = torch.device(cfg.device)
     hw = _slug(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     name = f"{'dry-' if args.dry else ''}{hw}-{stamp}"
     if args.check_only:
+        print("float64 check (subset):")
+        print(format_table(checks))
         print(f"\ncheck CSV: {write_csv(checks, args.out / f'{name}-check.csv')}")
         return 1 if failed else 0
 
-    # Phase 2: timings and peak memory, no checks (merged in from phase 1).
+    # Phase 2: peak memory and timings (errors merged in from phase 1).
     rows = run_bench(dataclasses.replace(cfg, check=False))
     _merge_errors(rows, checks)
+    failed += _fastpref_failures(rows)
     csv_path = write_csv(rows, args.csv or args.out / f"{name}.csv")
     png_path = write_plot(rows, args.plot or args.out / f"{name}.png", title="fastpref GPU suite")
-    targets, met = targets_table(rows)
-    print("\nTargets of the performance issue (ratios measured side by side in this run):")
-    print(targets)
+    print("float64 check (subset):")
+    print(format_table(checks))
+    print("\ntimings and peak memory:")
     print(format_table(rows))
-    print(f"\nCSV: {csv_path}\nPNG: {png_path}\n{len(rows)} rows in {time.perf_counter() - t0:.1f} s; "
-          f"targets {'all met' if met else 'NOT all met'}")
-    return 1 if failed or any(r.status == "FAIL" for r in rows) else 0
+    print(f"\nCSV: {csv_path}\nPNG: {png_path}\n{len(rows)} rows in {time.perf_counter() - t0:.1f} s")
+    if failed:
+        print("\nFASTPREF FAILURES (they outrank every timing):")
+        for r in failed:
+            print(f"  {r.shape}/{r.regime} {r.task} {r.impl}: {r.status} {r.note}")
+    targets, met = targets_table(rows)
+    print("\nTargets (docs/benchmarks.md; ratios measured side by side in this run):")
+    print(targets)
+    print(f"targets {'all met' if met else 'NOT all met'}; exit {1 if failed else 0}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from .ops import (
     grouped_sequence_logps,
     segment_sum,
 )
+from .ops.backend import autocast_off
 from .ops.head_pass import forward_stats
 
 
@@ -45,7 +46,7 @@ def score_sequences(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     bias = None if bias is None else bias.detach()
     if groups is not None:
         return ScoredSequences(*grouped_sequence_logps(source, weight, bias, layout, groups, head))
-    with torch.autocast(source.device.type, enabled=False):
+    with autocast_off(source.device.type):
         stats = forward_stats(source, layout.index, weight, bias, layout.targets, head)
     _, logps, token_stats = finalize_stats(stats, weight.shape[0])
     return ScoredSequences(segment_sum(logps, layout.offsets), token_stats)

@@ -33,10 +33,31 @@ class Compiled:
     local_bytes: int  # spills (and other local memory) per thread
     stack_bytes: int
     shared_bytes: int  # static + Triton's dynamic shared memory
+    ttir: str = ""  # the Triton IR, for structural checks
 
     @property
     def spills(self) -> bool:
         return self.local_bytes > 0 or self.stack_bytes > 0
+
+    @property
+    def reductions_in_loops(self) -> int:
+        """How many ``tt.reduce`` ops sit inside an ``scf.for`` body (by the printed IR's indentation)."""
+        count, loop_indents = 0, []
+        for line in self.ttir.splitlines():
+            indent = len(line) - len(line.lstrip())
+            body = line.strip()
+            while loop_indents and indent <= loop_indents[-1] and body.startswith("}"):
+                loop_indents.pop()
+                break
+            if "scf.for" in body:
+                loop_indents.append(indent)
+            elif loop_indents and '"tt.reduce"' in body:
+                count += 1
+        return count
+
+    @property
+    def no_reduce_in_loop(self) -> bool:
+        return self.reductions_in_loops == 0
 
 
 def _bind(record: LaunchRecord) -> tuple[Any, dict[str, Any], tuple[Any, ...]]:
@@ -66,7 +87,7 @@ def compile_launch(record: LaunchRecord, arch: int) -> Compiled:
     usage = resource_usage(compiled.asm["cubin"])
     return Compiled(name=jit_function(record.kernel).__name__, arch=arch, num_warps=options.num_warps,
                     registers=usage["REG"], local_bytes=usage["LOCAL"], stack_bytes=usage["STACK"],
-                    shared_bytes=max(usage["SHARED"], int(compiled.metadata.shared)))
+                    shared_bytes=max(usage["SHARED"], int(compiled.metadata.shared)), ttir=compiled.asm["ttir"])
 
 
 def _tool(name: str) -> str:

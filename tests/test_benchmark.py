@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,10 +62,17 @@ def test_fastpref_bench_dry(tmp_path, capsys):
         assert out_png.stat().st_size > 0
 
 
-def test_gpu_suite_dry(tmp_path):
+def _gpu_suite():
     spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "bench" / "gpu_suite.py")
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
+    return suite
+
+
+def test_gpu_suite_dry(tmp_path, capsys):
+    """The GPU suite's own code on the CPU: the fast-mode row (whose backward is single-use) is measured, the
+    multi-group fast check runs, and the targets table comes last."""
+    suite = _gpu_suite()
     # one regime: the other is exercised by test_fastpref_bench_dry, and CI time is precious
     rc = suite.main(["--dry", "--device", "cpu", "--no-progress", "--regimes", "peaked", "--out", str(tmp_path)])
     assert rc == 0
@@ -71,10 +80,46 @@ def test_gpu_suite_dry(tmp_path):
     columns, rows = _read(csv_path)
     assert tuple(columns) == CSV_COLUMNS
     _check_rows(rows, regimes=("peaked",))
+    fast = next(r for r in rows if (r["task"], r["impl"]) == ("step", "fastpref-fast"))
+    assert float(fast["fwd_ms"]) > 0 and float(fast["bwd_ms"]) > 0
     # errors come from the float64 check phase, on a subset of the workload
     assert all("subset" in r["note"] for r in rows if r["status"] == "ok")
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert list(tmp_path.glob("dry-*.png"))
+    printed = capsys.readouterr().out
+    grouped = [line for line in printed.splitlines() if line.startswith("step   fastpref-fast-3groups")]
+    assert grouped and "errors on a" in grouped[0] and "error " not in grouped[0].split("errors on a")[0]
+    tail = printed.strip().splitlines()
+    assert tail[-1].startswith("targets ") and any("fast time / TRL" in line for line in tail[-8:])
+
+
+def test_gpu_suite_stops_at_once_when_fastpref_is_not_installed():
+    """A Python without fastpref installed (here: no site-packages at all) gets the install command, exit 2,
+    before anything is imported or timed."""
+    out = subprocess.run([sys.executable, "-S", str(ROOT / "bench" / "gpu_suite.py"), "--dry"], capture_output=True,
+                         text=True, cwd=ROOT / "bench", timeout=60)
+    assert out.returncode == 2
+    assert "fastpref is not installed" in out.stderr and "--no-build-isolation --no-index -e ." in out.stderr
+
+
+def test_harness_times_every_device_with_one_code_path():
+    """The harness differs between devices only by its clock: with a clock that records its marks, the fast
+    mode's step is timed from fresh graphs (one forward, one backward each) like every other implementation."""
+    from fastpref.benchmark import BenchConfig, Clock, run_bench
+    from fastpref.benchmark.workload import SHAPES
+
+    class RecordingClock(Clock):
+        def __init__(self):
+            super().__init__(torch.device("cpu"))
+            self.marks = 0
+
+        def mark(self):
+            self.marks += 1
+            return super().mark()
+
+    clock = RecordingClock()
+    rows = run_bench(BenchConfig(shapes=[SHAPES["tiny"]], regimes=["uniform"], impls=["fastpref-fast", "reference"],
+                                 tasks=["step"], repeats=2, check=False, clock=clock, progress=False))
+    assert all(r.status == "ok" and r.time_ms > 0 and r.bwd_ms > 0 for r in rows), rows
+    assert clock.marks == 2 * 2 * 3  # 2 rounds x 2 implementations x (before, between, after)
 
 
 # 2 pairs x 128 tokens, tiny H, V = 32000: the logits (384 scored x 32000) dominate every other tensor.

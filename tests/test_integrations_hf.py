@@ -192,6 +192,31 @@ def test_packed_forward_equals_padded(tok):
         [*a.preference.chosen_logps.tolist(), *a.preference.rejected_logps.tolist()]), rtol=1e-5, atol=1e-4)
 
 
+def test_return_logps_packed_sums_are_deterministic_segment_sums(tok):
+    """return_logps on a packed row sums per sequence without index_add (float atomics on CUDA: reruns would
+    differ): the sorted fp64 segment sum of fastpref.ops.sum_by_id."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    records = toy_preference_records(3, seed=4)
+    packed = PreferenceCollator(tok, padding_free=True)(records)
+    model = add_fused_lm_head(toy_llama(tok, hidden_size=32, num_layers=1))
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func._overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Ops():
+        out = model(packed["input_ids"], position_ids=packed["position_ids"], labels=packed["labels"],
+                    seq_ids=packed["seq_ids"], num_seqs=6, return_logps=True)
+    assert not [op for op in seen if op.startswith("index_add")]
+    ids = packed["seq_ids"][..., 1:].reshape(-1)
+    tok_logps = out.token_logps.reshape(-1).double()
+    want = torch.stack([tok_logps[ids == s].sum() for s in range(6)])
+    torch.testing.assert_close(out.sequence_logps.double(), want, rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------- collator
 def test_padded_collator_matches_trl(tok):
     pytest.importorskip("trl")

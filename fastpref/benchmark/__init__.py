@@ -16,6 +16,7 @@ from .cost_model import COST_PATHS, CostEstimate, cost_model, cost_table
 from .harness import (
     CSV_COLUMNS,
     BenchConfig,
+    Clock,
     Row,
     finalize_block,
     matmul_rate,
@@ -24,12 +25,22 @@ from .harness import (
     time_call,
     time_split,
 )
-from .peers import IMPL_NAMES, FastprefImpl, Impl, ReferenceImpl, StepOutput, dpo_loss, implementations
+from .peers import (
+    CHECK_ONLY_IMPLS,
+    IMPL_NAMES,
+    FastprefImpl,
+    Impl,
+    ReferenceImpl,
+    StepOutput,
+    dpo_loss,
+    implementations,
+)
 from .report import format_table, read_csv, write_csv, write_plot
 from .workload import BENCH_SHAPES, REGIMES, SHAPES, Shape, Workload, make_workload, parse_shape
 
 __all__ = [
     "BENCH_SHAPES",
+    "CHECK_ONLY_IMPLS",
     "COST_PATHS",
     "CSV_COLUMNS",
     "ERROR_KEYS",
@@ -37,6 +48,7 @@ __all__ = [
     "REGIMES",
     "SHAPES",
     "BenchConfig",
+    "Clock",
     "CostEstimate",
     "FastprefImpl",
     "Impl",

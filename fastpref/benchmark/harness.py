@@ -38,53 +38,85 @@ def measure_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int,
     return peak_bytes(fn, device)
 
 
-def time_split(impl: Impl, w: Workload, repeats: int) -> tuple[float, float]:
-    """Median (forward, backward) seconds of the step, both halves of each run timed with the device synced
-    (exact on the CPU; on CUDA ``bench/gpu_suite.py`` uses ``do_bench`` per phase instead)."""
-    fwd, bwd = [], []
-    for _ in range(repeats):
-        w.zero_grad()
-        synchronize(w.device)
-        t0 = time.perf_counter()
-        out = impl.step(w)
-        synchronize(w.device)
-        t1 = time.perf_counter()
-        out.loss.backward()
-        synchronize(w.device)
-        t2 = time.perf_counter()
-        fwd.append(t1 - t0)
-        bwd.append(t2 - t1)
-        del out
+class Clock:
+    """Times work on one device; the only part of the harness that differs between the CPU and CUDA.
+
+    ``mark()`` returns a point in time in the device's order of execution: ``time.perf_counter()`` on the CPU
+    (its ops run synchronously), a recorded CUDA event on CUDA (the host does not wait, so marking does not
+    change what is measured). ``seconds(a, b)`` reads the interval after ``finish()`` (one synchronisation for a
+    whole set of runs). ``before_run()`` evicts the L2 cache on CUDA (a 256 MiB write, as
+    ``triton.testing.do_bench`` does), so no run starts with the previous run's data cached."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._flush = torch.empty(64 << 20, dtype=torch.int32, device=device) if device.type == "cuda" else None
+
+    def before_run(self) -> None:
+        if self._flush is not None:
+            self._flush.zero_()
+
+    def mark(self) -> Any:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def finish(self) -> None:
+        synchronize(self.device)
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if self.device.type == "cuda":
+            return start.elapsed_time(end) / 1e3
+        return end - start
+
+
+def time_step_once(impl: Impl, w: Workload, clock: Clock) -> tuple[Any, Any, Any]:
+    """One run of the step on a fresh graph (fast mode's backward is single-use: never re-run a backward):
+    ``.grad`` cleared, then marks before the forward, between forward and backward, and after the backward."""
     w.zero_grad()
-    return statistics.median(fwd), statistics.median(bwd)
+    clock.before_run()
+    t0 = clock.mark()
+    out = impl.step(w)
+    t1 = clock.mark()
+    out.loss.backward()
+    t2 = clock.mark()
+    del out
+    return t0, t1, t2
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+def time_split(impl: Impl, w: Workload, repeats: int, clock: Clock | None = None) -> tuple[float, float]:
+    """Median (forward, backward) seconds of ``repeats`` runs of the step."""
+    clock = clock or Clock(w.device)
+    marks = [time_step_once(impl, w, clock) for _ in range(repeats)]
+    clock.finish()
+    w.zero_grad()
+    return (statistics.median(clock.seconds(a, b) for a, b, _ in marks),
+            statistics.median(clock.seconds(b, c) for _, b, c in marks))
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, clock: Clock | None = None) -> float:
     """Median seconds of ``fn()``."""
-    times = []
+    clock = clock or Clock(device)
+    marks = []
     for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
+        clock.before_run()
+        start = clock.mark()
         fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        marks.append((start, clock.mark()))
+    clock.finish()
+    return statistics.median(clock.seconds(a, b) for a, b in marks)
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 5) -> float:
-    """Measured FLOP/s of ``[m, k] @ [k, n]`` in ``dtype`` (the rate the step's matmuls can reach here): the
-    do_bench median on CUDA; on a (possibly shared) CPU the best of ``repeats`` runs, i.e. what it can do."""
+    """Measured FLOP/s of ``[m, k] @ [k, n]`` in ``dtype`` (the rate the step's matmuls can reach here): the best
+    of ``repeats`` runs (on a shared CPU, what it can do; on CUDA, the rate its clocks settle at)."""
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(n, k, device=device, dtype=dtype)
     out = torch.mm(a, b.t())  # warm-up (oneDNN / cuBLAS heuristics)
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        seconds = do_bench(lambda: torch.mm(a, b.t(), out=out), return_mode="median") / 1e3
-    else:
-        seconds = min(time_call(lambda: torch.mm(a, b.t(), out=out), device, 1) for _ in range(repeats))
+    clock = Clock(device)
+    seconds = min(time_call(lambda: torch.mm(a, b.t(), out=out), device, 1, clock) for _ in range(repeats))
     return 2.0 * m * k * n / seconds
-
 
 
 @dataclass
@@ -137,9 +169,9 @@ CSV_COLUMNS = tuple(f.name for f in fields(Row))
 class BenchConfig:
     """What to run. ``check_subset=(pairs, tokens)`` checks against float64 on that slice of each workload (the
     full size does not fit float64 logits on a GPU); None checks at full size, from the memory run itself.
-    ``timing``: ``"do_bench"`` (CUDA: ``triton.testing.do_bench`` medians of the full step, its forward and its
-    backward, each separately), ``"split"`` (one run's forward and backward timed with the device synced,
-    round-robin across implementations) or ``"auto"`` (do_bench on CUDA, split elsewhere)."""
+    Timing is the same on every device (``Clock``): ``repeats`` rounds, each running every implementation's step
+    once on a fresh graph, forward and backward timed apart; medians. ``clock`` replaces the device's clock
+    (tests use it to watch the harness)."""
 
     shapes: Sequence[Shape]
     regimes: Sequence[str] = REGIMES
@@ -154,7 +186,7 @@ class BenchConfig:
     check: bool = True
     check_subset: tuple[int, int] | None = None
     measure: bool = True  # False: the float64 checks only (no memory run, no timing)
-    timing: str = "auto"
+    clock: Clock | None = None
     progress: bool = True
     seed: int = 0
 
@@ -281,7 +313,7 @@ def _run_block(cfg: BenchConfig, w: Workload, impls: list[Impl], skips: dict[str
     mean_lp = check[1].mean_token_logp if check is not None else math.nan
     floors = {"step": 8 * flops_unit(w) / mm_rate,  # no recompute: policy 6 + reference 2
               "logps": 2 * flops_unit(w) / mm_rate}
-    timing = cfg.timing if cfg.timing != "auto" else ("do_bench" if w.device.type == "cuda" else "split")
+    clock = cfg.clock or Clock(w.device)
     for task in cfg.tasks:
         live: list[tuple[Impl, Row]] = []
         for impl in impls:
@@ -309,11 +341,7 @@ def _run_block(cfg: BenchConfig, w: Workload, impls: list[Impl], skips: dict[str
         bar.set_postfix_str(f"{w.shape.name}/{w.regime}: timing {task}")
         if not cfg.measure:
             continue
-        if timing == "do_bench":
-            for impl, row in live:
-                _time_do_bench(task, impl, w, row, floors[task], mm_rate)
-        else:
-            _timed_rounds(cfg, task, live, w, floors[task], mm_rate)
+        _timed_rounds(cfg, task, live, w, floors[task], mm_rate, clock)
     _ratios_and_bounds(rows, check is not None)
     return rows
 
@@ -364,8 +392,9 @@ def _record_errors(row: Row, task: str, out: Any, w: Workload, truth: Truth) -> 
 
 
 def _timed_rounds(cfg: BenchConfig, task: str, live: list[tuple[Impl, Row]], w: Workload, floor: float,
-                  mm_rate: float) -> None:
-    """``repeats`` rounds, each timing every implementation once: load drift (a shared CPU) hits all alike."""
+                  mm_rate: float, clock: Clock) -> None:
+    """``repeats`` rounds, each timing every implementation once (load drift, on a shared CPU or a GPU changing
+    clocks, hits all alike); the same code on every device, only the ``clock`` differs."""
     fwd: dict[str, list[float]] = {impl.name: [] for impl, _ in live}
     bwd: dict[str, list[float]] = {impl.name: [] for impl, _ in live}
     for _ in range(cfg.repeats):
@@ -374,9 +403,9 @@ def _timed_rounds(cfg: BenchConfig, task: str, live: list[tuple[Impl, Row]], w: 
                 continue
             try:
                 if task == "step":
-                    f, b = time_split(impl, w, 1)
+                    f, b = time_split(impl, w, 1, clock)
                 else:
-                    f, b = time_call(lambda impl=impl: impl.logps(w), w.device, 1), 0.0
+                    f, b = time_call(lambda impl=impl: impl.logps(w), w.device, 1, clock), 0.0
             except Exception as e:
                 row.status, row.note = "error", f"{type(e).__name__}: {e}"[:200]
                 w.zero_grad()
@@ -393,31 +422,6 @@ def _timed_rounds(cfg: BenchConfig, task: str, live: list[tuple[Impl, Row]], w: 
             row.bwd_ms = statistics.median(bwd[impl.name]) * 1e3
         flops = impl.step_flops(w) if task == "step" else impl.logps_flops(w)
         _throughput(row, flops, total, floor, mm_rate)
-
-
-def _time_do_bench(task: str, impl: Impl, w: Workload, row: Row, floor: float, mm_rate: float) -> None:
-    """CUDA: do_bench medians (warm-up, L2 flushed, ``.grad`` set to None before every run)."""
-    from triton.testing import do_bench
-
-    grads = [w.hidden, w.weight]
-    try:
-        if task == "step":
-            row.time_ms = do_bench(lambda: _run_task("step", impl, w), grad_to_none=grads, return_mode="median")
-            row.fwd_ms = do_bench(lambda: impl.step(w), grad_to_none=grads, return_mode="median")
-            out = impl.step(w)
-            row.bwd_ms = do_bench(lambda: out.loss.backward(retain_graph=True), grad_to_none=grads,
-                                  return_mode="median")
-            del out
-        else:
-            row.time_ms = do_bench(lambda: impl.logps(w), return_mode="median")
-    except Exception as e:
-        row.status, row.note = "error", f"{type(e).__name__}: {e}"[:200]
-        return
-    finally:
-        w.zero_grad()
-        torch.cuda.empty_cache()
-    flops = impl.step_flops(w) if task == "step" else impl.logps_flops(w)
-    _throughput(row, flops, row.time_ms / 1e3, floor, mm_rate)
 
 
 def _throughput(row: Row, flops: int, seconds: float, floor: float, mm_rate: float) -> None:
@@ -451,5 +455,5 @@ def finalize_block(rows: Sequence[Row], checked: bool = True) -> None:
     _ratios_and_bounds(rows, checked)
 
 
-__all__ = ["CSV_COLUMNS", "BenchConfig", "Row", "finalize_block", "git_commit", "hardware_name", "matmul_rate",
+__all__ = ["CSV_COLUMNS", "BenchConfig", "Clock", "Row", "finalize_block", "git_commit", "hardware_name", "matmul_rate",
            "measure_peak", "run_bench", "synchronize", "time_call", "time_split", "versions_string"]

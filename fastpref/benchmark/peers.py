@@ -68,20 +68,39 @@ def flops_unit(w: Workload, rows: int | None = None) -> int:
 
 
 class FastprefImpl(Impl):
+    """fastpref's ``DPOLoss`` in ``mode`` (``"fast"``, ``"lean"``, ``"auto"``). ``groups``: fast mode with a
+    memory budget that splits the workload into at least that many pair groups (the float64 check of dW summed
+    over groups, at the real H and V)."""
+
     is_fastpref = True
 
-    def __init__(self, mode: str, backend: str = "auto", memory_budget: int | None = None) -> None:
+    def __init__(self, mode: str, backend: str = "auto", memory_budget: int | None = None,
+                 groups: int | None = None) -> None:
         import fastpref
 
-        self.mode = mode
-        self.name = f"fastpref-{mode}"
+        self.mode, self.backend, self.groups = mode, backend, groups
+        self.name = f"fastpref-{mode}" + (f"-{groups}groups" if groups else "")
         self.label = f"fastpref {fastpref.__version__}"
-        self.backend = backend
-        self._loss = fastpref.DPOLoss(beta=BETA, mode=mode, backend=backend, memory_budget=memory_budget)
-        self.has_logps = mode == "fast"  # one forward-only row for fastpref, reported with the fast mode
+        self._memory_budget = memory_budget
+        self._losses: dict[int | None, Any] = {}
+        self.has_logps = mode == "fast" and not groups  # one forward-only row, reported with the fast mode
+
+    def _loss(self, w: Workload) -> Any:
+        import fastpref
+
+        budget = self._memory_budget
+        if self.groups:
+            # rows of logits of a group: at most a 1/groups share of the scored tokens, at least one pair's
+            elem = torch.empty((), dtype=w.dtype).element_size()
+            pair_rows = max(int(w.mask[p].sum() + w.mask[p + w.shape.pairs].sum()) for p in range(w.shape.pairs))
+            budget = max(pair_rows, -(-w.n_scored // self.groups)) * w.shape.vocab * elem
+        if budget not in self._losses:
+            self._losses[budget] = fastpref.DPOLoss(beta=BETA, mode=self.mode, backend=self.backend,
+                                                    memory_budget=budget)
+        return self._losses[budget]
 
     def step(self, w: Workload) -> StepOutput:
-        out = self._loss(w.hidden, w.weight, w.labels, ref_hidden=w.ref_hidden)
+        out = self._loss(w)(w.hidden, w.weight, w.labels, ref_hidden=w.ref_hidden)
         return StepOutput(out.loss, out.chosen_logps, out.rejected_logps)
 
     def logps(self, w: Workload) -> torch.Tensor:
@@ -91,7 +110,7 @@ class FastprefImpl(Impl):
             return fastpref.sequence_logps(w.hidden, w.weight, w.labels, backend=self.backend)
 
     def step_flops(self, w: Workload) -> int:
-        # policy 6 (fast: gradients during the forward) or 8 (lean: recompute), reference forward 2
+        # policy 6 (fast: no recompute) or 8 (lean: recompute), reference forward 2
         return (8 if self.mode == "fast" else 10) * flops_unit(w)
 
 
@@ -268,6 +287,8 @@ class CceImpl(Impl):
 
 
 IMPL_NAMES = ("fastpref-fast", "fastpref-lean", "reference", "trl", "liger", "cce")
+# Checked against float64 by the GPU suite, not timed: fast mode over several pair groups (dW summed over groups).
+CHECK_ONLY_IMPLS = ("fastpref-fast-3groups",)
 
 
 def implementations(names: Iterable[str] = IMPL_NAMES, *, device: torch.device, liger_compiled: bool = True,
@@ -275,7 +296,9 @@ def implementations(names: Iterable[str] = IMPL_NAMES, *, device: torch.device, 
     """Implementation objects by name (peers are imported lazily, in ``skip_reason``)."""
     out: list[Impl] = []
     for name in names:
-        if name.startswith("fastpref-"):
+        if name == "fastpref-fast-3groups":
+            out.append(FastprefImpl("fast", backend=backend, groups=3))
+        elif name.startswith("fastpref-") and name in IMPL_NAMES:
             out.append(FastprefImpl(name.split("-", 1)[1], backend=backend))
         elif name == "reference":
             out.append(ReferenceImpl())
@@ -286,9 +309,9 @@ def implementations(names: Iterable[str] = IMPL_NAMES, *, device: torch.device, 
         elif name == "cce":
             out.append(CceImpl())
         else:
-            raise ValueError(f"impl: expected one of {list(IMPL_NAMES)}, got {name!r}")
+            raise ValueError(f"impl: expected one of {[*IMPL_NAMES, *CHECK_ONLY_IMPLS]}, got {name!r}")
     return out
 
 
-__all__ = ["IMPL_NAMES", "CceImpl", "FastprefImpl", "Impl", "LigerImpl", "ReferenceImpl", "StepOutput", "TrlImpl",
-           "dpo_loss", "flops_unit", "implementations", "module_version", "version"]
+__all__ = ["CHECK_ONLY_IMPLS", "IMPL_NAMES", "CceImpl", "FastprefImpl", "Impl", "LigerImpl", "ReferenceImpl",
+           "StepOutput", "TrlImpl", "dpo_loss", "flops_unit", "implementations", "module_version", "version"]

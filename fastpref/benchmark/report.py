@@ -31,7 +31,7 @@ def format_table(rows: Sequence[Row]) -> str:
     blocks: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
         blocks.setdefault((r.shape, r.regime), []).append(r)
-    header = (f"{'task':<6} {'impl':<14} {'time ms':>9} {'fwd':>8} {'bwd':>8} {'x ref':>6} {'peak MiB':>9} "
+    header = (f"{'task':<6} {'impl':<22} {'time ms':>9} {'fwd':>8} {'bwd':>8} {'x ref':>6} {'peak MiB':>9} "
               f"{'x ref':>6} {'largest':>8} {'max err':>9} {'x floor':>7} {'TFLOP/s (mm%)':>14}  note")
     for (shape, regime), block in blocks.items():
         r0 = block[0]
@@ -48,11 +48,11 @@ def format_table(rows: Sequence[Row]) -> str:
         lines.append("-" * len(header))
         for r in block:
             if r.status in ("skipped", "error"):
-                lines.append(f"{r.task:<6} {r.impl:<14} {r.status:>9}  {r.note}")
+                lines.append(f"{r.task:<6} {r.impl:<22} {r.status:>9}  {r.note}")
                 continue
             note = r.note if r.status == "ok" else f"{r.status}: {r.note}"
             lines.append(
-                f"{r.task:<6} {r.impl:<14} {_fmt(r.time_ms):>9} {_fmt(r.fwd_ms):>8} {_fmt(r.bwd_ms):>8} "
+                f"{r.task:<6} {r.impl:<22} {_fmt(r.time_ms):>9} {_fmt(r.fwd_ms):>8} {_fmt(r.bwd_ms):>8} "
                 f"{_fmt(r.time_vs_ref, '.2f'):>6} {_fmt(r.peak_bytes / 2**20):>9} {_fmt(r.peak_vs_ref, '.2f'):>6} "
                 f"{_fmt(r.largest_bytes / 2**20):>8} {_fmt(r.max_err, '.2e'):>9} {_fmt(r.x_floor, '.2f'):>7} "
                 f"{_tflops(r):>14}  {note}")

@@ -3,6 +3,7 @@ interpreter (``TRITON_INTERPRET=1``)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -39,9 +40,22 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return "triton" if triton_available() and device.type == "cuda" else "torch"
 
 
+def _autocast_available(device_type: str) -> bool:
+    available = getattr(torch.amp, "is_autocast_available", None)
+    return device_type in ("cpu", "cuda") if available is None else available(device_type)
+
+
 def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     """TRL's rule: the autocast dtype when autocast is on for the hidden states' device, else their dtype."""
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return hidden.dtype
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device_type, enabled=False)`` where the device type has autocast (not ``meta``): the chunk
+    loops cast explicitly, in the compute dtype chosen once at the boundary."""
+    if _autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .backend import autocast_off
 from .head_pass import HeadPass, accumulate_mm, gather, project
 from .layout import TokenLayout, segment_sum
 from .linear_logps import TokenStats, finalize_stats
@@ -66,7 +67,7 @@ class FusedPairLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, source, weight, bias, problem: PairProblem):  # type: ignore[override]
         need = ctx.needs_input_grad[:3]
-        with torch.autocast(source.device.type, enabled=False):
+        with autocast_off(source.device.type):
             loss, result, pending = _fused_forward(source, weight, bias, problem, need)
         # Plain references, not save_for_backward: the backward finishes and scales them in place (no second
         # dW-sized buffer) and so can run once; a second backward raises instead of returning wrong values.
@@ -82,7 +83,7 @@ class FusedPairLoss(torch.autograd.Function):
                                "(retain_graph=True) needs mode='lean'")
         if grad_loss is None:
             return None, None, None, None
-        with torch.autocast(grad_loss.device.type, enabled=False):
+        with autocast_off(grad_loss.device.type):
             d_source, d_weight, d_bias = pending.finish(grad_loss)
         return d_source, d_weight, d_bias, None
 
@@ -172,7 +173,7 @@ def grouped_sequence_logps(source: torch.Tensor, weight: torch.Tensor, bias: tor
     head = _GroupedHead(layout, groups, weight, cfg)
     stats = RowStats.empty(layout.num_scored, source.device, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
     seq = torch.zeros(2 * num_pairs, device=source.device, dtype=torch.float32)
-    with torch.autocast(source.device.type, enabled=False):
+    with autocast_off(source.device.type):
         for p0, p1 in groups:
             seq[2 * p0 : 2 * p1] = head.forward(p0, p1, source, weight, bias, stats)[3]
     return seq, finalize_stats(stats, weight.shape[0])[2]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import head_pass
+from .backend import autocast_off
 from .head_pass import HeadPass
 from .layout import TokenLayout, build_layout
 from .tile_ops import RowStats
@@ -46,7 +47,7 @@ class LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, source, weight, bias, layout: TokenLayout, cfg: HeadPass):  # type: ignore[override]
-        with torch.autocast(source.device.type, enabled=False):
+        with autocast_off(source.device.type):
             stats = head_pass.forward_stats(source, layout.index, weight, bias, layout.targets, cfg)
         lse, logps, token_stats = finalize_stats(stats, weight.shape[0])
         ctx.save_for_backward(source, weight, bias, lse)
@@ -60,7 +61,7 @@ class LinearLogProbs(torch.autograd.Function):
         if grad_logps is None:
             return None, None, None, None, None
         layout = ctx.layout
-        with torch.autocast(source.device.type, enabled=False):
+        with autocast_off(source.device.type):
             d_source, d_weight, d_bias = head_pass.backward(
                 source, layout.index, weight, bias, layout.targets, lse, grad_logps.float().contiguous(), ctx.cfg,
                 need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,

@@ -1,0 +1,81 @@
+"""Ahead-of-time compilation of every kernel specialisation the launchers produce at the benchmark shapes, for
+sm_80 (A100) and sm_90 (H100 / H200), with Triton's bundled ptxas — no GPU needed.
+
+The specialisations are recorded from the launch sites (``fastpref.testing.launch_sites``: the ops run on
+``meta`` tensors with launch recording on), not hand-listed. The compile runs in a subprocess without
+``TRITON_INTERPRET`` (the interpreter replaces the ``@triton.jit`` functions the compiler needs).
+
+Bounds, per compiled kernel:
+- it compiles, with no spills (no local memory, no stack);
+- the row kernels use at most 64 registers per thread: they are memory-bound and run 8 warps (256 threads) per
+  program, so 64 registers x 256 threads x 4 programs fill the 64K-register file of an SM exactly: at most 64
+  keeps at least 4 programs (1024 threads, 50 % occupancy) resident to hide the memory latency;
+- shared memory within the SM's per-block limit (sm_80: 163 KiB, sm_90: 227 KiB);
+- the fold kernel reduces across the block once per chunk, after its loop (no ``tt.reduce`` inside it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import HAS_TRITON
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_KERNEL_REGISTERS = 64
+SHARED_LIMIT = {80: 166912, 90: 232448}
+
+
+def _ptxas() -> Path | None:
+    if not HAS_TRITON:
+        return None
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return path if path.exists() else None
+
+
+pytestmark = pytest.mark.skipif(_ptxas() is None, reason="needs triton with its bundled ptxas (NVIDIA backend)")
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-m", "fastpref.testing.launch_sites"], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout)
+
+
+def test_every_launch_compiles_for_sm80_and_sm90(compiled):
+    names = {e["name"] for e in compiled}
+    assert {"_fold_logsumexp_kernel", "_logit_grad_kernel"} <= names
+    for arch in (80, 90):
+        variants = {(e["name"], e["dtypes"][0], tuple(sorted(e["meta"].items()))) for e in compiled
+                    if e["arch"] == arch}
+        # bf16 and fp16 tiles x (fold: token statistics x softcap; grad: softcap)
+        assert len(variants) == 2 * (4 + 2), variants
+
+
+def test_no_spills_and_registers_within_bound(compiled):
+    for e in compiled:
+        assert not e["spills"], e
+        if e["name"] in ("_fold_logsumexp_kernel", "_logit_grad_kernel"):
+            assert e["registers"] <= ROW_KERNEL_REGISTERS, e
+        assert e["registers"] <= 255, e
+
+
+def test_shared_memory_within_the_sm_limit(compiled):
+    for e in compiled:
+        assert e["shared_bytes"] <= SHARED_LIMIT[e["arch"]], e
+
+
+def test_fold_kernel_reduces_once_after_its_loop(compiled):
+    folds = [e for e in compiled if e["name"] == "_fold_logsumexp_kernel"]
+    assert folds and all(e["no_reduce_in_loop"] for e in folds)
