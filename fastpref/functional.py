@@ -29,6 +29,7 @@ def token_logps(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     backend: str = "auto",
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Per-token log-probs ``log_softmax(T(hidden @ weight.T + bias)).gather(-1, labels)``.
 
@@ -38,6 +39,8 @@ def token_logps(
         labels: int ``[B, T]`` / ``[N]``, already shifted; ``ignore_index`` marks unscored positions.
         temperature, logit_scale, softcap: ``z = softcap * tanh(y * logit_scale / softcap) / temperature``.
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
+        check_finite: raise ``ValueError`` on NaN / inf in hidden, weight or bias (in the one host sync).
+            Off by default: non-finite inputs propagate, as in PyTorch.
 
     Returns:
         fp32 tensor shaped like ``labels``, 0 where ignored; differentiable w.r.t. hidden, weight and bias.
@@ -45,7 +48,7 @@ def token_logps(
     check_head_inputs(hidden, weight, labels, bias)
     check_int("ignore_index", ignore_index)
     cfg = _head_pass(hidden, backend, temperature, logit_scale, softcap)
-    scored = score_labels(hidden, weight, bias, labels, cfg, ignore_index=ignore_index)
+    scored = score_labels(hidden, weight, bias, labels, cfg, ignore_index=ignore_index, check_finite=check_finite)
     return scatter_tokens(scored.logps, scored.layout, labels.shape)
 
 
@@ -64,6 +67,7 @@ def sequence_logps(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     backend: str = "auto",
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Per-sequence sums (or, with ``average=True``, means over the scored tokens) of the token log-probs.
 
@@ -82,10 +86,10 @@ def sequence_logps(
         batch, seq_len = labels.shape
         row_ids = torch.arange(batch, device=labels.device).repeat_interleave(seq_len)
         scored = score_labels(hidden, weight, bias, labels, cfg, ignore_index=ignore_index, seq_ids=row_ids,
-                              num_seqs=batch)
+                              num_seqs=batch, check_finite=check_finite)
     else:
         scored = score_labels(hidden, weight, bias, labels, cfg, ignore_index=ignore_index, seq_ids=seq_ids,
-                              num_seqs=int(num_seqs))
+                              num_seqs=int(num_seqs), check_finite=check_finite)
     sums = segment_sum(scored.logps, scored.layout.offsets)
     if average:
         return sums / scored.layout.lengths.clamp(min=1).float()
@@ -105,6 +109,7 @@ def linear_cross_entropy(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     backend: str = "auto",
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` without the logits (SFT).
 
@@ -113,10 +118,10 @@ def linear_cross_entropy(
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     nll = -token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
-                       logit_scale=logit_scale, softcap=softcap, backend=backend)
+                       logit_scale=logit_scale, softcap=softcap, backend=backend, check_finite=check_finite)
     if reduction == "none":
         return nll
     total = nll.sum()
     if reduction == "sum":
         return total
-    return total / (labels != ignore_index).sum().clamp(min=1)
+    return total / (labels.long() != ignore_index).sum().clamp(min=1)

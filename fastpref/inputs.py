@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,14 +44,14 @@ def check_same_shape(name: str, t: object, like: torch.Tensor, like_name: str) -
 
 
 def pair_layout(labels: torch.Tensor, vocab: int, seq_ids: torch.Tensor | None, num_pairs: int,
-                ignore_index: int) -> TokenLayout:
+                ignore_index: int, finite: Sequence[tuple[str, torch.Tensor]] = ()) -> TokenLayout:
     """The scored tokens of a batch in pair order (row ``r`` of a [B, T] batch is sequence ``r``)."""
     if seq_ids is None:
         batch, seq_len = labels.shape
         seq_ids = torch.arange(batch, device=labels.device).repeat_interleave(seq_len)
     # the ids are range-checked in the batch layout, then remapped (a bad id must not land on another sequence)
     return build_layout(labels.reshape(-1), ignore_index=ignore_index, vocab_size=vocab, seq_ids=seq_ids.reshape(-1),
-                        num_seqs=2 * num_pairs, pair_order=True)
+                        num_seqs=2 * num_pairs, pair_order=True, finite=finite)
 
 
 def _num_pairs(hidden: torch.Tensor, num_seqs: int | None) -> int:
@@ -78,8 +79,10 @@ class PolicyBatch:
     @classmethod
     def build(cls, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
               seq_ids: torch.Tensor | None, num_seqs: int | None, *, ignore_index: int, backend: str,
-              transform: LogitTransform, token_metrics: bool) -> PolicyBatch:
-        """Validate the batch and build its pair-ordered layout (the call's one host sync)."""
+              transform: LogitTransform, token_metrics: bool,
+              finite: Sequence[tuple[str, torch.Tensor | None]] = ()) -> PolicyBatch:
+        """Validate the batch and build its pair-ordered layout (the call's one host sync). ``finite``: tensors
+        whose values must be finite, checked in the same sync (``check_finite=True``)."""
         check_head_inputs(hidden, weight, labels, bias)
         check_seq_ids(hidden, seq_ids, num_seqs)
         if seq_ids is None and hidden.dim() == 2:
@@ -88,7 +91,8 @@ class PolicyBatch:
         num_pairs = _num_pairs(hidden, num_seqs)
         head = HeadPass.for_inputs(hidden, backend=backend, transform=transform, with_entropy=token_metrics,
                                    with_top1=token_metrics)
-        layout = pair_layout(labels, weight.shape[0], seq_ids, num_pairs, ignore_index)
+        checked = [(name, t.detach()) for name, t in finite if isinstance(t, torch.Tensor)]
+        layout = pair_layout(labels, weight.shape[0], seq_ids, num_pairs, ignore_index, checked)
         return cls(hidden, weight, bias, labels, layout, head, num_pairs)
 
     @property

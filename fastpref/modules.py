@@ -39,6 +39,9 @@ class PreferenceLoss(nn.Module):
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
         temperature, logit_scale, softcap: logit transform ``softcap * tanh(y * scale / softcap) / temperature``.
         token_metrics: also compute ``entropy`` and ``mean_token_accuracy`` in the kernels' pass.
+        check_finite: raise ``ValueError`` when the hidden states, the head or a given reference / refinement hold
+            NaN or inf (counted in the call's one host sync; a pass over each tensor). Off by default: values
+            are not inspected and non-finite inputs propagate to the loss, as in PyTorch.
 
     ``forward(hidden, weight, labels, ref_logps=None, *, bias=None, ref_hidden=None, ref_weight=None,
     ref_bias=None, seq_ids=None, num_seqs=None, refinement=None, refine_hidden=None, refine_labels=None,
@@ -70,6 +73,7 @@ class PreferenceLoss(nn.Module):
         logit_scale: float = 1.0,
         softcap: float | None = None,
         token_metrics: bool = False,
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         loss = L.LossConfig.create(
@@ -92,6 +96,7 @@ class PreferenceLoss(nn.Module):
             transform=LogitTransform(float(logit_scale), None if softcap is None else float(softcap),
                                      float(temperature)),
             token_metrics=bool(token_metrics),
+            check_finite=bool(check_finite),
         )
 
     @property

@@ -45,13 +45,16 @@ class PreferenceConfig:
     backend: str = "auto"
     transform: LogitTransform = field(default_factory=LogitTransform)
     token_metrics: bool = False
+    check_finite: bool = False
 
 
 def _policy_batch(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                   bias: torch.Tensor | None, seq_ids: torch.Tensor | None, num_seqs: int | None, *,
-                  token_metrics: bool) -> PolicyBatch:
+                  token_metrics: bool, others: dict[str, torch.Tensor | None] | None = None) -> PolicyBatch:
+    finite = [("hidden", hidden), ("weight", weight), ("bias", bias), *(others or {}).items()] \
+        if cfg.check_finite else []
     return PolicyBatch.build(hidden, weight, labels, bias, seq_ids, num_seqs, ignore_index=cfg.ignore_index,
-                             backend=cfg.backend, transform=cfg.transform, token_metrics=token_metrics)
+                             backend=cfg.backend, transform=cfg.transform, token_metrics=token_metrics, finite=finite)
 
 
 def _fast_groups(cfg: PreferenceConfig, batch: PolicyBatch) -> tuple[PairGroups | None, int, int]:
@@ -105,7 +108,11 @@ def preference_loss(
     refine_ref_logps: torch.Tensor | None = None,
 ) -> PreferenceOutput:
     """See ``fastpref.PreferenceLoss.forward``."""
-    batch = _policy_batch(cfg, hidden, weight, labels, bias, seq_ids, num_seqs, token_metrics=cfg.token_metrics)
+    others = {"ref_logps": ref_logps, "ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias,
+              "refinement": refinement, "refine_hidden": refine_hidden, "refine_ref_hidden": refine_ref_hidden,
+              "refine_ref_logps": refine_ref_logps}
+    batch = _policy_batch(cfg, hidden, weight, labels, bias, seq_ids, num_seqs, token_metrics=cfg.token_metrics,
+                          others=others)
     reference = ReferenceInputs(ref_logps, ref_hidden, ref_weight, ref_bias)
     refine = RefinementInputs(refinement, refine_hidden, refine_labels, refine_ref_hidden, refine_ref_logps)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))

@@ -247,13 +247,13 @@ def test_collator_chat_records_and_packed_layout(tok):
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
-def _train(tok, records, *, steps: int = 3, model=None, **kw):
+def _train(tok, records, *, steps: int = 3, model=None, ref_model=None, **kw):
     model = model if model is not None else toy_llama(tok, hidden_size=32, num_layers=2)
     kw.setdefault("per_device_train_batch_size", 4)
     args = FastPrefTrainingArguments(output_dir="/tmp/fastpref-test-hf", max_steps=steps, logging_steps=1,
                                      report_to=[], learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
                                      save_strategy="no", use_cpu=True, seed=0, data_seed=0, **kw)
-    trainer = FastPrefTrainer(model, args, train_dataset=records, processing_class=tok)
+    trainer = FastPrefTrainer(model, args, ref_model=ref_model, train_dataset=records, processing_class=tok)
     trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h], model, trainer
 
@@ -294,6 +294,17 @@ def test_trainer_flag_on_equals_materialised(tok, records, materialised_run):
     assert_logs_close(got, want)
     assert_params_close(model, want_model)
     assert set(METRICS) | {"rewards/accuracies"} <= set(got[0])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "materialised"])
+def test_trainer_bf16_separate_reference_gives_zero_rewards_at_step_0(tok, records, fused):
+    """bf16 mixed precision with a separate reference model equal to the policy: the reference is scored under
+    the same autocast as the policy, so the first step's rewards are exactly 0 and the loss ln 2."""
+    model = toy_llama(tok, hidden_size=32, num_layers=2)
+    logs, _, _ = _train(tok, records, steps=1, model=model, ref_model=copy.deepcopy(model), bf16=True,
+                        use_fastpref=fused)
+    assert logs[0]["rewards/chosen"] == 0.0 and logs[0]["rewards/rejected"] == 0.0, logs[0]
+    assert logs[0]["rewards/accuracies"] == 0.0 and logs[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "materialised"])

@@ -45,8 +45,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def config(cls, loss_type="sigmoid", **kw):
     kw.setdefault("label_smoothing", 0.1 if loss_type in ("robust",) else 0.0)
     kw.setdefault("per_device_train_batch_size", 4)
-    return cls(output_dir="/tmp/fastpref-test-trl", max_steps=3, logging_steps=1, report_to=[], learning_rate=0.5,
-               optim="sgd", lr_scheduler_type="constant", save_strategy="no", use_cpu=True, bf16=False, seed=0,
+    kw.setdefault("max_steps", 3)
+    kw.setdefault("bf16", False)
+    return cls(output_dir="/tmp/fastpref-test-trl", logging_steps=1, report_to=[], learning_rate=0.5,
+               optim="sgd", lr_scheduler_type="constant", save_strategy="no", use_cpu=True, seed=0,
                data_seed=0, loss_type=[loss_type] if isinstance(loss_type, str) else loss_type, **kw)
 
 
@@ -262,3 +264,17 @@ def test_generation_unchanged_after_patch(tok, dataset):
     ids = torch.tensor([[7, 8, 9, 10]])
     assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False),
                        plain.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_bf16_mixed_precision_reference_matches_stock_trl(tok, dataset):
+    """bf16 autocast (TRL's default mixed precision) with a separate reference model: TRL prepares the reference
+    under the accelerator's autocast; fastpref's fused reference must run under it too, so at the first step (the
+    reference equals the policy) the rewards are exactly 0 and the loss is ln 2, as in stock TRL."""
+    kw = dict(bf16=True, max_steps=1)
+    stock = train(build(DPOTrainer, config(DPOConfig, **kw), tok, dataset))
+    ours = train(build(FastPrefDPOTrainer, config(FastPrefDPOConfig, use_fastpref=True, **kw), tok, dataset))
+    for logs in (stock, ours):
+        assert logs[0]["rewards/chosen"] == 0.0 and logs[0]["rewards/rejected"] == 0.0, logs[0]
+        assert logs[0]["rewards/accuracies"] == 0.0 and logs[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    for key in ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy"):
+        assert ours[0][key] == pytest.approx(stock[0][key], rel=2e-2, abs=1e-2), key

@@ -18,6 +18,30 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
            "fp32": torch.float32, "float32": torch.float32}
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    """``cpu`` or ``cuda[:i]`` (an available one): the benchmark runs real work on real tensors."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:i], got {text!r} ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:i], got {text!r} (the benchmark measures real "
+                                         "work; meta and other devices hold no data)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"expected an available device, got {text!r}: CUDA is not available here")
+    return text
+
+
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """The options shared by ``fastpref bench`` and ``bench/gpu_suite.py``."""
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="SHAPE",
@@ -28,9 +52,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", nargs="+", choices=IMPL_NAMES, default=list(IMPL_NAMES), help="implementations")
     p.add_argument("--tasks", nargs="+", choices=("step", "logps"), default=["step", "logps"],
                    help="step: full DPO step; logps: forward-only policy log-probs")
-    p.add_argument("--device", default=None, help="cpu | cuda[:i]; default: cuda when available")
+    p.add_argument("--device", type=_device, default=None, help="cpu | cuda[:i]; default: cuda when available")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (the benchmark: bf16)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median); default 3")
+    p.add_argument("--repeats", type=_positive_int, default=None,
+                   help="timed runs per measurement (median); default 3")
     p.add_argument("--no-check", action="store_true", help="skip the float64 check")
     p.add_argument("--liger-eager", action="store_true",
                    help="run Liger with compiled=False (its default compiles with torch.compile)")

@@ -283,16 +283,17 @@ class FastPrefDPOTrainer(DPOTrainer):
             add_fused_lm_head(base, backend=self.args.fastpref_backend)
         loss_fn = self.fastpref_loss if self.fastpref_loss is not None else self._build_loss(base)
         policy = self.accelerator.unwrap_model(self.model)
+        # TRL prepared the reference model (its forward wrapped in the accelerator's autocast) before
+        # add_fused_lm_head replaced that forward: run the fused reference under the same autocast as the policy
+        # (bf16 mixed precision), or a reference equal to the policy would not score bit-identically.
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                reference_context(policy, self.ref_model):
+                reference_context(policy, self.ref_model), self.accelerator.autocast():
             return fused_reference_logps(model, batch, loss_fn, prefix)
 
     def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.use_fastpref:
             return super().compute_ref_log_probs(model, inputs)
-        with self.accelerator.autocast():
-            ref = self._fused_reference(model, inputs)
-        return ref.chunk(2, dim=0)
+        return self._fused_reference(model, inputs).chunk(2, dim=0)
 
     # -- loss --------------------------------------------------------------------------------------------------
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:

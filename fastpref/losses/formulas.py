@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..utils.validation import Interval, check_number
+from ..utils.validation import FP32_MAX, Interval, check_number
 
 LossResult = tuple[Tensor, Tensor, Tensor]
 _F = TypeVar("_F", bound=Callable[..., LossResult])
@@ -48,12 +48,14 @@ NEEDS_REFINEMENT: frozenset[str] = frozenset({"sr_dpo", "sr_ipo"})
 # Hyper-parameter ranges (one table, shared by the functions and by ``LossConfig``)
 
 
+_BIG = FP32_MAX  # every hyper-parameter is finite in fp32, the precision of the fused losses
 HPARAM_RANGES: dict[str, Interval] = {
-    "beta": Interval(0.0, low_closed=False),
-    "refinement_lambda": Interval(0.0, note="the weight λ of the refinement term; 0 gives DPO / IPO"),
-    "simpo_gamma": Interval(0.0, note="SimPO's target reward margin γ"),
-    "discopop_tau": Interval(0.0, low_closed=False, note="DiscoPOP's temperature τ"),
-    "cpo_alpha": Interval(0.0, note="the weight of CPO's NLL term"),
+    "beta": Interval(0.0, _BIG, low_closed=False, high_closed=True),
+    "refinement_lambda": Interval(0.0, _BIG, high_closed=True,
+                                  note="the weight λ of the refinement term; 0 gives DPO / IPO"),
+    "simpo_gamma": Interval(0.0, _BIG, high_closed=True, note="SimPO's target reward margin γ"),
+    "discopop_tau": Interval(0.0, _BIG, low_closed=False, high_closed=True, note="DiscoPOP's temperature τ"),
+    "cpo_alpha": Interval(0.0, _BIG, high_closed=True, note="the weight of CPO's NLL term"),
     # label_smoothing when no loss type of the list reads it (TRL ignores it then)
     "label_smoothing": Interval(0.0, 1.0),
 }

@@ -7,6 +7,7 @@ keep their order), which makes every sequence a contiguous range and every pair 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,11 +58,14 @@ def build_layout(
     seq_ids: torch.Tensor | None = None,
     num_seqs: int = 1,
     pair_order: bool = False,
+    finite: Sequence[tuple[str, torch.Tensor]] = (),
 ) -> TokenLayout:
     """Compact and group the scored tokens of flat ``labels`` [N] (any integer dtype, read as int64), validating
     label and seq-id ranges in the same single host sync. Without ``seq_ids`` every scored token belongs to
     sequence 0. ``pair_order``: ``seq_ids`` are in the batch layout (i chosen, i + S/2 rejected) and the
     sequences are grouped in pair order (chosen 2i, rejected 2i + 1) — validated before the remapping.
+    ``finite``: ``(name, tensor)`` pairs whose values must all be finite (``check_finite=True``), counted in the
+    same transfer.
 
     The one host sync is a single device-to-host transfer of the range checks and the per-sequence offsets; the
     offsets are computed on the device (a sorted search, no ``bincount``, whose CUDA kernel syncs twice to size
@@ -83,9 +87,15 @@ def build_layout(
     order = torch.argsort(key, stable=True)
     boundaries = torch.arange(num_seqs + 1, device=labels.device, dtype=key.dtype)
     offsets = torch.searchsorted(key.index_select(0, order), boundaries)  # [S + 1], offsets[S] = scored tokens
-    checks = torch.stack([bad_label.sum(), bad_seq.sum() if bad_seq is not None else bad_label.new_zeros(())])
-    host = torch.cat([checks, offsets]).tolist()  # the one host sync of the call
-    n_bad_label, n_bad_seq, host_offsets = host[0], host[1], host[2:]
+    checks = [bad_label.sum(), bad_seq.sum() if bad_seq is not None else bad_label.new_zeros(())]
+    checks += [(~torch.isfinite(t)).sum().to(labels.device) for _, t in finite]
+    host = torch.cat([torch.stack(checks), offsets]).tolist()  # the one host sync of the call
+    n_bad_label, n_bad_seq = host[0], host[1]
+    n_non_finite, host_offsets = host[2 : 2 + len(finite)], host[2 + len(finite):]
+    for (name, t), count in zip(finite, n_non_finite):
+        if count:
+            raise ValueError(f"{name}: expected finite values (check_finite=True), got {count} NaN or inf among its "
+                             f"{t.numel()} values")
     if n_bad_seq:
         first = int(bad_seq.nonzero()[0, 0])
         raise ValueError(f"seq_ids: values must be -1 (not scored) or in [0, num_seqs={num_seqs}); found "

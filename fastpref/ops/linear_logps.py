@@ -92,10 +92,13 @@ def score_tokens(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def score_labels(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                  cfg: HeadPass, *, ignore_index: int, seq_ids: torch.Tensor | None = None,
-                 num_seqs: int = 1) -> ScoredTokens:
-    """Compact the scored tokens of ``labels`` (the call's one host sync) and score them."""
+                 num_seqs: int = 1, check_finite: bool = False) -> ScoredTokens:
+    """Compact the scored tokens of ``labels`` (the call's one host sync) and score them; ``check_finite``:
+    the inputs' values must be finite (counted in the same sync)."""
+    finite = [(n, t.detach()) for n, t in (("hidden", hidden), ("weight", weight), ("bias", bias)) if t is not None]
     layout = build_layout(labels.reshape(-1), ignore_index=ignore_index, vocab_size=weight.shape[0],
-                          seq_ids=None if seq_ids is None else seq_ids.reshape(-1), num_seqs=num_seqs)
+                          seq_ids=None if seq_ids is None else seq_ids.reshape(-1), num_seqs=num_seqs,
+                          finite=finite if check_finite else ())
     return score_tokens(hidden, weight, bias, layout, cfg)
 
 

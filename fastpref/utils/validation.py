@@ -62,6 +62,9 @@ def check_head_inputs(
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{labels_name}: expected shape {tuple(hidden.shape[:-1])} ({hidden_name}.shape[:-1]), "
                          f"got {tuple(labels.shape)}")
+    if hidden.device.type == "meta":
+        raise ValueError(f"{hidden_name}: expected a tensor with data (on cpu, cuda, ...), got one on the meta "
+                         "device (the scored tokens are counted from the labels' values)")
     _same_device(weight_name, weight, hidden)
     _same_device(labels_name, labels, hidden)
     if bias is not None:
@@ -116,13 +119,20 @@ class Interval:
         return math.isfinite(x) and above and below
 
     def __str__(self) -> str:
-        low = "(-inf" if self.low == -math.inf else f"{'[' if self.low_closed else '('}{self.low:g}"
-        high = "inf)" if self.high == math.inf else f"{self.high:g}{']' if self.high_closed else ')'}"
+        low = "(-inf" if self.low == -math.inf else f"{'[' if self.low_closed else '('}{self.low:.4g}"
+        high = "inf)" if self.high == math.inf else f"{self.high:.4g}{']' if self.high_closed else ')'}"
         return f"{low}, {high}"
 
 
 FINITE = Interval()
 POSITIVE = Interval(0.0, low_closed=False)
+# The fused paths compute in fp32: a hyper-parameter beyond its range would become inf there (and inf * 0 = NaN).
+FP32_MAX = float(torch.finfo(torch.float32).max)
+FP32 = Interval(-FP32_MAX, FP32_MAX, high_closed=True, note="finite in fp32, the precision of the fused kernels")
+POSITIVE_FP32 = Interval(0.0, FP32_MAX, low_closed=False, high_closed=True,
+                         note="finite in fp32, the precision of the fused kernels")
+# 1 / temperature must be finite in fp32 too.
+TEMPERATURE = Interval(1.0 / FP32_MAX, FP32_MAX, high_closed=True, note="temperature and 1/temperature finite in fp32")
 
 
 def describe(value: object) -> str:
@@ -153,9 +163,9 @@ def check_number(name: str, value: object, allowed: Interval = FINITE, *, allow_
 
 
 def check_transform(temperature: object, logit_scale: object, softcap: object) -> None:
-    check_number("temperature", temperature, POSITIVE)
-    check_number("logit_scale", logit_scale)
-    check_number("softcap", softcap, POSITIVE, allow_none=True)
+    check_number("temperature", temperature, TEMPERATURE)
+    check_number("logit_scale", logit_scale, FP32)
+    check_number("softcap", softcap, POSITIVE_FP32, allow_none=True)
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> str:
