@@ -132,17 +132,25 @@ class GemmConfig:
 #
 # fp32 inputs: tl.dot(input_precision="ieee") is an FMA loop on the CUDA cores (no tensor cores, as torch's fp32
 # matmul), whose operands sit in registers: each thread holds its rows of A and columns of B for the whole BK, so a
-# small BK matters more than the tile. fold 128x64x16, 8 warps (32 accumulator registers per thread, 3·(128 + 64)·16·4
-# = 36 KiB); gradients 64x64x32, 4 warps (32 accumulator registers, 3·(64 + 64)·32·4 = 48 KiB).
+# small BK matters more than the tile (BK = 32 spilled on sm_80 once the K loop is masked). fold 128x64x16 and
+# gradients 64x128x16, 8 warps: 32 accumulator registers per thread, 3·(128 + 64)·16·4 = 36 KiB.
 # ---------------------------------------------------------------------------------------------------------------
 _FOLD_16 = GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
 _GRAD_16 = GemmConfig(64, 256, 64, group_m=8, num_warps=8, num_stages=3)
 _FOLD_32 = GemmConfig(128, 64, 16, group_m=8, num_warps=8, num_stages=3)
-_GRAD_32 = GemmConfig(64, 64, 32, group_m=8, num_warps=4, num_stages=3)
+_GRAD_32 = GemmConfig(64, 128, 16, group_m=8, num_warps=8, num_stages=3)
 DEFAULT_CONFIGS: dict[str, dict[torch.dtype, GemmConfig]] = {
     kind: {torch.bfloat16: c16, torch.float16: c16, torch.float32: c32}
     for kind, c16, c32 in (("fold", _FOLD_16, _FOLD_32), ("grad_input", _GRAD_16, _GRAD_32),
                            ("grad_weight", _GRAD_16, _GRAD_32))
+}
+# A fold that stores the logits of a slab whose width is not a multiple of 16 (an odd vocabulary's last slab): Triton
+# cannot prove the ragged block's stores aligned, so each element gets its own 64-bit address, and the default fold
+# then spills on sm_80 (24-40 B). Such launches take half the accumulator (BN = 64 / 64x64): no spill on either target.
+RAGGED_STORE_CONFIGS: dict[torch.dtype, GemmConfig] = {
+    torch.bfloat16: GemmConfig(128, 64, 64, group_m=8, num_warps=8, num_stages=4),
+    torch.float16: GemmConfig(128, 64, 64, group_m=8, num_warps=8, num_stages=4),
+    torch.float32: GemmConfig(64, 64, 16, group_m=8, num_warps=8, num_stages=3),
 }
 # Opt-in autotune candidates (FASTPREF_AUTOTUNE=1), the default first; each compiles without spills for sm_80 and
 # sm_90 (tests/test_fused_gemm_aot.py).
@@ -166,9 +174,9 @@ _TUNE_FOLD_32 = (
 )
 _TUNE_GRAD_32 = (
     _GRAD_32,
-    GemmConfig(128, 64, 32, group_m=8, num_warps=8, num_stages=3),
-    GemmConfig(64, 128, 16, group_m=8, num_warps=8, num_stages=3),
-    GemmConfig(32, 64, 32, group_m=8, num_warps=4, num_stages=3),
+    GemmConfig(128, 64, 16, group_m=8, num_warps=8, num_stages=3),
+    GemmConfig(64, 64, 16, group_m=8, num_warps=4, num_stages=3),
+    GemmConfig(32, 64, 16, group_m=8, num_warps=4, num_stages=3),
 )
 AUTOTUNE_CONFIGS: dict[str, dict[torch.dtype, tuple[GemmConfig, ...]]] = {
     kind: {torch.bfloat16: t16, torch.float16: t16, torch.float32: t32}
@@ -359,7 +367,7 @@ def _linear_fold_kernel(
             tl.store(p_target_logit + o_m, b_tgt, mask=m_t)
             if HAS_TOP1:
                 # the first maximum wins argmax, so a tie with an earlier column is not a top-1 hit
-                before = (cols[None, :] < rel_t[:, None]) & m_t[:, None]
+                before = cols[None, :] < rel_t[:, None]  # rows past the block: all of it again (max is idempotent)
                 b_before = tl.maximum(b_before, tl.max(tl.where(before, z, float("-inf")), axis=1))
         new_max = tl.maximum(b_max, block_max)
         rescale = tl.exp(b_max - new_max)
@@ -650,8 +658,16 @@ def _autotuned(kind: str, dtype: torch.dtype, restore: tuple[str, ...]) -> Any:
     return triton.autotune(configs=configs, key=_AUTOTUNE_KEY, restore_value=list(restore))(_KERNELS[kind])
 
 
-def _select(kind: str, dtype: torch.dtype, config: GemmConfig | None,
-            restore: tuple[str, ...] = ()) -> tuple[Any, dict[str, int], tuple[GemmConfig, ...]]:
+def default_config(kind: str, dtype: torch.dtype, *, ragged_store: bool = False) -> GemmConfig:
+    """The fixed config of ``kind`` ("fold", "grad_input", "grad_weight") for ``dtype``; ``ragged_store``: a fold that
+    stores logits of a slab whose width is not a multiple of 16 (see ``RAGGED_STORE_CONFIGS``)."""
+    if ragged_store and kind == "fold":
+        return RAGGED_STORE_CONFIGS[dtype]
+    return DEFAULT_CONFIGS[kind][dtype]
+
+
+def _select(kind: str, dtype: torch.dtype, config: GemmConfig | None, restore: tuple[str, ...] = (), *,
+            ragged_store: bool = False) -> tuple[Any, dict[str, int], tuple[GemmConfig, ...]]:
     """(kernel, launch meta-parameters, the configs it may run with): a forced ``config``, else the autotuner
     when ``FASTPREF_AUTOTUNE=1``, else the fixed default."""
     if config is not None:
@@ -660,7 +676,7 @@ def _select(kind: str, dtype: torch.dtype, config: GemmConfig | None,
         return _KERNELS[kind], config.meta(), (config,)
     if autotune_enabled():
         return _autotuned(kind, dtype, restore), {}, AUTOTUNE_CONFIGS[kind][dtype]
-    default = DEFAULT_CONFIGS[kind][dtype]
+    default = default_config(kind, dtype, ragged_store=ragged_store)
     return _KERNELS[kind], default.meta(), (default,)
 
 
@@ -725,6 +741,30 @@ def _check_matrix(name: str, t: Any, shape: tuple[int | None, int | None], dtype
     if t.shape[1] > 1 and t.stride(1) != 1:
         raise ValueError(f"{name}: expected unit column stride (rows may be strided), got strides {t.stride()}")
     return t
+
+
+# Stored logits are read and written with 16-byte vector accesses, which Triton only emits when it can prove the
+# alignment: a 16-byte aligned data pointer and a row stride divisible by 16 elements (its integer specialisation).
+# Otherwise every element gets its own 64-bit address, and those do not fit in registers beside the accumulator
+# (the compile spills hundreds of bytes). ``logits_buffer`` allocates such a buffer.
+ROW_STRIDE_MULTIPLE = 16
+
+
+def logits_buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """An uninitialised [rows, cols] logits buffer whose row stride is padded to a multiple of 16 elements (what
+    ``linear_fold(logits_out=...)`` and the gradient GEMMs require); column slices starting at multiples of 16 stay
+    aligned."""
+    padded = -(-cols // ROW_STRIDE_MULTIPLE) * ROW_STRIDE_MULTIPLE
+    return torch.empty((rows, padded), dtype=dtype, device=device)[:, :cols]
+
+
+def _check_aligned_rows(name: str, t: torch.Tensor) -> None:
+    rows_ok = t.shape[0] <= 1 or t.stride(0) % ROW_STRIDE_MULTIPLE == 0
+    if t.numel() and (t.data_ptr() % 16 or not rows_ok):
+        raise ValueError(f"{name}: expected aligned rows (a 16-byte aligned data pointer and a row stride divisible by "
+                         f"{ROW_STRIDE_MULTIPLE} elements), got row stride {t.stride(0)} at address offset "
+                         f"{t.data_ptr() % 16} B; allocate it with fastpref.kernels.fused_gemm.logits_buffer and slice "
+                         f"columns at multiples of {ROW_STRIDE_MULTIPLE}")
 
 
 def _check_vector(name: str, t: Any, n: int, dtypes: tuple[torch.dtype, ...], device: torch.device) -> torch.Tensor:
@@ -797,10 +837,10 @@ def linear_fold(
     hidden [n, H] and weight [Vs, H] (columns ``vocab_start ... vocab_start + Vs`` of the vocabulary) in one compute
     dtype (bf16, fp16 or fp32), unit column stride; bias [Vs] (same dtype) or None; targets [n] int64 global ids;
     row_max, row_sumexp, target_logit, logit_sum, entropy_acc, max_before_target [n] fp32 (the last two optional).
-    ``logits_out`` [n, Vs] (compute dtype, unit column stride) also receives the raw ``hidden @ weight.T + bias``
-    rounded to the compute dtype. ``config`` forces a block config; ``num_splits`` forces the number of vocabulary
-    splits (default: planned for the device's SM count, ``fold_splits``). Slab after slab, the statistics end as
-    those of the whole vocabulary.
+    ``logits_out`` [n, Vs] (compute dtype, unit column stride, aligned rows: see ``logits_buffer``) also
+    receives the raw ``hidden @ weight.T + bias`` rounded to the compute dtype. ``config`` forces a block config;
+    ``num_splits`` forces the number of vocabulary splits (default: planned for the device's SM count,
+    ``fold_splits``). Slab after slab, in any order, the statistics end as those of the whole vocabulary.
     """
     dtype = _compute_dtype("hidden", hidden)
     dev = hidden.device
@@ -819,13 +859,15 @@ def linear_fold(
             _check_vector(name, t, n, (torch.float32,), dev)
     if logits_out is not None:
         _check_matrix("logits_out", logits_out, (n, vs), (dtype,), dev)
+        _check_aligned_rows("logits_out", logits_out)
     vocab_start, logit_scale, softcap_, inv_temperature = _check_transform(vocab_start, logit_scale, softcap,
                                                                            inv_temperature)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits: expected None or an int >= 1, got {num_splits!r}")
     if n == 0 or vs == 0:
         return
-    kernel, meta, candidates = _select("fold", dtype, config)
+    kernel, meta, candidates = _select("fold", dtype, config,
+                                       ragged_store=logits_out is not None and vs % ROW_STRIDE_MULTIPLE != 0)
     # split boundaries fall on whole blocks of every config the launch may run with
     align = math.lcm(*(c.block_n for c in candidates))
     block_m = candidates[0].block_m
@@ -865,6 +907,7 @@ def _check_grad_common(logits: Any, targets: Any, lse: Any, grad_rows: Any) -> t
     dtype = _compute_dtype("logits", logits)
     dev = logits.device
     _check_matrix("logits", logits, (None, None), (dtype,), dev)
+    _check_aligned_rows("logits", logits)
     n, vs = logits.shape
     _check_vector("targets", targets, n, (torch.int64,), dev)
     _check_vector("lse", lse, n, (torch.float32,), dev)
@@ -890,7 +933,8 @@ def linear_grad_input(
     """``out (+)= G @ weight`` with ``G = grad_rows·(onehot(targets - vocab_start) - exp(T(logits) - lse))·T'``
     formed from the stored raw logits in the GEMM's prologue (``logits`` is only read).
 
-    logits [n, Vs] raw ``h @ W_slab.T + b`` in the compute dtype (unit column stride); targets [n] int64 global ids;
+    logits [n, Vs] raw ``h @ W_slab.T + b`` in the compute dtype (unit column stride, aligned rows: see
+    ``logits_buffer``); targets [n] int64 global ids;
     lse, grad_rows [n] fp32; weight [Vs, H] compute dtype; out [n, H] fp32 (an accumulator across slabs) or the
     compute dtype, unit column stride. ``accumulate=True`` adds out's previous value in the epilogue (fp32 math,
     one rounding); ``False`` overwrites it. G is rounded to the compute dtype before the MMA. Returns ``out``.
@@ -979,10 +1023,13 @@ __all__ = [
     "AUTOTUNE_CONFIGS",
     "AUTOTUNE_ENV",
     "DEFAULT_CONFIGS",
+    "RAGGED_STORE_CONFIGS",
     "GemmConfig",
     "autotune_enabled",
+    "default_config",
     "fold_splits",
     "linear_fold",
     "linear_grad_input",
     "linear_grad_weight",
+    "logits_buffer",
 ]

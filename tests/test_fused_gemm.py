@@ -28,9 +28,10 @@ else:  # pragma: no cover
 
 F64 = torch.float64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# n and H not multiples of any block, the first slab's width neither, the second a multiple of 16 but not of 32
+# n, H and the second slab's width multiples of no block size, the first slab's a multiple of 16 but not of 32 (slabs
+# start at multiples of 16: aligned logits rows)
 N, H, V = 37, 45, 150
-SLABS = ((0, 70), (70, 150))
+SLABS = ((0, 80), (80, 150))
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ def test_linear_fold_logits_out(dtype):
     stride > Vs): every slab element written, the padding untouched."""
     dtype = DTYPES[dtype]
     h, w, b, targets = _inputs(dtype=dtype)
-    buf = torch.full((N, V + 8), math.nan, dtype=dtype)
+    buf = fg.logits_buffer(N, V + 8, dtype).fill_(math.nan)
     _fold(h, w, b, targets, PLAIN, config=WIDE, logits_out=buf[:, :V])
     assert torch.isnan(buf[:, V:]).all()
     got, y = buf[:, :V].double(), _y64(h, w, b)
@@ -235,7 +236,7 @@ def _grad_inputs(n, hidden, vs, dtype, *, vocab_start, seed=1):
     w_full = (2.0 * torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(dtype)
     w = w_full[vocab_start : vocab_start + vs]
     y_full = (h.float() @ w_full.float().T).to(dtype)
-    logits = y_full[:, vocab_start : vocab_start + vs].contiguous()
+    logits = fg.logits_buffer(n, vs, dtype).copy_(y_full[:, vocab_start : vocab_start + vs])
     targets = torch.randint(0, vocab, (n,), generator=g)
     targets[: n // 3] = vocab_start + torch.randint(0, vs, (n // 3,), generator=g)  # inside the slab
     targets[5] = -100
@@ -328,7 +329,7 @@ def test_linear_grad_weight_matches_float64(case, with_bias):
 def _fused_step(h, w, b, targets, grad_rows, tr, *, config=TINY):
     """Forward over the slabs keeping the logits, then both gradient GEMMs per slab (fast mode's sequence)."""
     n, vocab = h.shape[0], w.shape[0]
-    logits = torch.full((n, vocab), math.nan, dtype=h.dtype)
+    logits = fg.logits_buffer(n, vocab, h.dtype).fill_(math.nan)
     st = _fold(h, w, b, targets, tr, config=config, logits_out=logits)
     lse = st["row_max"] + st["row_sumexp"].log()
     dh = torch.full((n, h.shape[1]), math.nan)
@@ -390,7 +391,8 @@ def _config_cases():
     cases = []
     for kind in ("fold", "grad_input", "grad_weight"):
         for dtype in (torch.bfloat16, torch.float32):
-            for c in _unique([fg.DEFAULT_CONFIGS[kind][dtype], *fg.AUTOTUNE_CONFIGS[kind][dtype]]):
+            ragged = [fg.RAGGED_STORE_CONFIGS[dtype]] if kind == "fold" else []
+            for c in _unique([fg.DEFAULT_CONFIGS[kind][dtype], *fg.AUTOTUNE_CONFIGS[kind][dtype], *ragged]):
                 cases.append(pytest.param(kind, dtype, c, id=f"{kind}-{str(dtype)[6:]}-{c.block_m}x{c.block_n}x"
                                                              f"{c.block_k}w{c.num_warps}s{c.num_stages}"))
     return cases
@@ -405,13 +407,15 @@ def test_every_shipped_config_is_correct(kind, dtype, config):
     y = _y64(h, w, b)
     lse = torch.logsumexp(CAPPED.z(y), 1).float()
     if kind == "fold":
-        st = _fold(h, w, b, targets, CAPPED, slabs=((0, vs),), config=config)
+        logits = fg.logits_buffer(n, vs, dtype).fill_(math.nan)
+        st = _fold(h, w, b, targets, CAPPED, slabs=((0, vs),), config=config, logits_out=logits)
+        assert_within_torch_error("logits_out", logits, torch.addmm(b, h, w.T), y)
         ours, (truth, _) = _outputs(st, targets, vs), _truth_outputs(CAPPED.z(y), targets)
         for name in ("lse", "logp", "mean", "entropy"):
             assert rel_err(ours[name], truth[name]) < 1e-5, name
         assert torch.equal(ours["top1"], truth["top1"])
         return
-    logits = y.to(dtype)
+    logits = fg.logits_buffer(n, vs, dtype).copy_(y)
     g64 = _g64(logits, targets, lse, grad_rows, CAPPED, 0)
     gp = _g_plain(logits, targets, lse, grad_rows, CAPPED, 0, dtype).double()
     if kind == "grad_input":
@@ -466,6 +470,25 @@ def test_autotune_runs_only_when_asked(monkeypatch):
     assert not fg.autotune_enabled()
 
 
+def test_ragged_stored_slab_takes_the_light_config(monkeypatch):
+    """Stored logits of a slab width that is no multiple of 16 launch RAGGED_STORE_CONFIGS (the default would spill
+    on sm_80, tests/test_fused_gemm_aot.py); other folds the default."""
+    monkeypatch.delenv(fg.AUTOTUNE_ENV, raising=False)
+    launched = []
+    monkeypatch.setattr(fg, "launch", lambda kernel, grid, *args, **kw: launched.append(kw))
+    h, w, b, targets = _inputs(8, 16, 40, torch.bfloat16)
+    for width, store in ((40, True), (32, True), (40, False)):
+        st = _stats(8)
+        out = fg.logits_buffer(8, width, torch.bfloat16) if store else None
+        fg.linear_fold(h, w[:width], b[:width], targets, **st, vocab_start=0, **PLAIN.kwargs(), logits_out=out)
+    ragged, default = fg.RAGGED_STORE_CONFIGS[torch.bfloat16], fg.DEFAULT_CONFIGS["fold"][torch.bfloat16]
+    gemm = [kw["BLOCK_N"] for kw in launched if "BLOCK_M" in kw]
+    assert gemm == [ragged.block_n, default.block_n, default.block_n]
+    assert fg.default_config("fold", torch.float32, ragged_store=True) == fg.RAGGED_STORE_CONFIGS[torch.float32]
+    assert fg.default_config("grad_input", torch.float32, ragged_store=True) == fg.DEFAULT_CONFIGS["grad_input"][
+        torch.float32]
+
+
 def test_empty_and_degenerate_sizes():
     """n = 0 or Vs = 0: the fold changes nothing; an empty K loop still writes (or keeps) the gradient; H = 0 still
     gives d_bias; the fold of H = 0 is the bias alone."""
@@ -490,7 +513,7 @@ def test_empty_and_degenerate_sizes():
     st = _stats(4)
     fg.linear_fold(h[:, :0], w[:, :0], b, targets, **st, vocab_start=0, **PLAIN.kwargs(), config=TINY)
     torch.testing.assert_close(st["row_max"] + st["row_sumexp"].log(), torch.logsumexp(b, 0).expand(4))
-    logits = b.expand(4, 20).contiguous()
+    logits = fg.logits_buffer(4, 20, torch.float32).copy_(b.expand(4, 20))
     lse = torch.logsumexp(logits, 1)
     db = torch.full((20,), math.nan)
     fg.linear_grad_weight(logits, targets, lse, g, h[:, :0], torch.empty(20, 0), db, vocab_start=0,
@@ -499,10 +522,10 @@ def test_empty_and_degenerate_sizes():
 
 
 def test_int64_offsets():
-    """Every matrix a 3-row view whose third row starts past 2^31 elements (row stride 2^30 + 17, an int32 value):
+    """Every matrix a 3-row view whose third row starts past 2^31 elements (row stride 2^30 + 16, an int32 value):
     int32 offset arithmetic (row · stride) would wrap and read or write the wrong memory. One storage holds all of
     them side by side; the untouched pages stay virtual."""
-    stride, hidden, vs = 2**30 + 17, 20, 24
+    stride, hidden, vs = 2**30 + 16, 20, 24
     storage = torch.empty(2 * stride + 200, dtype=torch.bfloat16)
 
     def view(col, cols):
@@ -558,6 +581,8 @@ def _bad_fold_calls():
          r"logits_out: expected shape \[4, 20\], got \(4, 19\)"),
         ("logits-device", call(logits_out=torch.empty(4, 20, dtype=torch.bfloat16, device="meta")), ValueError,
          r"logits_out: expected a tensor on cpu, got one on meta"),
+        ("logits-unaligned", call(logits_out=torch.empty(4, 20, dtype=torch.bfloat16)), ValueError,
+         r"logits_out: expected aligned rows .* divisible by 16 elements\), got row stride 20 "),
         ("softcap-zero", call(softcap=0.0), ValueError, r"softcap: expected None or a finite float > 0, got 0.0"),
         ("scale-inf", call(logit_scale=math.inf), ValueError, r"logit_scale: expected a finite float, got inf"),
         ("vocab-start", call(vocab_start=-1), ValueError, r"vocab_start: expected an int >= 0, got -1"),
@@ -568,25 +593,27 @@ def _bad_fold_calls():
 
 
 def _bad_grad_calls():
-    h, w, _, t = _inputs(4, 16, 20, torch.bfloat16, bias=False)
+    h, w, _, t = _inputs(4, 16, 32, torch.bfloat16, bias=False)
     logits, lse, g = (h.float() @ w.float().T).bfloat16(), torch.zeros(4), torch.ones(4)
     kw = dict(vocab_start=0, **PLAIN.kwargs(), accumulate=False)
     gi = lambda **o: lambda: fg.linear_grad_input(**{**dict(logits=logits, targets=t, lse=lse, grad_rows=g, weight=w,
                                                             out=torch.empty(4, 16)), **kw, **o})
     gw = lambda **o: lambda: fg.linear_grad_weight(**{**dict(logits=logits, targets=t, lse=lse, grad_rows=g, hidden=h,
-                                                             out=torch.empty(20, 16)), **kw, **o})
+                                                             out=torch.empty(32, 16)), **kw, **o})
     cases = [
         ("gi-out-fp64", gi(out=torch.empty(4, 16, dtype=torch.float64)), TypeError,
          r"out: expected dtype torch.float32 or torch.bfloat16, got torch.float64"),
         ("gi-out-shape", gi(out=torch.empty(4, 15)), ValueError, r"out: expected shape \[4, 16\], got \(4, 15\)"),
-        ("gi-weight-vocab", gi(weight=w[:19]), ValueError, r"weight: expected shape \[20, \*\], got \(19, 16\)"),
+        ("gi-weight-vocab", gi(weight=w[:19]), ValueError, r"weight: expected shape \[32, \*\], got \(19, 16\)"),
+        ("gi-logits-unaligned", gi(logits=logits[:, 1:], weight=w[1:]), ValueError,
+         r"logits: expected aligned rows .* fastpref.kernels.fused_gemm.logits_buffer"),
         ("gi-lse-dtype", gi(lse=lse.double()), TypeError, r"lse: expected dtype torch.float32, got torch.float64"),
         ("gi-accumulate", gi(accumulate=1), TypeError, r"accumulate: expected a bool, got int"),
         ("gi-logits-fp64", gi(logits=logits.double()), TypeError, r"logits: expected a compute dtype"),
         ("gw-grad-shape", gw(grad_rows=g[:3]), ValueError, r"grad_rows: expected shape \[4\], got \(3,\)"),
         ("gw-hidden-rows", gw(hidden=h[:3]), ValueError, r"hidden: expected shape \[4, \*\], got \(3, 16\)"),
-        ("gw-dbias-shape", gw(d_bias=torch.empty(19)), ValueError, r"d_bias: expected shape \[20\], got \(19,\)"),
-        ("gw-dbias-noncontig", gw(d_bias=torch.empty(40)[::2]), ValueError, r"d_bias: expected a contiguous vector"),
+        ("gw-dbias-shape", gw(d_bias=torch.empty(19)), ValueError, r"d_bias: expected shape \[32\], got \(19,\)"),
+        ("gw-dbias-noncontig", gw(d_bias=torch.empty(64)[::2]), ValueError, r"d_bias: expected a contiguous vector"),
         ("gw-softcap-nan", gw(softcap=math.nan), ValueError, r"softcap: expected None or a finite float > 0, got nan"),
     ]
     return [pytest.param(*c[1:], id=c[0]) for c in cases]
@@ -596,6 +623,15 @@ def _bad_grad_calls():
 def test_bad_input_names_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_logits_buffer_rows_are_aligned(dtype):
+    dtype = DTYPES[dtype]
+    buf = fg.logits_buffer(5, 33, dtype)
+    assert buf.shape == (5, 33) and buf.dtype == dtype
+    assert buf.stride(0) >= 33 and buf.stride(0) % 16 == 0 and buf.data_ptr() % 16 == 0
+    assert buf[:, 16:].data_ptr() % 16 == 0
 
 
 @pytest.mark.parametrize(("field", "value"), [("block_m", 24), ("block_k", 8), ("num_warps", 0)])
