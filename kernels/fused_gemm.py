@@ -102,80 +102,84 @@ class GemmConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Default block configs, reasoned for H100 (sm_90: bf16/fp16 tl.dot -> wgmma, 4096 dense FLOP per SM-cycle, 16 ex2 per
-# SM-cycle, 227 KiB shared memory per block) and valid on A100 (sm_80: mma.sync, 163 KiB). tests/test_fused_gemm_aot.py
-# compiles each for both targets: no spills, <= 255 registers, shared memory within the limit.
+# Default block configs, reasoned for H100 (sm_90: bf16/fp16 tl.dot -> wgmma, ~4096 dense FLOP and 16 ex2 per
+# SM-cycle, 227 KiB of shared memory per block) and valid on A100 (sm_80: mma.sync, 163 KiB).
+# tests/test_fused_gemm_aot.py compiles each for both targets with the installed Triton (3.6 and 3.9 checked): no
+# spill, <= 255 registers, shared memory within the limit.
 #
 # Accounting for a config (BM, BN, BK, W warps, S stages), 16-bit inputs:
-#   shared memory  S·(BM + BN)·BK·2 B for the operand ring buffers (Triton on sm_80 keeps S - 1 of them);
-#   accumulator    BM·BN·4 B / (32·W threads) registers per thread, alive through the whole K loop;
-#   epilogue/prologue: the [BM, BN] fp32 block transformed in place, one more [BM, BN] value at a time (exp), and
-#   row statistics as [BM] vectors (2 rows per thread under wgmma's 16-row warp tiles, up to 8 under sm_80's).
-# 128 accumulator registers (BM·BN = 32768 at 8 warps, e.g. 128x256) leave too little: every such config spilled
-# (150-1000 B of stack) in these kernels once the epilogue / prologue is added, so the defaults hold BM·BN = 16384:
-# 64 accumulator registers per thread.
+#   shared memory  S·(BM + BN)·BK·2 B of operand ring buffers (Triton on sm_80 allocates S - 1 of them);
+#   registers      the fp32 accumulator, BM·BN·4 B / (32·W) per thread, alive through the K loop; plus, in the fold's
+#                  epilogue, the [BM, BN] block transformed in place (z) and one [BM, BN] temporary at a time
+#                  (exp(z - m)), six [BM] row statistics (2 rows per thread in wgmma's 16-row warp tiles, 4 under
+#                  sm_80's), the stored-logits addresses; in the backward's prologue a [BM, BK] G block in fp32
+#                  and in 16 bits.
+#   L2 -> SM traffic: 2·BM·BN·BK FLOPs per (BM + BN)·BK·2 bytes, i.e. BM·BN/(BM + BN) FLOP/B; at ~30 B per SM-cycle
+#                  of L2 bandwidth a tile needs ~128 FLOP/B to keep wgmma busy, so bigger tiles are faster.
+# The two pull in opposite directions. 128 accumulator registers per thread (128x256 at 8 warps, cuBLAS's tile) left
+# no room: every such config spilled 150-1000 B once the epilogue / prologue was added; 64 (128x128) is the largest
+# that compiles clean, and only with the epilogue written for registers (the row's target column re-loaded per block,
+# column-wise compares only in the blocks holding a target, softcap as one exp and one division).
 #
-# fold, 128x128x64, 8 warps (two warpgroups, each a 64x128 wgmma), 3 stages: 3·(128 + 128)·64·2 = 96 KiB of shared
-# memory; up to 255 registers with every feature on (bias, softcap, entropy, top-1, logits_out) and no spill on
-# either target. The epilogue costs ~12 ALU ops and one exp per logit once per BN block, against 2·BM·H FLOPs of MMA
-# per logit column: < 10% at H >= 2048. BK = 64 gives 4 wgmma k-steps per barrier; 3 stages keep two 512-cycle
-# steps of loads in flight. Column-wise compares (target, top-1, tail) run only in the blocks that need them.
+# fold, 128x128x32, 8 warps (two warpgroups, each a 64x128 wgmma), 4 stages: 4·(128 + 128)·32·2 = 64 KiB; 64 FLOP/B;
+# up to 255 registers with every feature on and no spill on either target (BK = 64 spilled 8-56 B on sm_80 under
+# Triton 3.6: its mma.sync operand fragments scale with BK). The epilogue is ~12 ALU ops and one exp per logit once
+# per BN block, against 2·H FLOPs of MMA per logit: a few % at H >= 2048. 4 stages keep three 256-cycle K steps of
+# loads in flight.
 #
-# grad_input / grad_weight, 64x256x64, 8 warps (two warpgroups side by side along H, each a 64x128 wgmma), 3
-# stages: 3·(64 + 256)·64·2 = 120 KiB; 195-230 registers, no spill. The prologue's work is per logit and repeated
-# once per BN-wide H block, while the MMA does 2·BN FLOPs per logit: per K step 64·64 = 4096 logits (one ex2 each:
-# 256 SM-cycles of MUFU, ~5 ALU ops each) against 2·64·256·64 FLOPs (512 cycles of wgmma) — BN = 256 keeps the
-# prologue at half the MMA time, where 128x128 (8192 logits per step) would make them equal.
+# grad_input / grad_weight, 64x256x32, 8 warps (two warpgroups side by side along H, each a 64x128 wgmma), 4 stages:
+# 4·(64 + 256)·32·2 = 80 KiB; 51 FLOP/B; 180-250 registers, no spill. The prologue's work is per logit and repeated
+# once per BN-wide H block, while the MMA does 2·BN FLOPs per logit: per K step 64·32 = 2048 logits (one ex2 each:
+# 128 SM-cycles of MUFU, ~5 ALU ops each) against 2·64·256·32 FLOPs (256 cycles of wgmma). BN = 256 keeps the
+# prologue at half the MMA time (128x128 would make them equal) at the same accumulator size as 128x128.
 #
 # GROUP_M = 8 everywhere: 8 row blocks (fold, grad_input) / vocabulary blocks (grad_weight) walk the same operand
 # blocks together, so each is read from HBM about once per 8 programs that need it (Triton tutorial 03's order).
 #
 # fp32 inputs: tl.dot(input_precision="ieee") is an FMA loop on the CUDA cores (no tensor cores, as torch's fp32
-# matmul), whose operands sit in registers: each thread holds its rows of A and columns of B for the whole BK, so a
-# small BK matters more than the tile (BK = 32 spilled on sm_80 once the K loop is masked). fold 128x64x16 and
-# gradients 64x128x16, 8 warps: 32 accumulator registers per thread, 3·(128 + 64)·16·4 = 36 KiB.
+# matmul) whose operands sit in registers, each thread holding its rows of A and columns of B for the whole BK, so a
+# small BK matters more than the tile (BK = 32 spilled once the K loop was masked): fold 64x64x16, gradients 128x64x16,
+# 8 warps, 3 stages: 16 / 32 accumulator registers per thread, 24 / 36 KiB.
 # ---------------------------------------------------------------------------------------------------------------
-_FOLD_16 = GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
-_GRAD_16 = GemmConfig(64, 256, 64, group_m=8, num_warps=8, num_stages=3)
-_FOLD_32 = GemmConfig(128, 64, 16, group_m=8, num_warps=8, num_stages=3)
-_GRAD_32 = GemmConfig(64, 128, 16, group_m=8, num_warps=8, num_stages=3)
+_FOLD_16 = GemmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=4)
+_GRAD_16 = GemmConfig(64, 256, 32, group_m=8, num_warps=8, num_stages=4)
+_FOLD_32 = GemmConfig(64, 64, 16, group_m=8, num_warps=8, num_stages=3)
+_GRAD_32 = GemmConfig(128, 64, 16, group_m=8, num_warps=8, num_stages=3)
 DEFAULT_CONFIGS: dict[str, dict[torch.dtype, GemmConfig]] = {
     kind: {torch.bfloat16: c16, torch.float16: c16, torch.float32: c32}
     for kind, c16, c32 in (("fold", _FOLD_16, _FOLD_32), ("grad_input", _GRAD_16, _GRAD_32),
                            ("grad_weight", _GRAD_16, _GRAD_32))
 }
 # A fold that stores the logits of a slab whose width is not a multiple of 16 (an odd vocabulary's last slab): Triton
-# cannot prove the ragged block's stores aligned, so each element gets its own 64-bit address, and the default fold
-# then spills on sm_80 (24-40 B). Such launches take half the accumulator (BN = 64 / 64x64): no spill on either target.
+# cannot prove the ragged block's stores aligned, so each element gets its own 64-bit address, and the 128x128 fold
+# then spills on sm_80 (8-40 B). Such launches take half the accumulator, 128x64x64 (96 KiB, 42 FLOP/B); fp32's
+# default already has the room.
 RAGGED_STORE_CONFIGS: dict[torch.dtype, GemmConfig] = {
     torch.bfloat16: GemmConfig(128, 64, 64, group_m=8, num_warps=8, num_stages=4),
     torch.float16: GemmConfig(128, 64, 64, group_m=8, num_warps=8, num_stages=4),
-    torch.float32: GemmConfig(64, 64, 16, group_m=8, num_warps=8, num_stages=3),
+    torch.float32: _FOLD_32,
 }
 # Opt-in autotune candidates (FASTPREF_AUTOTUNE=1), the default first; each compiles without spills for sm_80 and
-# sm_90 (tests/test_fused_gemm_aot.py).
+# sm_90 (tests/test_fused_gemm_aot.py), also with masked K loops and ragged shapes.
 _TUNE_FOLD_16 = (
     _FOLD_16,
-    GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4),
-    GemmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=4),
+    GemmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=3),
     GemmConfig(64, 128, 64, group_m=8, num_warps=8, num_stages=4),
     GemmConfig(128, 64, 64, group_m=8, num_warps=8, num_stages=4),
+    GemmConfig(64, 128, 32, group_m=8, num_warps=8, num_stages=4),
 )
 _TUNE_GRAD_16 = (
     _GRAD_16,
-    GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3),
-    GemmConfig(64, 256, 32, group_m=8, num_warps=8, num_stages=4),
-    GemmConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4),
+    GemmConfig(64, 256, 32, group_m=8, num_warps=8, num_stages=3),
+    GemmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=4),
 )
 _TUNE_FOLD_32 = (
     _FOLD_32,
-    GemmConfig(64, 128, 16, group_m=8, num_warps=8, num_stages=3),
-    GemmConfig(32, 64, 32, group_m=8, num_warps=4, num_stages=3),
+    GemmConfig(32, 64, 16, group_m=8, num_warps=4, num_stages=3),
 )
 _TUNE_GRAD_32 = (
     _GRAD_32,
-    GemmConfig(128, 64, 16, group_m=8, num_warps=8, num_stages=3),
-    GemmConfig(64, 64, 16, group_m=8, num_warps=4, num_stages=3),
+    GemmConfig(64, 64, 16, group_m=8, num_warps=8, num_stages=3),
     GemmConfig(32, 64, 16, group_m=8, num_warps=4, num_stages=3),
 )
 AUTOTUNE_CONFIGS: dict[str, dict[torch.dtype, tuple[GemmConfig, ...]]] = {
@@ -339,8 +343,9 @@ def _linear_fold_kernel(
         # ---- epilogue: transform the fp32 accumulator, fold it into the row statistics
         z = acc * logit_scale
         if HAS_SOFTCAP:
-            t, _ = _tanh(z / softcap)
-            z = softcap * t
+            # softcap·tanh(z/softcap) = softcap - 2·softcap / (1 + exp(2z/softcap)): one exp and one division per
+            # logit, saturating cleanly (exp -> inf gives softcap, -> 0 gives -softcap); absolute error ~softcap·1e-7
+            z = softcap - (2.0 * softcap) / (1.0 + tl.exp(z * (2.0 / softcap)))
         z = z * inv_temperature
         if n0 + BLOCK_N > n_cols:  # the slab's last block: tail columns leave the sums
             valid = cols[None, :] < n_cols - n0
