@@ -9,9 +9,9 @@ trips through memory. Equivalent torch code for one vocabulary slab ``W_slab`` [
     y = h.float() @ W_slab.float().T + b_slab.float()       # fp32 accumulation, never rounded before the fold
     z = T(y) = softcap * tanh(y * logit_scale / softcap) * inv_temperature      # softcap optional
 
-    # linear_fold: exactly fold_logsumexp(project(h, W_slab, b_slab), ...) — running fp32 row statistics
+    # linear_fold: the running fp32 row statistics of fold_logsumexp(project(h, W_slab, b_slab), ...), in place
     m_new = max(m, z.amax(-1)); s = s * exp(m - m_new) + exp(z - m_new[:, None]).sum(-1); m = m_new
-    target_logit = z.gather(-1, targets - vocab_start)  # rows whose target lies in this slab
+    target_logit = z.gather(-1, targets - vocab_start)  # rows whose target lies in this slab; others untouched
     logit_sum += z.sum(-1); ent_acc = ent_acc * exp(m_old - m_new) + (exp(z - m_new) * z).sum(-1)
     max_before_target = max(max_before_target, z[:, :targets - vocab_start].max())
     logits_out[:] = y.to(h.dtype)                       # optional: what the cuBLAS tile would hold
@@ -21,22 +21,31 @@ trips through memory. Equivalent torch code for one vocabulary slab ``W_slab`` [
     out (+)= G.to(h.dtype) @ W_slab                     # [n, H]  (fp32 accumulation)
     out (+)= G.to(h.dtype).T @ h; d_bias (+)= G.sum(0)  # [Vs, H] and [Vs] (d_bias summed from the fp32 G)
 
+The one numerical difference from the cuBLAS path: the fold reads the fp32 accumulator, not the tile rounded to the
+compute dtype, so its statistics are more accurate (the gradient still starts from the rounded stored logits, as
+the cuBLAS path's does).
+
 Stored vs recomputed. The forward stores nothing of size tokens x vocabulary unless asked (``logits_out``, which
-fast mode keeps for its gradient GEMMs); forward-only scoring never writes a logit. The backward reads stored raw
-logits and recomputes only the cheap elementwise part (transform, softmax, one-hot) in each GEMM's prologue: the
-gradient is never written, which removes the separate read-modify-write pass over the logits. The logits are
-not recomputed from ``h @ W.T`` inside the backward (Cut-Cross-Entropy's fully fused backward): fastpref promises
-bit-identical reruns, so no float atomics, and then one program must own each output block; a dH block
-[BM, H] at H = 4096 does not fit one program's registers, so the recompute (2·BM·H·BK FLOPs per block) would be
-repeated for every H block — H / BLOCK_N times the forward's GEMM. Reading the kept logits costs n·Vs·2 bytes per
-GEMM instead. What *is* repeated: the prologue's exp per element, once per H block (H / BLOCK_N times); a large
-BLOCK_N keeps that well under the MMA time.
+fast mode keeps for its gradient GEMMs); forward-only scoring never writes a logit. The backward reads the stored raw
+logits and recomputes only the elementwise part (transform, softmax, one-hot) in each GEMM's prologue: the gradient
+is never written, which removes the separate read-modify-write pass over the logits. The logits themselves are not
+recomputed from ``h @ W.T`` inside the backward, as Cut-Cross-Entropy's fully fused backward does: fastpref promises
+bit-identical reruns, so no float atomics, so one program must own each output block, and a dH block [BM, H] at
+H = 4096 does not fit one program's registers. Every [BM, BK] logits block would then be recomputed (2·BM·BK·H
+FLOPs) by each of the H / BLOCK_N programs that need it: H / BLOCK_N (16 at H = 4096) times the forward's GEMM,
+against one read of the kept logits (n·Vs·2 bytes) per gradient GEMM here. What is repeated per H block is the
+prologue's exp per logit; a wide BLOCK_N keeps it under the MMA time.
 
 Parallelism and determinism. ``linear_fold`` runs row blocks x vocabulary *splits*: each program walks its
 contiguous range of BLOCK_N column blocks keeping the row statistics in registers, writes per-split partials
 (fp32 [splits, n] each), and ``_fold_combine_kernel`` merges them into the running statistics in a fixed order.
 The gradient GEMMs give every output block to one program with a sequential K loop. No atomics anywhere, so a
 rerun is bit-identical.
+
+Contract on stored logits: rows 16-byte aligned with a row stride divisible by 16 elements (``logits_buffer``
+allocates such a buffer; slice it at multiples of 16 columns), so Triton can prove its vector accesses aligned.
+Under ``TRITON_INTERPRET=1`` (CPU tensors) bf16 takes two emulated steps the interpreter gets wrong (``_dot``,
+``_cast``); compiled binaries never contain them.
 """
 
 from __future__ import annotations
@@ -133,8 +142,13 @@ class GemmConfig:
 # 128 SM-cycles of MUFU, ~5 ALU ops each) against 2·64·256·32 FLOPs (256 cycles of wgmma). BN = 256 keeps the
 # prologue at half the MMA time (128x128 would make them equal) at the same accumulator size as 128x128.
 #
-# GROUP_M = 8 everywhere: 8 row blocks (fold, grad_input) / vocabulary blocks (grad_weight) walk the same operand
-# blocks together, so each is read from HBM about once per 8 programs that need it (Triton tutorial 03's order).
+# GROUP_M: the programs resident at once (one per SM: the register use allows no second) share operand blocks
+# through L2, so the swizzle decides how often the big operand streams from HBM. At llama3-8b-1k (n = 6144, H = 4096,
+# V = 128256, 132 SMs): the fold (48 row blocks x 8 splits) with GROUP_M = 8 runs ~16 row blocks x 8 splits at once:
+# W streams 48/16 = 3 times (3.2 GB) while those rows' hidden states (16 MiB) stay in L2. The gradient GEMMs
+# (96 row / 2004 vocabulary blocks x 16 H blocks) with GROUP_M = 16 run 16 blocks x ~8 H blocks at once: the
+# logits stream twice (3.2 GB) and W (or h) 6 times (6.3 GB), ~9.5 GB in all; GROUP_M = 8 would read the logits
+# once but W 12 times (~14 GB); 32 is as good as 16.
 #
 # fp32 inputs: tl.dot(input_precision="ieee") is an FMA loop on the CUDA cores (no tensor cores, as torch's fp32
 # matmul) whose operands sit in registers, each thread holding its rows of A and columns of B for the whole BK, so a
@@ -142,7 +156,7 @@ class GemmConfig:
 # 8 warps, 3 stages: 16 / 32 accumulator registers per thread, 24 / 36 KiB.
 # ---------------------------------------------------------------------------------------------------------------
 _FOLD_16 = GemmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=4)
-_GRAD_16 = GemmConfig(64, 256, 32, group_m=8, num_warps=8, num_stages=4)
+_GRAD_16 = GemmConfig(64, 256, 32, group_m=16, num_warps=8, num_stages=4)
 _FOLD_32 = GemmConfig(64, 64, 16, group_m=8, num_warps=8, num_stages=3)
 _GRAD_32 = GemmConfig(128, 64, 16, group_m=8, num_warps=8, num_stages=3)
 DEFAULT_CONFIGS: dict[str, dict[torch.dtype, GemmConfig]] = {
@@ -170,8 +184,9 @@ _TUNE_FOLD_16 = (
 )
 _TUNE_GRAD_16 = (
     _GRAD_16,
-    GemmConfig(64, 256, 32, group_m=8, num_warps=8, num_stages=3),
-    GemmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=4),
+    GemmConfig(64, 256, 32, group_m=8, num_warps=8, num_stages=4),
+    GemmConfig(64, 256, 32, group_m=16, num_warps=8, num_stages=3),
+    GemmConfig(128, 128, 32, group_m=16, num_warps=8, num_stages=4),
 )
 _TUNE_FOLD_32 = (
     _FOLD_32,
@@ -233,7 +248,7 @@ def _cast(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
     if INTERPRET_BF16 and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x == x, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), x.to(dtype))  # NaN stays NaN
     else:
         return x.to(dtype)
 

@@ -114,7 +114,8 @@ def record_all() -> tuple[list, dict[str, int]]:
             dtype = args["p_hidden" if r.name != "_linear_grad_input_kernel" else "p_weight"].dtype
             ragged = kw.get("STORE_LOGITS", False) and args["n_cols"] % 16 != 0
             want = fg.default_config(kinds[r.name], dtype, ragged_store=ragged)
-            assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["num_warps"]) == (*_blocks(want), want.num_warps)
+            assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], kw["num_warps"], kw["num_stages"]) == (
+                *_blocks(want), want.group_m, want.num_warps, want.num_stages), r.name
     os.environ[fg.AUTOTUNE_ENV] = "1"
     try:
         with record_launches() as tuned:
@@ -149,7 +150,8 @@ def _compile(job: tuple[int, int]) -> dict:
     flags = sorted(k for k, v in kw.items() if k.isupper() and v is True)
     return dict(name=c.name, arch=arch, registers=c.registers, spills=c.spills, local=c.local_bytes,
                 stack=c.stack_bytes, shared=c.shared_bytes, num_warps=c.num_warps, num_stages=kw.get("num_stages"),
-                blocks=[kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("BLOCK_K")], dtypes=dtypes, flags=flags)
+                blocks=[kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("BLOCK_K")], group_m=kw.get("GROUP_M"),
+                dtypes=dtypes, flags=flags)
 
 
 def main(argv: list[str]) -> int:
@@ -207,6 +209,7 @@ def test_records_cover_kernels_configs_and_features(compiled):
     def compiled_for(name, config, dtype=None):
         return all(any(r["name"] == name and r["arch"] == arch and r["blocks"] == list(_blocks(config))
                        and r["num_warps"] == config.num_warps and r["num_stages"] == config.num_stages
+                       and r["group_m"] == config.group_m
                        and (dtype is None or str(dtype).replace("torch.", "") in r["dtypes"]) for r in results)
                    for arch in ARCHS)
 
