@@ -27,6 +27,21 @@ else:  # pragma: no cover
     TINY = WIDE = None
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The interpreter on CPU-only machines (tests/conftest.py), the compiled kernels where there is a CUDA device.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    previous = torch.get_default_device()
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(previous)
+
+
+def _cpu_randn(*shape, g):
+    """Seeded inputs: drawn on the CPU (a CPU generator), then moved to the device."""
+    return torch.randn(*shape, generator=g, device="cpu").to(DEVICE)
 # n, H and the second slab's width multiples of no block size, the first slab's a multiple of 16 but not of 32 (slabs
 # start at multiples of 16: aligned logits rows)
 N, H, V = 37, 45, 150
@@ -63,10 +78,10 @@ def _inputs(n=N, hidden=H, vocab=V, dtype=torch.float32, *, bias=True, seed=0):
     """h, W, b in ``dtype`` (logits of O(3)) and int64 targets: random ids, a few ignored rows (-100) and a few rows
     whose target is the row's argmax (top-1 hits)."""
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, hidden, generator=g).to(dtype)
-    w = (2.0 * torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(dtype)
-    b = (0.5 * torch.randn(vocab, generator=g)).to(dtype) if bias else None
-    targets = torch.randint(0, vocab, (n,), generator=g)
+    h = _cpu_randn(n, hidden, g=g).to(dtype)
+    w = (2.0 * _cpu_randn(vocab, hidden, g=g) / hidden**0.5).to(dtype)
+    b = (0.5 * _cpu_randn(vocab, g=g)).to(dtype) if bias else None
+    targets = torch.randint(0, vocab, (n,), generator=g, device="cpu").to(DEVICE)
     targets[[i for i in (3, 17) if i < n]] = -100
     y = _y64(h, w, b)
     top = y.argmax(1)
@@ -231,15 +246,16 @@ def _grad_inputs(n, hidden, vs, dtype, *, vocab_start, seed=1):
     targets inside and outside the slab (and ignored), grad_rows with a zero."""
     g = torch.Generator().manual_seed(seed)
     vocab = vocab_start + vs + 30
-    h = torch.randn(n, hidden, generator=g).to(dtype)
-    w_full = (2.0 * torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(dtype)
+    h = _cpu_randn(n, hidden, g=g).to(dtype)
+    w_full = (2.0 * _cpu_randn(vocab, hidden, g=g) / hidden**0.5).to(dtype)
     w = w_full[vocab_start : vocab_start + vs]
     y_full = (h.float() @ w_full.float().T).to(dtype)
     logits = fg.logits_buffer(n, vs, dtype).copy_(y_full[:, vocab_start : vocab_start + vs])
-    targets = torch.randint(0, vocab, (n,), generator=g)
-    targets[: n // 3] = vocab_start + torch.randint(0, vs, (n // 3,), generator=g)  # inside the slab
+    targets = torch.randint(0, vocab, (n,), generator=g, device="cpu")
+    targets[: n // 3] = vocab_start + torch.randint(0, vs, (n // 3,), generator=g, device="cpu")  # inside the slab
     targets[5] = -100
-    grad_rows = torch.randn(n, generator=g)
+    targets = targets.to(DEVICE)
+    grad_rows = _cpu_randn(n, g=g)
     grad_rows[7] = 0.0
     return h, w, logits, targets, grad_rows, y_full
 
@@ -274,7 +290,7 @@ GRAD_CASES = {
 def _out(shape, dtype, out_kind, accumulate, seed):
     odt = torch.float32 if out_kind == "fp32" else dtype
     if accumulate:
-        return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(odt)
+        return _cpu_randn(*shape, g=torch.Generator().manual_seed(seed)).to(odt)
     return torch.full(shape, math.nan, dtype=odt)
 
 
@@ -530,9 +546,9 @@ def test_int64_offsets():
 
     h, w, logits, dh, dw = view(0, hidden), view(32, hidden), view(64, vs), view(96, hidden), view(128, hidden)
     g = torch.Generator().manual_seed(5)
-    h.copy_(torch.randn(3, hidden, generator=g))
-    w.copy_(torch.randn(3, hidden, generator=g) / 4)
-    w_full = torch.cat([w, torch.randn(vs - 3, hidden, generator=g).bfloat16() / 4])  # contiguous remainder
+    h.copy_(_cpu_randn(3, hidden, g=g))
+    w.copy_(_cpu_randn(3, hidden, g=g) / 4)
+    w_full = torch.cat([w, _cpu_randn(vs - 3, hidden, g=g).bfloat16() / 4])  # contiguous remainder
     targets = torch.tensor([1, 2, 0])
     st = _stats(3)
     fg.linear_fold(h, w, None, targets, **st, vocab_start=0, **PLAIN.kwargs(), logits_out=logits[:, :3],
@@ -553,8 +569,12 @@ def test_int64_offsets():
     torch.testing.assert_close(dw.double(), g64[:, :3].T @ h.double(), rtol=2e-2, atol=2e-2)
 
 
-def _bad_fold_calls():
-    h, w, b, t = _inputs(4, 16, 20, torch.bfloat16)
+def _cpu(*tensors):
+    return [t.cpu() for t in tensors]
+
+
+def _bad_fold_calls():  # built at collection, on the CPU: every call raises before any launch
+    h, w, b, t = _cpu(*_inputs(4, 16, 20, torch.bfloat16))
     st = _stats(4)
     kw = dict(vocab_start=0, **PLAIN.kwargs())
 
@@ -577,7 +597,7 @@ def _bad_fold_calls():
         ("logits-shape", call(logits_out=torch.empty(4, 19, dtype=torch.bfloat16)), ValueError,
          r"logits_out: expected shape \[4, 20\], got \(4, 19\)"),
         ("logits-device", call(logits_out=torch.empty(4, 20, dtype=torch.bfloat16, device="meta")), ValueError,
-         r"logits_out: expected a tensor on cpu, got one on meta"),
+         r"logits_out: expected a tensor on \S+, got one on meta"),
         ("logits-unaligned", call(logits_out=torch.empty(4, 20, dtype=torch.bfloat16)), ValueError,
          r"logits_out: expected aligned rows .* divisible by 16 elements\), got row stride 20 "),
         ("softcap-zero", call(softcap=0.0), ValueError, r"softcap: expected None or a finite float > 0, got 0.0"),
@@ -591,6 +611,7 @@ def _bad_fold_calls():
 
 def _bad_grad_calls():
     h, w, _, t = _inputs(4, 16, 32, torch.bfloat16, bias=False)
+    h, w, t = _cpu(h, w, t)
     logits, lse, g = (h.float() @ w.float().T).bfloat16(), torch.zeros(4), torch.ones(4)
     kw = dict(vocab_start=0, **PLAIN.kwargs(), accumulate=False)
     gi = lambda **o: lambda: fg.linear_grad_input(**{**dict(logits=logits, targets=t, lse=lse, grad_rows=g, weight=w,
