@@ -1,10 +1,10 @@
 """Triton GEMMs of the LM head with the logits work fused in: the fold in the forward's epilogue, the gradient in
 the backward's prologue.
 
-The row kernels of ``fastpref.kernels.logprob`` need every logits tile ``y = h @ W[v0:v1].T (+ b)`` written to
-memory by a cuBLAS GEMM first; here the GEMMs themselves do that work, so the logits make fewer (or no) round
+The row kernels of ``fastpref.kernels.row_kernels`` need every logits tile ``y = h @ W[v0:v1].T (+ b)`` written
+to memory by a cuBLAS GEMM first; here the GEMMs themselves do that work, so the logits make fewer (or no) round
 trips through memory. Equivalent torch code for one vocabulary slab ``W_slab`` [Vs, H] (columns
-``vocab_start ... vocab_start + Vs`` of the vocabulary), ``T`` the logit transform of ``kernels/logprob.py``::
+``vocab_start ... vocab_start + Vs`` of the vocabulary), ``T`` the logit transform of ``kernels/row_kernels.py``::
 
     y = h.float() @ W_slab.float().T + b_slab.float()       # fp32 accumulation, never rounded before the fold
     z = T(y) = softcap * tanh(y * logit_scale / softcap) * inv_temperature      # softcap optional
@@ -851,7 +851,7 @@ def linear_fold(
     num_splits: int | None = None,
 ) -> None:
     """Fold the logits of one vocabulary slab, ``T(hidden @ weight.T + bias)``, into the running fp32 row
-    statistics in place — ``fold_logsumexp(project(hidden, weight, bias), ...)`` of ``kernels/logprob.py``
+    statistics in place — ``fold_logsumexp(project(hidden, weight, bias), ...)`` of ``kernels/row_kernels.py``
     without the [n, Vs] tile (see the module docstring for the math).
 
     hidden [n, H] and weight [Vs, H] (columns ``vocab_start ... vocab_start + Vs`` of the vocabulary) in one compute

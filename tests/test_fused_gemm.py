@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.skipif(not HAS_TRITON, reason="needs triton (runs unde
 
 if HAS_TRITON:
     from fastpref.kernels import fused_gemm as fg
-    from fastpref.kernels.logprob import fold_logsumexp
+    from fastpref.kernels.row_kernels import fold_logsumexp
 
     # interpreter-sized blocks (tl.dot needs >= 16 on every side)
     TINY = fg.GemmConfig(16, 16, 16, group_m=2, num_warps=4, num_stages=1)
@@ -112,7 +112,7 @@ def _fold(h, w, b, targets, tr, *, slabs=SLABS, entropy=True, top1=True, config=
 
 
 def _outputs(st, targets, vocab):
-    """Derived per-row outputs (as fastpref.ops.logprob.finalize_stats forms them), valid rows only."""
+    """Derived per-row outputs (as fastpref.ops.linear_logps.finalize_stats forms them), valid rows only."""
     valid = targets >= 0
     lse = st["row_max"] + st["row_sumexp"].log()
     out = dict(lse=lse, logp=(st["target_logit"] - lse)[valid], mean=st["logit_sum"] / vocab)
@@ -172,7 +172,7 @@ def test_linear_fold_matches_float64(case):
 
 
 def test_linear_fold_is_fold_logsumexp_of_the_projection():
-    """Same statistics, in place, as the row kernel on the materialised fp32 tile (kernels/logprob.py), every one."""
+    """Every statistic, in place, as the row kernel gives it on the materialised fp32 tile (kernels/row_kernels.py)."""
     h, w, b, targets = _inputs(dtype=torch.float32)
     ours = _fold(h, w, b, targets, CAPPED, config=WIDE, num_splits=2)
     row = _stats(N)
