@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pairs of the float64 check subset (several: the fast path's pair groups are exercised)")
     p.add_argument("--check-tokens", type=int, default=512, help="tokens per sequence of the float64 check subset")
     p.add_argument("--check-only", action="store_true", help="phase 1 only")
+    p.add_argument("--no-gemm-paths", action="store_true",
+                   help="skip the rows that force each GEMM path (fastpref-{fast,lean}-{cublas,fused})")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory of the CSV and PNG (default bench/results)")
     return p
 
@@ -145,6 +147,27 @@ def targets_table(rows: list) -> tuple[str, bool]:
     return "\n".join(lines), all_met and measured > 0
 
 
+def gemm_paths_table(rows: list) -> str:
+    """Per shape and mode: the cublas and fused paths' step times, fused / cublas, and the auto row's time."""
+    lines = [f"{'shape':<14} {'regime':<8} {'mode':<5} {'cublas ms':>10} {'fused ms':>10} {'fused/cublas':>12} "
+             f"{'auto ms':>10}"]
+
+    def ms(shape: str, regime: str, task: str, impl: str) -> float:
+        r = next((r for r in rows if (r.shape, r.regime, r.task, r.impl) == (shape, regime, task, impl)
+                  and r.status in ("ok", "FAIL")), None)
+        return r.time_ms if r is not None else math.nan
+
+    for shape, regime in dict.fromkeys((r.shape, r.regime) for r in rows):
+        for mode, task, stem in (("fast", "step", "fastpref-fast"), ("lean", "step", "fastpref-lean"),
+                                 ("logps", "logps", "fastpref")):
+            cublas, fused, auto = (ms(shape, regime, task, f"{stem}{suffix}") for suffix in ("-cublas", "-fused", ""))
+            if math.isnan(cublas) and math.isnan(fused):
+                continue
+            lines.append(f"{shape:<14} {regime:<8} {mode:<5} {cublas:>10.2f} {fused:>10.2f} {fused / cublas:>12.3f} "
+                         f"{auto:>10.2f}")
+    return "\n".join(lines)
+
+
 def _fastpref_failures(rows: list) -> list:
     return [r for r in rows if r.impl.startswith("fastpref") and r.status in ("FAIL", "error")]
 
@@ -163,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastpref.benchmark import (
         BENCH_SHAPES,
         CHECK_ONLY_IMPLS,
+        GEMM_IMPLS,
         SHAPES,
         config_from_args,
         format_table,
@@ -177,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_suite: no CUDA device; run with --dry for the tiny CPU smoke run", file=sys.stderr)
         return 2
     cfg = config_from_args(args)
+    if not args.no_gemm_paths:  # both GEMM paths side by side with the auto choice
+        wanted = [i for i in GEMM_IMPLS if f"fastpref-{i.split('-')[1]}" in cfg.impls]
+        cfg = dataclasses.replace(cfg, impls=list(dict.fromkeys([*cfg.impls, *wanted])))
     if not args.dry and args.shapes is None:
         cfg = dataclasses.replace(cfg, shapes=[SHAPES[n] for n in BENCH_SHAPES])
     subset = (args.check_pairs, args.check_tokens) if not args.dry else (min(args.check_pairs, 2), 32)
@@ -212,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nFASTPREF FAILURES (they outrank every timing):")
         for r in failed:
             print(f"  {r.shape}/{r.regime} {r.task} {r.impl}: {r.status} {r.note}")
+    print("\nGEMM paths (auto = the choice fastpref makes on this device):")
+    print(gemm_paths_table(rows))
     targets, met = targets_table(rows)
     print("\nTargets (docs/benchmarks.md; ratios measured side by side in this run):")
     print(targets)

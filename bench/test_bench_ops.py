@@ -44,7 +44,7 @@ def _sync():
 
 
 def _cfg(w, backend: str) -> HeadPass:
-    return HeadPass.for_inputs(w.hidden, backend=backend, transform=LogitTransform())
+    return HeadPass.for_inputs(w.hidden, w.weight, backend=backend, transform=LogitTransform())
 
 
 def _rows(w):

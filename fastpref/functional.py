@@ -6,15 +6,17 @@ from __future__ import annotations
 import torch
 
 from .ops import HeadPass, LogitTransform, scatter_tokens, score_labels, segment_sum
+from .ops.gemm_path import GEMM_PATHS
 from .utils.compile import eager_op
 from .utils.validation import check_choice, check_head_inputs, check_int, check_seq_ids, check_transform
 
 
-def _head_pass(hidden: torch.Tensor, backend: str, temperature: float, logit_scale: float,
-               softcap: float | None) -> HeadPass:
+def _head_pass(hidden: torch.Tensor, weight: torch.Tensor, backend: str, temperature: float, logit_scale: float,
+               softcap: float | None, gemm: str) -> HeadPass:
     check_transform(temperature, logit_scale, softcap)
+    check_choice("gemm", gemm, GEMM_PATHS)
     transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
-    return HeadPass.for_inputs(hidden, backend=backend, transform=transform)
+    return HeadPass.for_inputs(hidden, weight, backend=backend, transform=transform, gemm=gemm)
 
 
 @eager_op
@@ -29,6 +31,7 @@ def token_logps(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     backend: str = "auto",
+    gemm: str = "auto",
     check_finite: bool = False,
 ) -> torch.Tensor:
     """Per-token log-probs ``log_softmax(T(hidden @ weight.T + bias)).gather(-1, labels)``.
@@ -39,6 +42,7 @@ def token_logps(
         labels: int ``[B, T]`` / ``[N]``, already shifted; ``ignore_index`` marks unscored positions.
         temperature, logit_scale, softcap: ``z = softcap * tanh(y * logit_scale / softcap) / temperature``.
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
+        gemm: ``"auto"``, ``"fused"`` or ``"cublas"`` (``fastpref.ops.gemm_path``; Triton backend only).
         check_finite: raise ``ValueError`` on NaN / inf in hidden, weight or bias (in the one host sync).
             Off by default: non-finite inputs propagate, as in PyTorch.
 
@@ -47,7 +51,7 @@ def token_logps(
     """
     check_head_inputs(hidden, weight, labels, bias)
     check_int("ignore_index", ignore_index)
-    cfg = _head_pass(hidden, backend, temperature, logit_scale, softcap)
+    cfg = _head_pass(hidden, weight, backend, temperature, logit_scale, softcap, gemm)
     scored = score_labels(hidden, weight, bias, labels, cfg, ignore_index=ignore_index, check_finite=check_finite)
     return scatter_tokens(scored.logps, scored.layout, labels.shape)
 
@@ -67,6 +71,7 @@ def sequence_logps(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     backend: str = "auto",
+    gemm: str = "auto",
     check_finite: bool = False,
 ) -> torch.Tensor:
     """Per-sequence sums (or, with ``average=True``, means over the scored tokens) of the token log-probs.
@@ -81,7 +86,7 @@ def sequence_logps(
     if seq_ids is None and hidden.dim() == 2:
         raise ValueError(f"hidden: [N, H] input {tuple(hidden.shape)} without seq_ids is per-token only; pass "
                          "seq_ids and num_seqs for packed sequences, or use [B, T, H]")
-    cfg = _head_pass(hidden, backend, temperature, logit_scale, softcap)
+    cfg = _head_pass(hidden, weight, backend, temperature, logit_scale, softcap, gemm)
     if seq_ids is None:
         batch, seq_len = labels.shape
         row_ids = torch.arange(batch, device=labels.device).repeat_interleave(seq_len)
@@ -109,6 +114,7 @@ def linear_cross_entropy(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     backend: str = "auto",
+    gemm: str = "auto",
     check_finite: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` without the logits (SFT).
@@ -118,7 +124,8 @@ def linear_cross_entropy(
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     nll = -token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
-                       logit_scale=logit_scale, softcap=softcap, backend=backend, check_finite=check_finite)
+                       logit_scale=logit_scale, softcap=softcap, backend=backend, gemm=gemm,
+                       check_finite=check_finite)
     if reduction == "none":
         return nll
     total = nll.sum()

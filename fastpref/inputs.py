@@ -80,7 +80,7 @@ class PolicyBatch:
     def build(cls, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
               seq_ids: torch.Tensor | None, num_seqs: int | None, *, ignore_index: int, backend: str,
               transform: LogitTransform, token_metrics: bool,
-              finite: Sequence[tuple[str, torch.Tensor | None]] = ()) -> PolicyBatch:
+              finite: Sequence[tuple[str, torch.Tensor | None]] = (), gemm: str = "auto") -> PolicyBatch:
         """Validate the batch and build its pair-ordered layout (the call's one host sync). ``finite``: tensors
         whose values must be finite, checked in the same sync (``check_finite=True``)."""
         check_head_inputs(hidden, weight, labels, bias)
@@ -89,8 +89,8 @@ class PolicyBatch:
             raise ValueError(f"hidden: [N, H] input {tuple(hidden.shape)} needs seq_ids and num_seqs (packed "
                              "pairs); or pass [B, T, H]")
         num_pairs = _num_pairs(hidden, num_seqs)
-        head = HeadPass.for_inputs(hidden, backend=backend, transform=transform, with_entropy=token_metrics,
-                                   with_top1=token_metrics)
+        head = HeadPass.for_inputs(hidden, weight, backend=backend, transform=transform, with_entropy=token_metrics,
+                                   with_top1=token_metrics, gemm=gemm)
         checked = [(name, t.detach()) for name, t in finite if isinstance(t, torch.Tensor)]
         layout = pair_layout(labels, weight.shape[0], seq_ids, num_pairs, ignore_index, checked)
         return cls(hidden, weight, bias, labels, layout, head, num_pairs)

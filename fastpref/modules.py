@@ -9,6 +9,7 @@ from . import losses as L
 from . import preference
 from .ops import LogitTransform
 from .ops.backend import BACKENDS
+from .ops.gemm_path import GEMM_PATHS
 from .outputs import PreferenceOutput
 from .preference import MODES, PreferenceConfig
 from .utils.compile import eager_op
@@ -39,6 +40,9 @@ class PreferenceLoss(nn.Module):
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
         temperature, logit_scale, softcap: logit transform ``softcap * tanh(y * scale / softcap) / temperature``.
         token_metrics: also compute ``entropy`` and ``mean_token_accuracy`` in the kernels' pass.
+        gemm: ``"auto"`` (per device and shape, the faster of the two, timed once), ``"fused"`` (Triton GEMMs with
+            the fold in their epilogue and the gradient in their prologue) or ``"cublas"`` (cuBLAS tiles and Triton
+            row kernels); ``$FASTPREF_GEMM`` sets it too. Only the Triton backend has the fused kernels.
         check_finite: raise ``ValueError`` when the hidden states, the head or a given reference / refinement hold
             NaN or inf (counted in the call's one host sync; a pass over each tensor). Off by default: values
             are not inspected and non-finite inputs propagate to the loss, as in PyTorch.
@@ -74,6 +78,7 @@ class PreferenceLoss(nn.Module):
         softcap: float | None = None,
         token_metrics: bool = False,
         check_finite: bool = False,
+        gemm: str = "auto",
     ) -> None:
         super().__init__()
         loss = L.LossConfig.create(
@@ -86,6 +91,7 @@ class PreferenceLoss(nn.Module):
             raise ValueError(f"mode: 'fast' needs a pair-separable loss; {list(loss.loss_types)} couples the batch "
                              "(aot / aot_unpaired sort over it); use mode='lean' or 'auto'")
         check_choice("backend", backend, BACKENDS)
+        check_choice("gemm", gemm, GEMM_PATHS)
         check_transform(temperature, logit_scale, softcap)
         self.config = PreferenceConfig(
             loss=loss,
@@ -97,6 +103,7 @@ class PreferenceLoss(nn.Module):
                                      float(temperature)),
             token_metrics=bool(token_metrics),
             check_finite=bool(check_finite),
+            gemm=gemm,
         )
 
     @property
@@ -149,7 +156,7 @@ class PreferenceLoss(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"loss_type={list(c.loss.loss_types)}, beta={c.loss.beta}, mode={c.mode!r}, "
-                f"backend={c.backend!r}")
+                f"backend={c.backend!r}, gemm={c.gemm!r}")
 
 
 class DPOLoss(PreferenceLoss):

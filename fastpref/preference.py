@@ -46,6 +46,7 @@ class PreferenceConfig:
     transform: LogitTransform = field(default_factory=LogitTransform)
     token_metrics: bool = False
     check_finite: bool = False
+    gemm: str = "auto"
 
 
 def _policy_batch(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -54,7 +55,8 @@ def _policy_batch(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Ten
     finite = [("hidden", hidden), ("weight", weight), ("bias", bias), *(others or {}).items()] \
         if cfg.check_finite else []
     return PolicyBatch.build(hidden, weight, labels, bias, seq_ids, num_seqs, ignore_index=cfg.ignore_index,
-                             backend=cfg.backend, transform=cfg.transform, token_metrics=token_metrics, finite=finite)
+                             backend=cfg.backend, transform=cfg.transform, token_metrics=token_metrics, finite=finite,
+                             gemm=cfg.gemm)
 
 
 def _fast_groups(cfg: PreferenceConfig, batch: PolicyBatch) -> tuple[PairGroups | None, int, int]:

@@ -912,7 +912,7 @@ def linear_fold(
         hidden.stride(0), weight.stride(0), logits_out.stride(0) if logits_out is not None else 0,
         n, vs, h_size, _bin(n), vocab_start, splits, split_cols,
         logit_scale, softcap_, inv_temperature,
-        **meta,
+        flops=2 * n * vs * h_size, **meta,
     )
     launch(
         _fold_combine_kernel, (triton.cdiv(n, COMBINE_BLOCK),),
@@ -981,7 +981,7 @@ def linear_grad_input(
         logits.stride(0), weight.stride(0), out.stride(0),
         n, vs, h_size, _bin(n), vocab_start,
         logit_scale, softcap_, inv_temperature,
-        ACCUMULATE=accumulate, **meta,
+        ACCUMULATE=accumulate, flops=2 * n * vs * h_size, **meta,
     )
     return out
 
@@ -1034,7 +1034,7 @@ def linear_grad_weight(
         logits.stride(0), hidden.stride(0), out.stride(0),
         n, vs, h_size, _bin(n), vocab_start,
         logit_scale, softcap_, inv_temperature,
-        ACCUMULATE=accumulate, **meta,
+        ACCUMULATE=accumulate, flops=2 * n * vs * h_size, **meta,
     )
     return out
 

@@ -7,6 +7,9 @@
   not run, so the ahead-of-time compile test can collect the specialisations the launchers really produce at
   benchmark shapes — on ``meta`` tensors, without a GPU — and compile each one for sm_80 / sm_90
   (``fastpref.kernels.aot``).
+- FLOP counting: a launcher passes ``flops=`` (the matmul FLOPs its kernel does, 2·M·N·K per GEMM) and
+  ``count_flops()`` adds them up per kernel, the Triton twin of ``torch.utils.flop_counter.FlopCounterMode``
+  (which sees only ATen ops), so a step's counted FLOPs are the same on either GEMM path.
 - Interpreter compatibility: Triton < 3.9's interpreter converts a runtime scalar to a Python int with
   ``int(array_of_one)``, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python
   scalars"): every ``range(0, n, BLOCK)`` over a runtime bound fails. ``launch`` applies Triton 3.9's own fix
@@ -15,6 +18,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -64,7 +68,7 @@ class LaunchRecord:
 
         variants = [dict(kwargs)]
         k = kernel
-        while not hasattr(k, "params"):
+        while hasattr(k, "fn") and not hasattr(k, "params"):  # the interpreter's functions end in a plain one
             configs = getattr(k, "configs", None)  # triton.autotune
             if configs is not None:
                 variants = [{**v, **c.all_kwargs()} for v in variants for c in configs]
@@ -126,11 +130,28 @@ def device_guard(device: torch.device | None) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
-def launch(kernel: Any, grid: Grid, *args: Any, **kwargs: Any) -> None:
-    """``kernel[grid](*args, **kwargs)`` on the device of its tensors (or recorded, see ``record_launches``)."""
+_flop_counters: list[collections.Counter[str]] = []
+
+
+@contextlib.contextmanager
+def count_flops() -> Iterator[collections.Counter[str]]:
+    """Inside the block, the matmul FLOPs of every launch that runs, by kernel name."""
+    counter: collections.Counter[str] = collections.Counter()
+    _flop_counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _flop_counters.remove(counter)
+
+
+def launch(kernel: Any, grid: Grid, *args: Any, flops: int = 0, **kwargs: Any) -> None:
+    """``kernel[grid](*args, **kwargs)`` on the device of its tensors (or recorded, see ``record_launches``);
+    ``flops``: the matmul FLOPs it does, for ``count_flops``."""
     if _recorders:
         _recorders[-1].extend(LaunchRecord.capture(kernel, args, kwargs))
         return
+    for counter in _flop_counters:
+        counter[jit_function(kernel).__name__] += flops
     if interpreter_enabled():
         _fix_interpreter_scalars()
     with device_guard(launch_device(args)):

@@ -82,11 +82,18 @@ def test_gpu_suite_dry(tmp_path, capsys):
     _check_rows(rows, regimes=("peaked",))
     fast = next(r for r in rows if (r["task"], r["impl"]) == ("step", "fastpref-fast"))
     assert float(fast["fwd_ms"]) > 0 and float(fast["bwd_ms"]) > 0
+    # both GEMM paths side by side (the fused kernels under the interpreter here), checked and timed
+    for task, impl in [("step", "fastpref-fast-cublas"), ("step", "fastpref-fast-fused"),
+                       ("step", "fastpref-lean-fused"), ("logps", "fastpref-fused")]:
+        row = next(r for r in rows if (r["task"], r["impl"]) == (task, impl))
+        assert row["status"] == "ok" and float(row["time_ms"]) > 0, row
     # errors come from the float64 check phase, on a subset of the workload
     assert all("subset" in r["note"] for r in rows if r["status"] == "ok")
     printed = capsys.readouterr().out
     grouped = [line for line in printed.splitlines() if line.startswith("step   fastpref-fast-3groups")]
     assert grouped and "errors on a" in grouped[0] and "error " not in grouped[0].split("errors on a")[0]
+    assert "GEMM paths (auto" in printed and any(line.split()[2:3] == ["fast"] for line in
+                                                 printed.split("GEMM paths (auto")[1].splitlines()[2:4])
     tail = printed.strip().splitlines()
     assert tail[-1].startswith("targets ") and any("fast time / TRL" in line for line in tail[-8:])
 

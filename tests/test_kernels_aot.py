@@ -1,12 +1,14 @@
 """Ahead-of-time compilation of every kernel specialisation the launchers produce at the benchmark shapes, for
 sm_80 (A100) and sm_90 (H100 / H200), with Triton's bundled ptxas — no GPU needed.
 
-The specialisations are recorded from the launch sites (``fastpref.testing.launch_sites``: the ops run on
-``meta`` tensors with launch recording on), not hand-listed. The compile runs in a subprocess without
+The specialisations are recorded from the launch sites of both GEMM paths (``fastpref.testing.launch_sites``:
+the ops run on ``meta`` tensors with launch recording on), not hand-listed. The compile runs in a subprocess without
 ``TRITON_INTERPRET`` (the interpreter replaces the ``@triton.jit`` functions the compiler needs).
 
 Bounds, per compiled kernel:
 - it compiles, with no spills (no local memory, no stack);
+- every kernel at most 255 registers (the fused GEMMs' fold uses all of them with every feature on:
+  ``tests/test_fused_gemm_aot.py`` compiles each launcher flag and autotune config on its own);
 - the row kernels use at most 64 registers per thread: they are memory-bound and run 8 warps (256 threads) per
   program, so 64 registers x 256 threads x 4 programs fill the 64K-register file of an SM exactly: at most 64
   keeps at least 4 programs (1024 threads, 50 % occupancy) resident to hide the memory latency;
@@ -53,20 +55,28 @@ def compiled() -> list[dict]:
     return json.loads(out.stdout)
 
 
+ROW_KERNELS = ("_fold_logsumexp_kernel", "_logit_grad_kernel")
+FUSED_KERNELS = ("_linear_fold_kernel", "_fold_combine_kernel", "_linear_grad_input_kernel",
+                 "_linear_grad_weight_kernel")
+
+
 def test_every_launch_compiles_for_sm80_and_sm90(compiled):
+    """Both GEMM paths' launch sites: the row kernels of the cublas path, the fused GEMMs of the fused path."""
     names = {e["name"] for e in compiled}
-    assert {"_fold_logsumexp_kernel", "_logit_grad_kernel"} <= names
+    assert set(ROW_KERNELS) | set(FUSED_KERNELS) <= names, names
     for arch in (80, 90):
         variants = {(e["name"], e["dtypes"][0], tuple(sorted(e["meta"].items()))) for e in compiled
-                    if e["arch"] == arch}
+                    if e["arch"] == arch and e["name"] in ROW_KERNELS}
         # bf16 and fp16 tiles x (fold: token statistics x softcap; grad: softcap)
         assert len(variants) == 2 * (4 + 2), variants
+        fused = {e["name"] for e in compiled if e["arch"] == arch and e["name"] in FUSED_KERNELS}
+        assert fused == set(FUSED_KERNELS), fused
 
 
 def test_no_spills_and_registers_within_bound(compiled):
     for e in compiled:
         assert not e["spills"], e
-        if e["name"] in ("_fold_logsumexp_kernel", "_logit_grad_kernel"):
+        if e["name"] in ROW_KERNELS:
             assert e["registers"] <= ROW_KERNEL_REGISTERS, e
         assert e["registers"] <= 255, e
 

@@ -8,7 +8,7 @@ import torch
 import fastpref
 from fastpref import losses as L
 from fastpref import reference as ref
-from tests.helpers import BACKENDS, make_labels, rel_err
+from tests.helpers import BACKENDS, PATH_IDS, PATHS, make_labels, rel_err
 
 # Hyper-parameters that make every type well defined (exo_pair needs ε > 0).
 HPARAMS = {
@@ -55,9 +55,9 @@ def _truth(loss_type, hidden, weight, bias, labels, ref_hidden, refinement):
     return loss, per_pair, chosen, rejected, grads
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "gemm"), PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("loss_type", sorted(L.LOSS_TYPES))
-def test_every_loss_type_matches_float64(loss_type, backend):
+def test_every_loss_type_matches_float64(loss_type, backend, gemm):
     """fp32 inputs: loss, per-pair losses, logps and the grads of hidden, weight, bias within 1e-5 (norm-wise)
     of the float64 materialised reference, in every mode the type allows; fast and lean agree."""
     batch = _batch()
@@ -65,7 +65,7 @@ def test_every_loss_type_matches_float64(loss_type, backend):
     modes = ["lean"] if loss_type in BATCH_COUPLED else ["fast", "lean"]
     results = {}
     for mode in modes:
-        out, grads = _run_fast_or_lean(loss_type, mode, backend, *batch)
+        out, grads = _run_fast_or_lean(loss_type, mode, backend, *batch, gemm=gemm)
         assert out.mode == mode
         assert rel_err(out.loss, t_loss) <= 1e-5, mode
         assert rel_err(out.losses, t_pairs) <= 1e-5, mode
@@ -119,9 +119,9 @@ def test_lambda_zero_reproduces_dpo_and_ipo(backend, pair):
             assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "gemm"), PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("loss_type", ["sr_dpo", "sr_ipo"])
-def test_refinement_from_augmented_batch_equals_precomputed(backend, loss_type):
+def test_refinement_from_augmented_batch_equals_precomputed(backend, gemm, loss_type):
     """Δ computed inside from the p ⊕ x batch (policy and reference, forward-only, no grad) equals Δ given."""
     hidden, weight, bias, labels, ref_hidden, _ = _batch()
     g = torch.Generator().manual_seed(5)
@@ -136,7 +136,7 @@ def test_refinement_from_augmented_batch_equals_precomputed(backend, loss_type):
         if loss_type == "sr_ipo":
             ratio = ratio / (refine_labels != -100).sum(-1).clamp(min=1)
         delta = (beta * (ratio[:3] - ratio[3:])).float()
-    loss_fn = fastpref.PreferenceLoss(loss_type, beta=beta, refinement_lambda=0.7, backend=backend)
+    loss_fn = fastpref.PreferenceLoss(loss_type, beta=beta, refinement_lambda=0.7, backend=backend, gemm=gemm)
     inside = loss_fn(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, refine_hidden=refine_hidden,
                      refine_labels=refine_labels, refine_ref_hidden=refine_ref_hidden)
     given = loss_fn(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, refinement=delta)
@@ -146,12 +146,12 @@ def test_refinement_from_augmented_batch_equals_precomputed(backend, loss_type):
     assert rel_err(gi, gg) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "gemm"), PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("mode", ["fast", "lean"])
-def test_gradient_accumulation_is_exact(backend, mode):
+def test_gradient_accumulation_is_exact(backend, gemm, mode):
     """Two half batches, each loss scaled by 1/2, summed, equal one batch (sigmoid is a mean over pairs)."""
     hidden, weight, bias, labels, ref_hidden, _ = _batch(pairs=4)
-    loss_fn = fastpref.DPOLoss(mode=mode, backend=backend)
+    loss_fn = fastpref.DPOLoss(mode=mode, backend=backend, gemm=gemm)
     full = torch.autograd.grad(loss_fn(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden).loss,
                                [hidden, weight, bias])
     halves = [torch.zeros_like(t) for t in (hidden, weight, bias)]
@@ -166,10 +166,10 @@ def test_gradient_accumulation_is_exact(backend, mode):
         assert rel_err(a, b) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_upstream_gradient_scaling_fast_mode(backend):
+@pytest.mark.parametrize(("backend", "gemm"), PATHS, ids=PATH_IDS)
+def test_upstream_gradient_scaling_fast_mode(backend, gemm):
     hidden, weight, bias, labels, ref_hidden, _ = _batch()
-    loss_fn = fastpref.IPOLoss(mode="fast", backend=backend)
+    loss_fn = fastpref.IPOLoss(mode="fast", backend=backend, gemm=gemm)
     g1 = torch.autograd.grad(loss_fn(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden).loss,
                              [hidden, weight, bias])
     out = loss_fn(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden)
@@ -191,15 +191,15 @@ def test_reference_free(backend):
     torch.testing.assert_close(out.chosen_rewards, 0.1 * chosen)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_packed_pairs_equal_padded(backend):
+@pytest.mark.parametrize(("backend", "gemm"), PATHS, ids=PATH_IDS)
+def test_packed_pairs_equal_padded(backend, gemm):
     hidden, weight, bias, labels, ref_hidden, _ = _batch()
-    padded = fastpref.DPOLoss(backend=backend)(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden)
+    padded = fastpref.DPOLoss(backend=backend, gemm=gemm)(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden)
     g_pad = torch.autograd.grad(padded.loss, [hidden, weight])
     flat_h = hidden.detach().reshape(-1, 24).requires_grad_()
     seq_ids = torch.arange(6).repeat_interleave(23)
     perm = torch.randperm(flat_h.shape[0])
-    packed = fastpref.DPOLoss(backend=backend)(
+    packed = fastpref.DPOLoss(backend=backend, gemm=gemm)(
         flat_h[perm], weight, labels.reshape(-1)[perm], bias=bias, ref_hidden=ref_hidden.reshape(-1, 24)[perm],
         seq_ids=seq_ids[perm], num_seqs=6)
     g_pack = torch.autograd.grad(packed.loss, [flat_h, weight])
@@ -207,10 +207,10 @@ def test_packed_pairs_equal_padded(backend):
     assert rel_err(g_pack[0], g_pad[0].reshape(-1, 24)) <= 1e-5 and rel_err(g_pack[1], g_pad[1]) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_metrics_match_reference_and_trl_names(backend):
+@pytest.mark.parametrize(("backend", "gemm"), PATHS, ids=PATH_IDS)
+def test_metrics_match_reference_and_trl_names(backend, gemm):
     hidden, weight, bias, labels, ref_hidden, _ = _batch()
-    out = fastpref.DPOLoss(backend=backend, token_metrics=True)(hidden, weight, labels, bias=bias,
+    out = fastpref.DPOLoss(backend=backend, gemm=gemm, token_metrics=True)(hidden, weight, labels, bias=bias,
                                                                  ref_hidden=ref_hidden)
     z = ref.logits(hidden.double(), weight.double(), bias.double())
     mask = labels != -100
@@ -311,8 +311,8 @@ def test_torch_compile_step_matches_eager():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_fast_and_lean_within_twice_torch_error(backend):
+@pytest.mark.parametrize(("backend", "gemm"), PATHS, ids=PATH_IDS)
+def test_bf16_fast_and_lean_within_twice_torch_error(backend, gemm):
     """bf16: the fused loss and its grads vs float64 within 2x the materialised bf16 torch path's error."""
     from tests.helpers import assert_within_torch_error
 
@@ -324,7 +324,8 @@ def test_bf16_fast_and_lean_within_twice_torch_error(backend):
     t_loss, *_ = ref.preference_loss(h64, w64, labels, bias=b64, ref_hidden=ref_hidden.double())
     truth = torch.autograd.grad(t_loss, [h64, w64, b64])
     for mode in ("fast", "lean"):
-        out = fastpref.DPOLoss(mode=mode, backend=backend)(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden)
+        out = fastpref.DPOLoss(mode=mode, backend=backend, gemm=gemm)(hidden, weight, labels, bias=bias,
+                                                                     ref_hidden=ref_hidden)
         grads = torch.autograd.grad(out.loss, [hidden, weight, bias])
         assert_within_torch_error(f"{mode} loss", out.loss, plain_loss, t_loss, atol=1e-4)
         for name, g, p, t in zip(("hidden", "weight", "bias"), grads, plain, truth):
@@ -332,24 +333,24 @@ def test_bf16_fast_and_lean_within_twice_torch_error(backend):
             assert_within_torch_error(f"{mode} d{name}", g, p, t, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "gemm"), PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("mode", ["fast", "lean"])
-def test_reference_equal_to_policy_gives_exactly_zero_rewards(backend, mode):
+def test_reference_equal_to_policy_gives_exactly_zero_rewards(backend, gemm, mode):
     """At step 0 of training the reference is the policy: rewards must be exactly 0 (TRL logs accuracy 0 there),
     so the reference pass scores tokens exactly as the policy pass does."""
     hidden, weight, bias, labels, _, _ = _batch()
-    out = fastpref.DPOLoss(mode=mode, backend=backend)(hidden, weight, labels, bias=bias,
+    out = fastpref.DPOLoss(mode=mode, backend=backend, gemm=gemm)(hidden, weight, labels, bias=bias,
                                                         ref_hidden=hidden.detach())
     assert out.mode == mode
     assert torch.all(out.chosen_rewards == 0) and torch.all(out.rejected_rewards == 0)
     assert out.metrics["rewards/accuracies"] == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "gemm"), PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("mode", ["auto", "lean"])
-def test_score_gives_reference_sums_bit_identical_to_the_policy_pass(backend, mode):
+def test_score_gives_reference_sums_bit_identical_to_the_policy_pass(backend, gemm, mode):
     hidden, weight, bias, labels, _, _ = _batch()
-    loss_fn = fastpref.DPOLoss(mode=mode, backend=backend)
+    loss_fn = fastpref.DPOLoss(mode=mode, backend=backend, gemm=gemm)
     ref_logps = loss_fn.score(hidden, weight, labels, bias=bias)
     assert ref_logps.shape == (6,) and not ref_logps.requires_grad
     out = loss_fn(hidden, weight, labels, ref_logps, bias=bias)

@@ -27,6 +27,7 @@ from .harness import (
 )
 from .peers import (
     CHECK_ONLY_IMPLS,
+    GEMM_IMPLS,
     IMPL_NAMES,
     FastprefImpl,
     Impl,
@@ -44,6 +45,7 @@ __all__ = [
     "COST_PATHS",
     "CSV_COLUMNS",
     "ERROR_KEYS",
+    "GEMM_IMPLS",
     "IMPL_NAMES",
     "REGIMES",
     "SHAPES",

@@ -10,7 +10,7 @@ import torch
 
 from .cost_model import cost_table
 from .harness import BenchConfig, run_bench
-from .peers import IMPL_NAMES
+from .peers import GEMM_IMPLS, IMPL_NAMES
 from .report import format_table, write_csv, write_plot
 from .workload import BENCH_SHAPES, REGIMES, SHAPES, parse_shape
 
@@ -49,7 +49,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "shapes on CUDA")
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES),
                    help="logit regimes (docs/benchmarks.md)")
-    p.add_argument("--impls", nargs="+", choices=IMPL_NAMES, default=list(IMPL_NAMES), help="implementations")
+    p.add_argument("--impls", nargs="+", choices=[*IMPL_NAMES, *GEMM_IMPLS], default=list(IMPL_NAMES),
+                   help="implementations (the GEMM_IMPLS force one GEMM path; the GPU suite adds them)")
     p.add_argument("--tasks", nargs="+", choices=("step", "logps"), default=["step", "logps"],
                    help="step: full DPO step; logps: forward-only policy log-probs")
     p.add_argument("--device", type=_device, default=None, help="cpu | cuda[:i]; default: cuda when available")

@@ -1,17 +1,29 @@
 """The byte-and-FLOP model of every path (``bench/NOTES.md``): matmul FLOPs at the GPU's measured bf16 rate plus
-the exposed HBM bytes of the memory-bound kernels between the GEMMs, and the peak memory above the inputs."""
+the exposed HBM bytes of the memory-bound kernels between the GEMMs, and the peak memory above the inputs.
+
+The fused paths (``*-fused``: ``kernels/fused_gemm.py``) have no exposed pass over the logits; what they pay
+instead is Triton's GEMM rate against cuBLAS's (``TRITON_GEMM_EFFICIENCY``, an assumption until a GPU measures
+it), the fold's epilogue (one program per SM: not overlapped) and the gradient GEMMs' prologue, which recomputes
+``exp`` for every logit once per H block: hidden under the MMAs in ``ms`` (the design point: ~0.7 of the MMA
+time per K step), serial in ``ms_serial_prologue`` (the bound if Triton does not overlap them)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
+
 from ..ops.plan import CUDA_TILE_BYTES
 from .workload import BENCH_SHAPES, SHAPES, Shape
 
 H100_BF16_FLOPS = 790e12  # the H100's measured bf16 matmul rate (docs/benchmarks.md)
 H100_HBM_BYTES = 3.35e12  # H100 SXM HBM3 bandwidth
-COST_PATHS = ("fastpref-fast", "fastpref-lean", "fastpref-logps", "reference", "trl")
+# Assumptions for the fused paths, to be replaced by the GPU suite's measurements (bench/NOTES.md):
+TRITON_GEMM_EFFICIENCY = 0.85  # Triton's non-persistent tl.dot GEMM against cuBLAS at these shapes
+H100_ELEMENTWISE_RATE = 2.2e12  # prologue/epilogue elements per second: one exp (MUFU, 16/clk/SM) + ~6 FP32 ops
+FUSED_PATHS = ("fastpref-fast-fused", "fastpref-lean-fused", "fastpref-logps-fused")
+COST_PATHS = ("fastpref-fast", "fastpref-lean", "fastpref-logps", *FUSED_PATHS, "reference", "trl")
 
 
 @dataclass(frozen=True)
@@ -22,7 +34,9 @@ class CostEstimate:
     GEMMs (row kernels, casts, fills, fp32 accumulators outside a GEMM epilogue) and so add to the GEMM time;
     GEMM operand and epilogue traffic is counted as hidden under the GEMMs' compute. ``logit_passes``: how many
     times the logits (or their gradient) cross HBM, GEMM writes/reads included. ``peak_bytes``: memory above
-    the inputs. ``ms``: flops / 790 TFLOP/s + exposed_bytes / 3.35 TB/s.
+    the inputs. ``ms``: flops / 790 TFLOP/s + exposed_bytes / 3.35 TB/s. Fused paths: ``triton_flops`` of the
+    flops run in Triton GEMMs at ``TRITON_GEMM_EFFICIENCY`` of that rate, ``epilogue_elems`` (serial) and
+    ``prologue_elems`` (hidden in ``ms``, serial in ``ms_serial_prologue``) at ``H100_ELEMENTWISE_RATE``.
     """
 
     path: str
@@ -31,10 +45,19 @@ class CostEstimate:
     logit_passes: str
     peak_bytes: float
     note: str = ""
+    triton_flops: float = 0.0
+    epilogue_elems: float = 0.0
+    prologue_elems: float = 0.0
 
     @property
     def ms(self) -> float:
-        return (self.flops / H100_BF16_FLOPS + self.exposed_bytes / H100_HBM_BYTES) * 1e3
+        gemm_s = ((self.flops - self.triton_flops) / H100_BF16_FLOPS
+                  + self.triton_flops / (H100_BF16_FLOPS * TRITON_GEMM_EFFICIENCY))
+        return (gemm_s + self.epilogue_elems / H100_ELEMENTWISE_RATE + self.exposed_bytes / H100_HBM_BYTES) * 1e3
+
+    @property
+    def ms_serial_prologue(self) -> float:
+        return self.ms + self.prologue_elems / H100_ELEMENTWISE_RATE * 1e3
 
 
 def fast_groups(shape: Shape, *, prompt_frac: float = 0.25, memory_budget: int = 2 << 30,
@@ -55,7 +78,9 @@ def fast_groups(shape: Shape, *, prompt_frac: float = 0.25, memory_budget: int =
 def cost_model(shape: Shape, path: str, *, prompt_frac: float = 0.25, tile_bytes: int = CUDA_TILE_BYTES,
                memory_budget: int = 2 << 30) -> CostEstimate:
     """The model behind ``bench/NOTES.md`` for ``path`` in ``COST_PATHS`` at ``shape`` (bf16 inputs and weight),
-    built from the plans the code makes (``fast_groups``, ``plan_tiles``)."""
+    built from the plans the code makes (``fast_groups``, ``plan_tiles``, the fused kernels' configs)."""
+    if path in FUSED_PATHS:
+        return _fused_cost(shape, path, prompt_frac=prompt_frac, tile_bytes=tile_bytes, memory_budget=memory_budget)
     from ..ops.head_pass import MAX_PARTIAL_SUMS
     from ..ops.plan import MAX_GROUPS_DIRECT_DW, plan_tiles
 
@@ -140,21 +165,62 @@ def cost_model(shape: Shape, path: str, *, prompt_frac: float = 0.25, tile_bytes
     raise ValueError(f"path: expected one of {list(COST_PATHS)}, got {path!r}")
 
 
+def _fused_cost(shape: Shape, path: str, *, prompt_frac: float, tile_bytes: int,
+                memory_budget: int) -> CostEstimate:
+    """A fused path from its cublas twin: the same plans (groups, tiles, accumulators), minus the exposed passes
+    over the logits, plus the fold's split partials; the GEMMs that moved to Triton, their epilogue/prologue
+    elements (``CostEstimate``)."""
+    from ..kernels.fused_gemm import DEFAULT_NUM_SMS, default_config, fold_splits
+
+    base = cost_model(shape, path.removesuffix("-fused"), prompt_frac=prompt_frac, tile_bytes=tile_bytes,
+                      memory_budget=memory_budget)
+    e = 2
+    n, H, V = shape.scored_tokens(prompt_frac), shape.hidden, shape.vocab
+    nV, unit = n * V, n * H * V
+    fold = default_config("fold", torch.bfloat16)
+    grad_h_blocks = -(-H // default_config("grad_input", torch.bfloat16).block_n)
+    splits, _ = fold_splits(n, V, fold.block_m, 16, DEFAULT_NUM_SMS)
+    partials = 2 * 4 * 3 * splits * n  # (max, sum-exp, logit sum) per split: written, read by the combine
+    if path == "fastpref-logps-fused":
+        return CostEstimate(path, base.flops, base.exposed_bytes - e * nV + partials,
+                            "none: the fold is the GEMM's epilogue (0)", e * n * H + partials / 2,
+                            f"{splits} vocabulary splits", triton_flops=2 * unit, epilogue_elems=nV)
+    if path == "fastpref-fast-fused":
+        # policy fold (the epilogue stores the kept logits), two prologue GEMMs; reference fold, nothing stored
+        return CostEstimate(path, base.flops, base.exposed_bytes - 4 * e * nV + 2 * partials,
+                            "policy: fold GEMM writes, dH and dW GEMMs read (3, 0 exposed); reference: none (0)",
+                            base.peak_bytes + partials / 2, base.note, triton_flops=base.flops,
+                            epilogue_elems=2 * nV, prologue_elems=2 * nV * grad_h_blocks)
+    # lean: forward and reference folds in the epilogue; backward recompute on cuBLAS (writes the tile), the
+    # gradient formed in the two Triton GEMMs' prologue (no grad pass)
+    return CostEstimate(path, base.flops, base.exposed_bytes - 4 * e * nV + 2 * partials,
+                        "forward: none; backward: recompute write, dH and dW GEMM reads; reference: none (3, 0 "
+                        "exposed)", base.peak_bytes, base.note, triton_flops=base.flops - 2 * unit,
+                        epilogue_elems=2 * nV, prologue_elems=2 * nV * grad_h_blocks)
+
+
 def cost_table(shapes: Iterable[Shape] | None = None) -> str:
-    """The model for every benchmark shape and path, as the markdown table of ``bench/NOTES.md``."""
+    """The model for every benchmark shape and path, as the markdown table of ``bench/NOTES.md``; predicted ms of
+    a fused path as "prologue hidden (prologue serial)"."""
+    from ..ops.backend import triton_available
+
     shapes = list(shapes) if shapes is not None else [SHAPES[n] for n in BENCH_SHAPES]
+    # the fused paths' model reads the kernels' block configs (kernels/fused_gemm.py imports triton)
+    paths = [p for p in COST_PATHS if triton_available() or p not in FUSED_PATHS]
     lines = ["| shape | path | matmul TFLOP | exposed GB | predicted H100 ms | x floor (8nHV) | peak GiB | notes |",
              "|---|---|---|---|---|---|---|---|"]
     for shape in shapes:
         floor_ms = 8 * shape.scored_tokens() * shape.hidden * shape.vocab / H100_BF16_FLOPS * 1e3
-        for path in COST_PATHS:
+        for path in paths:
             c = cost_model(shape, path)
-            ratio = c.ms / floor_ms if path != "fastpref-logps" else c.ms / (floor_ms / 4)
+            forward_only = path.startswith("fastpref-logps")
+            ratio = c.ms / floor_ms if not forward_only else c.ms / (floor_ms / 4)
+            ms = f"{c.ms:.1f}" + (f" ({c.ms_serial_prologue:.1f})" if c.prologue_elems else "")
             lines.append(f"| {shape.name} | {path} | {c.flops / 1e12:.1f} | {c.exposed_bytes / 1e9:.1f} | "
-                         f"{c.ms:.1f} | {ratio:.2f}{' (of 2nHV)' if path == 'fastpref-logps' else ''} | "
+                         f"{ms} | {ratio:.2f}{' (of 2nHV)' if forward_only else ''} | "
                          f"{c.peak_bytes / 2**30:.2f} | {c.note} |")
     return "\n".join(lines)
 
 
-__all__ = ["COST_PATHS", "H100_BF16_FLOPS", "H100_HBM_BYTES", "CostEstimate", "cost_model", "cost_table",
-           "fast_groups"]
+__all__ = ["COST_PATHS", "FUSED_PATHS", "H100_BF16_FLOPS", "H100_ELEMENTWISE_RATE", "H100_HBM_BYTES",
+           "TRITON_GEMM_EFFICIENCY", "CostEstimate", "cost_model", "cost_table", "fast_groups"]

@@ -68,22 +68,37 @@ def flops_unit(w: Workload, rows: int | None = None) -> int:
 
 
 class FastprefImpl(Impl):
-    """fastpref's ``DPOLoss`` in ``mode`` (``"fast"``, ``"lean"``, ``"auto"``). ``groups``: fast mode with a
+    """fastpref's ``DPOLoss`` in ``mode`` (``"fast"``, ``"lean"``, ``"auto"``) on GEMM path ``gemm`` (``"auto"``:
+    what users get; ``"cublas"`` / ``"fused"`` forced, for the side-by-side rows). ``groups``: fast mode with a
     memory budget that splits the workload into at least that many pair groups (the float64 check of dW summed
     over groups, at the real H and V)."""
 
     is_fastpref = True
 
     def __init__(self, mode: str, backend: str = "auto", memory_budget: int | None = None,
-                 groups: int | None = None) -> None:
+                 groups: int | None = None, gemm: str = "auto") -> None:
         import fastpref
 
-        self.mode, self.backend, self.groups = mode, backend, groups
-        self.name = f"fastpref-{mode}" + (f"-{groups}groups" if groups else "")
+        self.mode, self.backend, self.groups, self.gemm = mode, backend, groups, gemm
+        self.name = (f"fastpref-{mode}" + (f"-{groups}groups" if groups else "")
+                     + (f"-{gemm}" if gemm != "auto" else ""))
         self.label = f"fastpref {fastpref.__version__}"
         self._memory_budget = memory_budget
         self._losses: dict[int | None, Any] = {}
         self.has_logps = mode == "fast" and not groups  # one forward-only row, reported with the fast mode
+
+    def skip_reason(self, device: torch.device) -> str | None:
+        if self.gemm != "fused":
+            return None
+        if self.backend == "torch":
+            return "the fused GEMMs are Triton kernels: backend='torch' has none"
+        from ..ops.backend import interpreter_enabled, triton_available
+
+        if not triton_available():
+            return "the fused GEMMs need triton"
+        if device.type != "cuda" and not interpreter_enabled():
+            return "the fused GEMMs run compiled on CUDA (on the CPU only under TRITON_INTERPRET=1)"
+        return None
 
     def _loss(self, w: Workload) -> Any:
         import fastpref
@@ -96,7 +111,7 @@ class FastprefImpl(Impl):
             budget = max(pair_rows, -(-w.n_scored // self.groups)) * w.shape.vocab * elem
         if budget not in self._losses:
             self._losses[budget] = fastpref.DPOLoss(beta=BETA, mode=self.mode, backend=self.backend,
-                                                    memory_budget=budget)
+                                                    memory_budget=budget, gemm=self.gemm)
         return self._losses[budget]
 
     def step(self, w: Workload) -> StepOutput:
@@ -107,7 +122,7 @@ class FastprefImpl(Impl):
         import fastpref
 
         with torch.no_grad():
-            return fastpref.sequence_logps(w.hidden, w.weight, w.labels, backend=self.backend)
+            return fastpref.sequence_logps(w.hidden, w.weight, w.labels, backend=self.backend, gemm=self.gemm)
 
     def step_flops(self, w: Workload) -> int:
         # policy 6 (fast: no recompute) or 8 (lean: recompute), reference forward 2
@@ -287,6 +302,8 @@ class CceImpl(Impl):
 
 
 IMPL_NAMES = ("fastpref-fast", "fastpref-lean", "reference", "trl", "liger", "cce")
+# Both GEMM paths forced, side by side with the auto choice (the GPU suite runs them by default).
+GEMM_IMPLS = ("fastpref-fast-cublas", "fastpref-fast-fused", "fastpref-lean-cublas", "fastpref-lean-fused")
 # Checked against float64 by the GPU suite, not timed: fast mode over several pair groups (dW summed over groups).
 CHECK_ONLY_IMPLS = ("fastpref-fast-3groups",)
 
@@ -300,6 +317,9 @@ def implementations(names: Iterable[str] = IMPL_NAMES, *, device: torch.device, 
             out.append(FastprefImpl("fast", backend=backend, groups=3))
         elif name.startswith("fastpref-") and name in IMPL_NAMES:
             out.append(FastprefImpl(name.split("-", 1)[1], backend=backend))
+        elif name in GEMM_IMPLS:
+            _, mode, gemm = name.split("-")
+            out.append(FastprefImpl(mode, backend=backend, gemm=gemm))
         elif name == "reference":
             out.append(ReferenceImpl())
         elif name == "trl":
@@ -309,9 +329,10 @@ def implementations(names: Iterable[str] = IMPL_NAMES, *, device: torch.device, 
         elif name == "cce":
             out.append(CceImpl())
         else:
-            raise ValueError(f"impl: expected one of {[*IMPL_NAMES, *CHECK_ONLY_IMPLS]}, got {name!r}")
+            raise ValueError(f"impl: expected one of {[*IMPL_NAMES, *GEMM_IMPLS, *CHECK_ONLY_IMPLS]}, got {name!r}")
     return out
 
 
-__all__ = ["CHECK_ONLY_IMPLS", "IMPL_NAMES", "CceImpl", "FastprefImpl", "Impl", "LigerImpl", "ReferenceImpl",
-           "StepOutput", "TrlImpl", "dpo_loss", "flops_unit", "implementations", "module_version", "version"]
+__all__ = ["CHECK_ONLY_IMPLS", "GEMM_IMPLS", "IMPL_NAMES", "CceImpl", "FastprefImpl", "Impl", "LigerImpl",
+           "ReferenceImpl", "StepOutput", "TrlImpl", "dpo_loss", "flops_unit", "implementations", "module_version",
+           "version"]

@@ -1,10 +1,14 @@
-"""Tiled passes over the LM head: cuBLAS matmuls on bounded tiles around the row ops of ``fastpref.ops.tile_ops``.
+"""Tiled passes over the LM head, on either GEMM path (``fastpref.ops.gemm_path``).
 
 ``forward_stats`` computes, for the n scored rows ``source[index]``, the online log-sum-exp statistics of
-``z = T(h @ W.T + b)`` tile by tile (2·n·H·V FLOPs); ``backward`` recomputes each tile, turns it into the
-logits gradient in place and feeds it to the two gradient matmuls (6·n·H·V FLOPs). The scored rows are gathered
-chunk by chunk from ``source`` (no [n, H] copy is saved for backward) and dH is written straight into the
-rows of a [N, H] gradient. Nothing of size tokens x vocabulary is allocated.
+``z = T(h @ W.T + b)`` (2·n·H·V FLOPs): on the cublas path tile by tile, a cuBLAS GEMM into a bounded tile that the
+row ops of ``fastpref.ops.tile_ops`` then fold; on the fused path by ``linear_fold``, whose epilogue folds each
+block (no tile). ``backward`` (lean mode) recomputes each tile with a cuBLAS GEMM and feeds it to the two gradient
+GEMMs (6·n·H·V FLOPs): on the cublas path after turning it into the logits gradient in place, on the fused path
+through ``linear_grad_input`` / ``linear_grad_weight``, which form the gradient in their prologue (no pass over the
+tile between the GEMMs). The scored rows are gathered chunk by chunk from ``source`` (no [n, H] copy is saved for
+backward) and dH is written straight into the rows of a [N, H] gradient. Nothing of size tokens x vocabulary is
+allocated.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import gemm_path
 from .backend import compute_dtype, resolve_backend
 from .plan import TilePlan, default_tile_bytes, plan_tiles
 from .tile_ops import LogitTransform, RowStats, row_ops
@@ -36,19 +41,37 @@ class HeadPass:
     tile_bytes: int
     with_entropy: bool = False
     with_top1: bool = False
+    gemm: str = "cublas"  # resolved: "fused" | "cublas" (fastpref.ops.gemm_path)
+    gemm_key: gemm_path.Key | None = None  # the fused path's (device, dtype, H, V bucket), for its fallback
 
     @classmethod
-    def for_inputs(cls, hidden: torch.Tensor, *, backend: str | None, transform: LogitTransform,
-                   tile_bytes: int | None = None, with_entropy: bool = False, with_top1: bool = False) -> HeadPass:
-        """The config for ``hidden``'s device and dtype (autocast included) and a requested backend."""
+    def for_inputs(cls, hidden: torch.Tensor, weight: torch.Tensor, *, backend: str | None,
+                   transform: LogitTransform, tile_bytes: int | None = None, with_entropy: bool = False,
+                   with_top1: bool = False, gemm: str | None = None) -> HeadPass:
+        """The parameters for ``hidden``'s device and dtype (autocast included), the head's shape, a requested
+        backend and GEMM path."""
+        cd = compute_dtype(hidden)
+        resolved = resolve_backend(backend, hidden.device)
+        vocab, size = weight.shape[0], weight.shape[-1]
         return cls(
             transform=transform,
-            compute_dtype=compute_dtype(hidden),
-            backend=resolve_backend(backend, hidden.device),
+            compute_dtype=cd,
+            backend=resolved,
             tile_bytes=tile_bytes if tile_bytes is not None else default_tile_bytes(hidden.device),
             with_entropy=with_entropy,
             with_top1=with_top1,
+            gemm=gemm_path.resolve(gemm, resolved, hidden.device, cd, size, vocab),
+            gemm_key=gemm_path.key_of(hidden.device, cd, size, vocab),
         )
+
+    @property
+    def fused(self) -> bool:
+        """Whether this pass runs the fused GEMMs (``gemm == "fused"`` and they have not failed on the device)."""
+        return self.gemm == "fused" and gemm_path.usable(self.gemm_key)
+
+    def transform_kwargs(self) -> dict[str, float | None]:
+        t = self.transform
+        return {"logit_scale": t.logit_scale, "softcap": t.softcap, "inv_temperature": t.inv_temperature}
 
     def plan(self, n_rows: int, vocab: int) -> TilePlan:
         # The torch row ops hold ~3 fp32 copies of a tile; size the tile by its fp32 working set there.
@@ -58,6 +81,14 @@ class HeadPass:
 
 def _slab(t: torch.Tensor | None, start: int, end: int, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t[start:end].to(dtype)
+
+
+def kernel_operand(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` with unit stride along its last dimension (what the fused GEMMs load), copied only when it is not
+    (a transposed weight, an expanded bias)."""
+    if t is None or (t.stride(-1) == 1 and (t.dim() > 1 or t.is_contiguous())):
+        return t
+    return t.contiguous()
 
 
 def project(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -134,9 +165,18 @@ def forward_stats(source: torch.Tensor, index: torch.Tensor, weight: torch.Tenso
                   targets: torch.Tensor, cfg: HeadPass) -> RowStats:
     """Online log-sum-exp statistics of the scored rows ``source[index]`` (``source`` [N, H], ``index`` [n])."""
     n, vocab = index.numel(), weight.shape[0]
-    stats = RowStats.empty(n, source.device, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
     if n == 0 or vocab == 0:
-        return stats
+        return RowStats.empty(n, source.device, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
+    args = (source, index, weight, bias, targets, cfg)
+    if cfg.fused:
+        return gemm_path.with_fallback(cfg.gemm_key, lambda: _forward_stats_fused(*args),
+                                       lambda: _forward_stats_tiles(*args))
+    return _forward_stats_tiles(*args)
+
+
+def _forward_stats_tiles(source, index, weight, bias, targets, cfg: HeadPass) -> RowStats:
+    n, vocab = index.numel(), weight.shape[0]
+    stats = RowStats.empty(n, source.device, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
     ops = row_ops(cfg.backend)
     plan = cfg.plan(n, vocab)
     buf = torch.empty((plan.rows, plan.cols), device=source.device, dtype=cfg.compute_dtype)
@@ -148,6 +188,28 @@ def forward_stats(source: torch.Tensor, index: torch.Tensor, weight: torch.Tenso
             w, b = _slab(weight, v0, v1, cfg.compute_dtype), _slab(bias, v0, v1, cfg.compute_dtype)
             tile = project(buf[: t1 - t0, : v1 - v0], h, w, b)
             ops.fold(tile, targets[t0:t1], stats.rows(t0, t1), v0, cfg.transform)
+    return stats
+
+
+def fused_slabs(weight: torch.Tensor, cfg: HeadPass, n_rows: int) -> list[tuple[int, int]]:
+    """The fused path's vocabulary slabs: the whole vocabulary when the weight is already in the compute dtype
+    (one launch), else slabs of the tile plan's width, each cast on its own."""
+    vocab = weight.shape[0]
+    width = vocab if weight.dtype == cfg.compute_dtype else cfg.plan(max(n_rows, 1), vocab).cols
+    return [(v0, min(v0 + width, vocab)) for v0 in range(0, vocab, max(width, 1))]
+
+
+def _forward_stats_fused(source, index, weight, bias, targets, cfg: HeadPass) -> RowStats:
+    from ..kernels import fused_gemm
+
+    n = index.numel()
+    stats = RowStats.empty(n, source.device, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
+    h = gather(source, index, 0, n, cfg.compute_dtype)  # O(tokens x H): the fused GEMM takes every row at once
+    for v0, v1 in fused_slabs(weight, cfg, n):
+        fused_gemm.linear_fold(h, kernel_operand(weight[v0:v1].to(cfg.compute_dtype)),
+                               kernel_operand(_slab(bias, v0, v1, cfg.compute_dtype)),
+                               targets, stats.row_max, stats.row_sumexp, stats.target_logit, stats.logit_sum,
+                               stats.entropy_acc, stats.max_before_target, vocab_start=v0, **cfg.transform_kwargs())
     return stats
 
 
@@ -172,6 +234,17 @@ def backward(
     (directly for up to ``MAX_PARTIAL_SUMS`` chunks, else in fp32 over one slab) and dH sums over the slabs in
     an fp32 [n, H] accumulator (O(tokens·H)).
     """
+    args = (source, index, weight, bias, targets, lse, grad_rows, cfg)
+    need = dict(need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+    # the fused gradient-weight GEMM forms the bias gradient beside dW; a bias gradient without dW stays on cublas
+    if cfg.fused and (need_weight or not (need_bias and bias is not None)):
+        return gemm_path.with_fallback(cfg.gemm_key, lambda: _backward(*args, fused=True, **need),
+                                       lambda: _backward(*args, fused=False, **need))
+    return _backward(*args, fused=False, **need)
+
+
+def _backward(source, index, weight, bias, targets, lse, grad_rows, cfg: HeadPass, *, fused: bool,
+              need_hidden: bool, need_weight: bool, need_bias: bool):
     n, vocab = index.numel(), weight.shape[0]
     dev = source.device
     nothing_scored = n == 0 or vocab == 0
@@ -186,16 +259,27 @@ def backward(
     plan = cfg.plan(n, vocab)
     n_slabs = -(-vocab // plan.cols)
     single_row_chunk = plan.rows >= n
-    direct_dw = -(-n // plan.rows) <= MAX_PARTIAL_SUMS
     cd = cfg.compute_dtype
+    # the fused GEMMs write fp32 or the compute dtype: another gradient dtype goes through an fp32 buffer
+    writable = (torch.float32, cd) if fused else (weight.dtype, source.dtype)
+    direct_dw = -(-n // plan.rows) <= MAX_PARTIAL_SUMS and weight.dtype in writable
     # one row chunk: gather it once for every slab; several: per chunk and slab (cheap next to the GEMMs)
     rows = gather(source, index, 0, n, cd) if single_row_chunk else None
     if need_hidden:
-        dh_acc = torch.empty((n, source.shape[1]), device=dev, dtype=torch.float32 if n_slabs > 1 else source.dtype)
-    buf = torch.empty((plan.rows, plan.cols), device=dev, dtype=cd)
+        direct_dh = n_slabs == 1 and source.dtype in writable
+        dh_acc = torch.empty((n, source.shape[1]), device=dev, dtype=source.dtype if direct_dh else torch.float32)
+    if fused:
+        from ..kernels import fused_gemm
+
+        buf = fused_gemm.logits_buffer(plan.rows, plan.cols, cd, dev)  # rows aligned for the prologue GEMMs
+        grad_kwargs = cfg.transform_kwargs()
+    else:
+        buf = torch.empty((plan.rows, plan.cols), device=dev, dtype=cd)
     for v0 in range(0, vocab, plan.cols):
         v1 = min(v0 + plan.cols, vocab)
         w, b = _slab(weight, v0, v1, cd), _slab(bias, v0, v1, cd)
+        if fused:
+            w = kernel_operand(w)
         # dW of one slab sums over the row chunks: straight into dW for up to a handful of chunks (each GEMM
         # accumulates in fp32, one rounding per chunk), else in an fp32 buffer of one slab.
         if need_weight:
@@ -207,6 +291,15 @@ def backward(
             t1 = min(t0 + plan.rows, n)
             h = rows if rows is not None else gather(source, index, t0, t1, cd)
             tile = project(buf[: t1 - t0, : v1 - v0], h, w, b)
+            if fused:  # the gradient is formed in each GEMM's prologue from the raw logits
+                g = (targets[t0:t1], lse[t0:t1], grad_rows[t0:t1])
+                if need_hidden:
+                    fused_gemm.linear_grad_input(tile, *g, w, dh_acc[t0:t1], vocab_start=v0, accumulate=v0 > 0,
+                                                 **grad_kwargs)
+                if need_weight:
+                    fused_gemm.linear_grad_weight(tile, *g, h, dw_slab, None if d_bias is None else db_slab,
+                                                  vocab_start=v0, accumulate=t0 > 0, **grad_kwargs)
+                continue
             ops.grad_(tile, targets[t0:t1], lse[t0:t1], grad_rows[t0:t1], v0, cfg.transform)
             if need_hidden:
                 accumulate_mm(dh_acc[t0:t1], tile, w, first=v0 == 0)

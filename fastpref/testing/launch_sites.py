@@ -29,7 +29,10 @@ from ..kernels.launch import LaunchRecord, record_launches
 from ..ops import HeadPass, LogitTransform, PairProblem, TokenLayout, grouped_sequence_logps
 from ..ops import head_pass as passes
 from ..ops.fused_pair_loss import _fused_forward
+from ..ops.gemm_path import key_of
 from ..ops.plan import CUDA_TILE_BYTES
+
+GEMMS = ("cublas", "fused")
 
 
 def _meta_layout(shape: Shape, prompt_frac: float = 0.25) -> TokenLayout:
@@ -41,11 +44,13 @@ def _meta_layout(shape: Shape, prompt_frac: float = 0.25) -> TokenLayout:
     return TokenLayout(host_offsets=layout.host_offsets, num_tokens=layout.num_tokens, **meta)
 
 
-def record_shape(shape: Shape, dtype: torch.dtype, *, token_metrics: bool, softcap: float | None) -> list[LaunchRecord]:
-    """Every launch of one training step's passes at ``shape`` (compute dtype ``dtype``)."""
+def record_shape(shape: Shape, dtype: torch.dtype, *, token_metrics: bool, softcap: float | None,
+                 gemm: str = "cublas") -> list[LaunchRecord]:
+    """Every launch of one training step's passes at ``shape`` (compute dtype ``dtype``) on GEMM path ``gemm``."""
     layout = _meta_layout(shape)
     n = layout.num_scored
-    cfg = HeadPass(LogitTransform(softcap=softcap), dtype, "triton", CUDA_TILE_BYTES, token_metrics, token_metrics)
+    cfg = HeadPass(LogitTransform(softcap=softcap), dtype, "triton", CUDA_TILE_BYTES, token_metrics, token_metrics,
+                   gemm=gemm, gemm_key=key_of(torch.device("meta"), dtype, shape.hidden, shape.vocab))
     source = torch.empty(shape.batch * shape.seq_len, shape.hidden, dtype=dtype, device="meta")
     weight = torch.empty(shape.vocab, shape.hidden, dtype=dtype, device="meta")
     groups = fast_groups(shape, elem=torch.empty((), dtype=dtype).element_size())
@@ -68,16 +73,18 @@ def record_shape(shape: Shape, dtype: torch.dtype, *, token_metrics: bool, softc
 
 def benchmark_launches(shapes: Iterable[str] = BENCH_SHAPES,
                        dtypes: Iterable[torch.dtype] = (torch.bfloat16, torch.float16)) -> list[LaunchRecord]:
-    """The distinct specialisations (``LaunchRecord.key``) launched at the benchmark shapes: bf16 (the
-    benchmark) and fp16, with and without the token statistics of the trainers' metrics, with and without a
-    softcap (Gemma's heads)."""
+    """The distinct specialisations (``LaunchRecord.key``) launched at the benchmark shapes on both GEMM paths:
+    bf16 (the benchmark) and fp16, with and without the token statistics of the trainers' metrics, with and
+    without a softcap (Gemma's heads)."""
     unique: dict[tuple, LaunchRecord] = {}
     for name in shapes:
         for dtype in dtypes:
             for token_metrics in (False, True):
                 for softcap in (None, 30.0):
-                    for record in record_shape(SHAPES[name], dtype, token_metrics=token_metrics, softcap=softcap):
-                        unique.setdefault(record.key(), record)
+                    for gemm in GEMMS:
+                        for record in record_shape(SHAPES[name], dtype, token_metrics=token_metrics,
+                                                   softcap=softcap, gemm=gemm):
+                            unique.setdefault(record.key(), record)
     return list(unique.values())
 
 
