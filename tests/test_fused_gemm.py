@@ -33,10 +33,10 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.fixture(autouse=True)
 def _on_device():
-    previous = torch.get_default_device()
-    torch.set_default_device(DEVICE)
-    yield
-    torch.set_default_device(previous)
+    # a context, not set_default_device: restoring a default device leaves its TorchFunctionMode installed for
+    # every later test of the process (it re-dispatches Tensor methods: tests/test_gpu_readiness.py's counter)
+    with torch.device(DEVICE):
+        yield
 
 
 def _cpu_randn(*shape, g):

@@ -403,6 +403,22 @@ def test_fused_head_triton_backend_under_interpreter(tok):
     assert model.lm_head.weight.grad is not None and torch.isfinite(model.lm_head.weight.grad).all()
 
 
+def test_trainer_fused_gemm_path_equals_materialised(tok, records, materialised_run):
+    """``fastpref_gemm="fused"`` reaches the loss and the patched head (the Triton GEMMs, interpreted on the CPU):
+    the same training run as the materialised path."""
+    pytest.importorskip("triton")
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py on CPU-only machines)")
+    want, want_model, _ = materialised_run
+    got, model, trainer = _train(tok, records, use_fastpref=True, fastpref_backend="triton", fastpref_gemm="fused")
+    assert trainer.loss_fn.config.gemm == "fused"
+    assert trainer.loss_fn.config.backend == "triton"
+    assert_logs_close(got, want)
+    assert_params_close(model, want_model)
+
+
 def test_trainer_evaluate_and_datasets_precompute(tok):
     """``evaluate`` logs TRL's metrics under ``eval_``; datasets.Dataset inputs get the precomputed columns."""
     datasets = pytest.importorskip("datasets")

@@ -29,12 +29,14 @@ _PREVIOUS_ATTR = "_fastpref_previous_forward"
 
 @dataclass(frozen=True)
 class FusedHeadSettings:
-    """Logit transform of the model's head (read from its config, as TRL does) and the requested backend."""
+    """Logit transform of the model's head (read from its config, as TRL does), the requested backend and GEMM
+    path."""
 
     temperature: float = 1.0
     logit_scale: float = 1.0
     softcap: float | None = None
     backend: str = "auto"
+    gemm: str = "auto"
 
     def transform_kwargs(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "logit_scale": self.logit_scale, "softcap": self.softcap}
@@ -144,7 +146,7 @@ def _check_loss_transform(loss_fn: Any, settings: FusedHeadSettings) -> None:
             "`PreferenceLoss(..., **fastpref.integrations.hf.head_transform(model))` (and the same temperature)")
 
 
-def add_fused_lm_head(model: Any, *, temperature: float = 1.0, backend: str = "auto") -> Any:
+def add_fused_lm_head(model: Any, *, temperature: float = 1.0, backend: str = "auto", gemm: str = "auto") -> Any:
     """Patch ``model.forward`` with fastpref's fused LM head (in place; returns ``model``). Idempotent.
 
     Afterwards, besides its usual arguments, the forward accepts:
@@ -163,9 +165,10 @@ def add_fused_lm_head(model: Any, *, temperature: float = 1.0, backend: str = "a
     Any other call runs the original forward (generation unchanged). The backbone and the head are looked up on
     each call (PEFT and FSDP replace them after patching); patch the base model before wrapping it with PEFT, or
     patch ``peft_model.get_base_model()``. ``logit_scale`` and ``softcap`` come from the config
-    (``head_transform``); ``temperature`` divides the logits.
+    (``head_transform``); ``temperature`` divides the logits; ``backend`` and ``gemm`` choose the kernels of
+    ``return_logps`` (``fastpref.token_logps``).
     """
-    settings = FusedHeadSettings(temperature=float(temperature), backend=backend, **head_transform(model))
+    settings = FusedHeadSettings(temperature=float(temperature), backend=backend, gemm=gemm, **head_transform(model))
     if is_patched(model):
         object.__setattr__(model, _PATCH_ATTR, settings)  # re-patching only updates the settings
         return model
@@ -254,7 +257,8 @@ def _logps_forward(model, settings, args, kwargs, *, labels, shift_labels, seq_i
             "head weight, which ZeRO-3 re-partitions after the forward. Train through preference_loss= (its fast "
             "mode forms the gradients during the forward), or call return_logps under torch.no_grad()")
     with _gathered_head(weight, bias):
-        tok = token_logps(hidden, weight, target, bias=bias, backend=settings.backend, **settings.transform_kwargs())
+        tok = token_logps(hidden, weight, target, bias=bias, backend=settings.backend, gemm=settings.gemm,
+                          **settings.transform_kwargs())
     mask = target != -100
     seq_shifted = _shift_seq_ids(seq_ids, shifted)
     if seq_shifted is not None:

@@ -61,8 +61,8 @@ class FastPrefTrainingArguments(TrainingArguments):
         padding_free: pack the batch's sequences in one row (position ids restart per sequence).
         precompute_ref_log_probs: score the train / eval datasets with the reference once before training and
             drop the reference model.
-        fastpref_mode, fastpref_memory_budget, fastpref_backend: ``PreferenceLoss``'s ``mode``, ``memory_budget``
-            (bytes) and ``backend``.
+        fastpref_mode, fastpref_memory_budget, fastpref_backend, fastpref_gemm: ``PreferenceLoss``'s ``mode``,
+            ``memory_budget`` (bytes), ``backend`` and ``gemm`` (the GEMM path; ``FASTPREF_GEMM`` when "auto").
         disable_dropout: zero every dropout in the policy and the reference (as trl 1.16).
     """
 
@@ -82,6 +82,7 @@ class FastPrefTrainingArguments(TrainingArguments):
     fastpref_mode: str = field(default="auto", metadata={"help": "'auto', 'fast' or 'lean'."})
     fastpref_memory_budget: int | None = field(default=None, metadata={"help": "Bytes of logits fast mode may hold."})
     fastpref_backend: str = field(default="auto", metadata={"help": "'auto', 'triton' or 'torch'."})
+    fastpref_gemm: str = field(default="auto", metadata={"help": "'auto', 'fused' or 'cublas' (GEMM path)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Zero dropout in policy and reference."})
     # The records' text columns are the collator's input, not the model's: keep them.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the records' columns (collator input)."})
@@ -226,14 +227,14 @@ class FastPrefTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         if args.use_fastpref:
-            add_fused_lm_head(unwrap_peft(model), backend=args.fastpref_backend)
+            add_fused_lm_head(unwrap_peft(model), backend=args.fastpref_backend, gemm=args.fastpref_gemm)
         if is_peft_model(model) and args.gradient_checkpointing:
             model.enable_input_require_grads()
         self.loss_fn = build_preference_loss(
             model, args.loss_type, beta=args.beta, label_smoothing=args.label_smoothing,
             loss_weights=args.loss_weights, refinement_lambda=args.refinement_lambda, simpo_gamma=args.simpo_gamma,
             discopop_tau=args.discopop_tau, mode=args.fastpref_mode, memory_budget=args.fastpref_memory_budget,
-            backend=args.fastpref_backend)
+            backend=args.fastpref_backend, gemm=args.fastpref_gemm)
         loss_cfg = self.loss_fn.config.loss
         self.reference_free = bool(loss_cfg.reference_free or loss_cfg.reference_free_only)
         if data_collator is None:
@@ -252,7 +253,7 @@ class FastPrefTrainer(Trainer):
             ref_model.eval()
             ref_model.requires_grad_(False)
             if args.use_fastpref:
-                add_fused_lm_head(unwrap_peft(ref_model), backend=args.fastpref_backend)
+                add_fused_lm_head(unwrap_peft(ref_model), backend=args.fastpref_backend, gemm=args.fastpref_gemm)
         if args.disable_dropout:
             disable_dropout(model)
             if ref_model is not None:

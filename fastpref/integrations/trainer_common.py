@@ -39,7 +39,7 @@ def sr_prompt() -> str:
 def build_preference_loss(model: Any, loss_type: list[str] | str, *, beta: float, label_smoothing: float = 0.0,
                           loss_weights: list[float] | None = None, refinement_lambda: float = 0.5,
                           simpo_gamma: float = 0.5, discopop_tau: float = 0.05, mode: str = "auto",
-                          memory_budget: int | None = None, backend: str = "auto",
+                          memory_budget: int | None = None, backend: str = "auto", gemm: str = "auto",
                           token_metrics: bool = True) -> Any:
     """A ``fastpref.PreferenceLoss`` with the model head's logit transform (``head_transform``)."""
     from fastpref import PreferenceLoss
@@ -48,7 +48,7 @@ def build_preference_loss(model: Any, loss_type: list[str] | str, *, beta: float
     return PreferenceLoss(types if len(types) > 1 else types[0], beta=beta, label_smoothing=label_smoothing,
                           loss_weights=loss_weights, refinement_lambda=refinement_lambda, simpo_gamma=simpo_gamma,
                           discopop_tau=discopop_tau, mode=mode, memory_budget=memory_budget, backend=backend,
-                          token_metrics=token_metrics, **head_transform(model))
+                          gemm=gemm, token_metrics=token_metrics, **head_transform(model))
 
 
 def unwrap_peft(model: Any) -> Any:

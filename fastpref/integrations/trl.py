@@ -95,8 +95,9 @@ class FastPrefDPOConfig(DPOConfig):
         use_fastpref: the one flag: fastpref's fused log-probs and loss (True) or trl's own path (False, default).
         refinement_lambda, refinement_prompt: λ and the prompt p of ``loss_type="sr_dpo"`` / ``"sr_ipo"``
             (None = the paper's prompt). These loss types need ``use_fastpref=True``.
-        fastpref_mode, fastpref_memory_budget, fastpref_backend: ``fastpref.PreferenceLoss``'s ``mode``
-            ("auto" / "fast" / "lean"), ``memory_budget`` (bytes of logits fast mode may hold) and ``backend``.
+        fastpref_mode, fastpref_memory_budget, fastpref_backend, fastpref_gemm: ``fastpref.PreferenceLoss``'s
+            ``mode`` ("auto" / "fast" / "lean"), ``memory_budget`` (bytes of logits fast mode may hold), ``backend``
+            and ``gemm`` (the GEMM path; ``FASTPREF_GEMM`` when "auto").
 
     With ``use_fastpref=True``, ``padding_free=True`` packs every batch into one row (trl 1.16 falls back to
     padding), and ``ld_alpha``, a non-default ``f_divergence_type``, ``use_weighting`` and
@@ -109,6 +110,7 @@ class FastPrefDPOConfig(DPOConfig):
     fastpref_mode: str = field(default="auto", metadata={"help": "'auto', 'fast' or 'lean'."})
     fastpref_memory_budget: int | None = field(default=None, metadata={"help": "Bytes of logits fast mode holds."})
     fastpref_backend: str = field(default="auto", metadata={"help": "'auto', 'triton' or 'torch'."})
+    fastpref_gemm: str = field(default="auto", metadata={"help": "'auto', 'fused' or 'cublas' (GEMM path)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -194,10 +196,10 @@ class FastPrefDPOTrainer(DPOTrainer):
         if self.refinement_prompt:
             self.data_collator = _RefineCollator(self.data_collator)
         policy = unwrap_peft(self.accelerator.unwrap_model(self.model))
-        add_fused_lm_head(policy, backend=args.fastpref_backend)
+        add_fused_lm_head(policy, backend=args.fastpref_backend, gemm=args.fastpref_gemm)
         if self.ref_model is not None:
             add_fused_lm_head(unwrap_peft(self.accelerator.unwrap_model(self.ref_model)),
-                              backend=args.fastpref_backend)
+                              backend=args.fastpref_backend, gemm=args.fastpref_gemm)
         self.fastpref_loss = self._build_loss(policy)
 
     def _build_loss(self, policy: Any) -> Any:
@@ -208,7 +210,7 @@ class FastPrefDPOTrainer(DPOTrainer):
             policy, list(args.loss_type), beta=args.beta, label_smoothing=args.label_smoothing,
             loss_weights=args.loss_weights, refinement_lambda=args.refinement_lambda,
             discopop_tau=args.discopop_tau, mode=args.fastpref_mode, memory_budget=args.fastpref_memory_budget,
-            backend=args.fastpref_backend, token_metrics=True)
+            backend=args.fastpref_backend, gemm=args.fastpref_gemm, token_metrics=True)
 
     # -- data --------------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
@@ -280,7 +282,7 @@ class FastPrefDPOTrainer(DPOTrainer):
 
         base = unwrap_peft(self.accelerator.unwrap_model(model))
         if not is_patched(base):  # e.g. the precompute pass, which runs inside trl's __init__
-            add_fused_lm_head(base, backend=self.args.fastpref_backend)
+            add_fused_lm_head(base, backend=self.args.fastpref_backend, gemm=self.args.fastpref_gemm)
         loss_fn = self.fastpref_loss if self.fastpref_loss is not None else self._build_loss(base)
         policy = self.accelerator.unwrap_model(self.model)
         # TRL prepared the reference model (its forward wrapped in the accelerator's autocast) before
