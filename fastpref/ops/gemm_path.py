@@ -3,11 +3,12 @@ the Triton GEMMs of ``fastpref.kernels.fused_gemm`` with the fold in the forward
 the backward's prologue (``"fused"``: fewer passes over the logits, but Triton's GEMMs against cuBLAS's).
 
 ``gemm="auto"`` (the default; ``$FASTPREF_GEMM`` sets it too) picks per (device, dtype, H, vocabulary bucket),
-once, by timing both paths on that device at those sizes — the first pass pays a few milliseconds — and keeps the
-faster. Off CUDA (the interpreter, the PyTorch backend) auto means cublas: there is nothing to time there;
-``gemm="fused"`` forces the fused kernels (the tests do, under ``TRITON_INTERPRET=1``). A fused kernel that
-does not compile or runs out of resources on the device falls back to cublas with a warning, never an error:
-the key is marked unusable and the pass reruns on cublas.
+once, by timing both paths on that device at those sizes — the first pass pays the fused kernels' compile
+(seconds, cached on disk by Triton afterwards), a few milliseconds of timing and ~0.6 GB of transient buffers at
+H = 4096 — and keeps the faster. Off CUDA (the interpreter, the PyTorch backend) auto means cublas: there is
+nothing to time there; ``gemm="fused"`` forces the fused kernels (the tests do, under ``TRITON_INTERPRET=1``).
+A fused kernel that does not compile or runs out of resources on the device falls back to cublas with a
+warning, never an error: the key is marked unusable and the pass reruns on cublas.
 """
 
 from __future__ import annotations
