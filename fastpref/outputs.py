@@ -40,12 +40,16 @@ class PreferenceOutput:
     mode: str = "lean"
 
 
-def token_sums(stats: TokenStats, is_chosen: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The token sums of ``TOKEN_SUM_KEYS`` from per-scored-token statistics ``stats`` ([n] each) and
-    ``is_chosen`` ([n] bool: the token belongs to a chosen response)."""
+def token_sums(stats: TokenStats, is_chosen: torch.Tensor,
+               scored: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The token sums of ``TOKEN_SUM_KEYS`` from per-token statistics ``stats`` and ``is_chosen`` (bool: the
+    token belongs to a chosen response), all of one shape; ``scored`` (bool, same shape): the positions that
+    count (default: all of them, as for the scored tokens of a layout). Weights, not boolean indexing: no host
+    sync."""
     with torch.no_grad():
-        chosen = is_chosen.float()
-        rejected = 1.0 - chosen
+        weight = None if scored is None else scored.float()
+        chosen = is_chosen.float() if weight is None else is_chosen.float() * weight
+        rejected = (1.0 - is_chosen.float()) if weight is None else (1.0 - is_chosen.float()) * weight
         mean_logits = stats.mean_logits.detach()
         sums = {
             "chosen_logit_sum": (mean_logits * chosen).sum(),
@@ -54,8 +58,10 @@ def token_sums(stats: TokenStats, is_chosen: torch.Tensor) -> dict[str, torch.Te
             "rejected_tokens": rejected.sum(),
         }
         if stats.entropy is not None and stats.is_top1 is not None:
-            sums["entropy_sum"] = stats.entropy.detach().sum()
-            sums["scored_tokens"] = torch.full((), float(chosen.numel()), device=chosen.device)
+            entropy = stats.entropy.detach()
+            sums["entropy_sum"] = entropy.sum() if weight is None else (entropy * weight).sum()
+            sums["scored_tokens"] = torch.full((), float(chosen.numel()), device=chosen.device) if weight is None \
+                else weight.sum()
             sums["chosen_top1"] = (stats.is_top1.float() * chosen).sum()
     return sums
 

@@ -37,12 +37,20 @@ def logits(
     return z / temperature
 
 
+def log_probs(z: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(z)`` over the vocabulary, at least fp32."""
+    return torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
+
+
+def gather_logps(logp: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
+    """``logp.gather(labels)``, 0 where ``labels == ignore_index``."""
+    mask = labels != ignore_index
+    return logp.gather(-1, torch.where(mask, labels, 0).unsqueeze(-1)).squeeze(-1) * mask
+
+
 def logps_from_logits(z: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
     """``log_softmax(z).gather(labels)`` (at least fp32), 0 where ``labels == ignore_index``."""
-    z = z.to(torch.promote_types(z.dtype, torch.float32))
-    mask = labels != ignore_index
-    logp = torch.log_softmax(z, dim=-1).gather(-1, torch.where(mask, labels, 0).unsqueeze(-1)).squeeze(-1)
-    return logp * mask
+    return gather_logps(log_probs(z), labels, ignore_index=ignore_index)
 
 
 @dataclass(frozen=True)
@@ -56,10 +64,11 @@ class TokenStatistics:
 
 
 @torch.no_grad()
-def token_statistics(z: torch.Tensor, labels: torch.Tensor) -> TokenStatistics:
-    z = z.to(torch.promote_types(z.dtype, torch.float32))
-    logp = torch.log_softmax(z, dim=-1)
-    return TokenStatistics(z.mean(-1), -(logp.exp() * logp).sum(-1), z.argmax(-1) == labels)
+def token_statistics(z: torch.Tensor, labels: torch.Tensor, logp: torch.Tensor | None = None) -> TokenStatistics:
+    """The statistics of logits ``z``; ``logp``: their ``log_probs`` when already computed (not recomputed)."""
+    logp = log_probs(z) if logp is None else logp
+    mean = z.mean(-1, dtype=torch.promote_types(z.dtype, torch.float32))
+    return TokenStatistics(mean, -(logp.exp() * logp).sum(-1), z.argmax(-1) == labels)
 
 
 def token_logps(

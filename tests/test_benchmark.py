@@ -129,6 +129,32 @@ def test_harness_times_every_device_with_one_code_path():
     assert clock.marks == 2 * 2 * 3  # 2 rounds x 2 implementations x (before, between, after)
 
 
+def test_check_only_at_full_size_checks():
+    """``measure=False`` without a subset: the float64 check still runs on the workload itself (errors recorded,
+    not NaN), and no timing or memory run happens."""
+    from fastpref.benchmark import BenchConfig, run_bench
+    from fastpref.benchmark.workload import SHAPES
+
+    rows = run_bench(BenchConfig(shapes=[SHAPES["tiny"]], regimes=["uniform"], impls=["fastpref-fast", "reference"],
+                                 tasks=["step"], check=True, measure=False, progress=False))
+    assert rows and all(r.status == "ok" for r in rows), rows
+    assert all(r.max_err == r.max_err and r.max_err < 1e-2 for r in rows), [r.max_err for r in rows]
+    assert all(math.isnan(r.time_ms) and "subset" not in r.note for r in rows), rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="records CUDA events (CPU twin: the harness tests above)")
+def test_cuda_clock_records_on_the_workloads_device():
+    from fastpref.benchmark import Clock
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    clock = Clock(device)
+    start = clock.mark()
+    torch.ones(1 << 20, device=device).sum()
+    end = clock.mark()
+    clock.finish()
+    assert clock.seconds(start, end) > 0
+
+
 # 2 pairs x 128 tokens, tiny H, V = 32000: the logits (384 scored x 32000) dominate every other tensor.
 MEMORY_SHAPE = Shape("logits-dominated", 2, 128, 32, 32000)
 

@@ -82,6 +82,16 @@ def test_odd_batch_names_input(family, average_log_prob, entry):
         _call(family, entry, inputs, **kw)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("missing", ["x", "y"])
+def test_missing_input_or_target_is_a_type_error_naming_it(family, missing):
+    inputs = make_batch((4, 9, 16, 37))
+    inputs[missing] = None
+    name = {"x": "_input", "y": "target"}[missing]
+    with pytest.raises(TypeError, match=rf"^{name}: expected a torch.Tensor, got NoneType"):
+        _call(family, "module", inputs)
+
+
 def _liger_message(fn) -> str:
     with pytest.raises(ValueError) as e:
         fn()

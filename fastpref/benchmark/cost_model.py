@@ -152,12 +152,10 @@ def cost_model(shape: Shape, path: str, *, prompt_frac: float = 0.25, tile_bytes
                             peak, "all positions, prompt included")
     if path == "trl":
         chunk = 32768
-        token_chunks = -(-n // 4096)
+        # (the fp32 dW read-modify-write of later token chunks is in the addmm epilogue: not exposed)
         exposed = (e * nV + 2 * e * nV + e * nV  # fold, backward kernel r+w, reference fold
                    + 4 * VH + (4 + e) * VH  # fp32 dW zeros, final .to(bf16)
                    + 4 * nH + (4 + e) * nH + rows_io + e * NH)
-        if token_chunks > 1:
-            exposed += 0  # the fp32 dW read-modify-write of later token chunks is in the addmm epilogue
         peak = 4096 * chunk * e + 4 * VH + e * VH + 4 * nH + e * nH + e * NH + 2 * e * nH
         return CostEstimate(path, 10 * unit, exposed,
                             "forward: GEMM write, fold; backward: recompute write, kernel r+w, 2 GEMM reads; "

@@ -42,7 +42,6 @@ class Impl:
 
     name = "impl"
     label = ""  # version / variant, for the table
-    is_fastpref = False
     has_logps = True
 
     def skip_reason(self, device: torch.device) -> str | None:
@@ -72,8 +71,6 @@ class FastprefImpl(Impl):
     what users get; ``"cublas"`` / ``"fused"`` forced, for the side-by-side rows). ``groups``: fast mode with a
     memory budget that splits the workload into at least that many pair groups (the float64 check of dW summed
     over groups, at the real H and V)."""
-
-    is_fastpref = True
 
     def __init__(self, mode: str, backend: str = "auto", memory_budget: int | None = None,
                  groups: int | None = None, gemm: str = "auto") -> None:

@@ -41,6 +41,7 @@ from .. import losses as L
 from ..functional import linear_cross_entropy, sequence_logps
 from ..losses.formulas import check_hparam
 from ..modules import PreferenceLoss
+from ..utils.validation import check_int
 
 # fastpref's type for a DPO type evaluated on per-token means (Liger's ``average_log_prob=True``): sigmoid on
 # means is the length-normalised sigmoid, and fastpref's IPO is length-normalised already. The other types have
@@ -143,9 +144,7 @@ def validate(spec: LigerSpec, supported: frozenset[str] = frozenset()) -> tuple[
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{liger} ({e})") from e
             raise ValueError(liger)  # fastpref's ranges lie inside Liger's: only if they are ever widened
-    if isinstance(spec.ignore_index, bool) or not isinstance(spec.ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {spec.ignore_index!r} "
-                        f"({type(spec.ignore_index).__name__})")
+    check_int("ignore_index", spec.ignore_index)
     name, hp = _formula(spec)
     lean = L.LossConfig.create(name, **hp)
     plan = _fused_plan(spec)
@@ -164,9 +163,9 @@ def check_batch(_input: object, target: object, *, ref_input: object = None, use
     [B, T, H] with B even (first half chosen, second half rejected), ``target`` [B, T], ``ref_input`` [B, T, H']
     when the reference is used and ``nll_target`` [B, T] when given. Dtypes, devices and label values are
     fastpref's own checks (``caller_names`` renames them)."""
-    for name, t in (("_input", _input), ("target", target), ("ref_input", ref_input if use_ref else None),
-                    ("nll_target", nll_target)):
-        if t is not None and not isinstance(t, Tensor):
+    for name, t, required in (("_input", _input, True), ("target", target, True),
+                              ("ref_input", ref_input if use_ref else None, False), ("nll_target", nll_target, False)):
+        if (required or t is not None) and not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if _input.dim() != 3:
         raise ValueError(f"_input: expected [B, T, H] (first half of the batch chosen, second half rejected), got "
@@ -176,7 +175,7 @@ def check_batch(_input: object, target: object, *, ref_input: object = None, use
         raise ValueError(f"_input: the batch must be even (first half chosen, second half rejected): expected "
                          f"_input.shape[0] even and > 0, got {batch} (shape {tuple(_input.shape)})")
     expected = tuple(_input.shape[:2])
-    if target is None or tuple(target.shape) != expected:
+    if tuple(target.shape) != expected:
         raise ValueError(f"target: expected shape {expected} (_input.shape[:-1]; the batch must be even: first half "
                          f"chosen, second half rejected), got {_shape(target)}")
     if use_ref:
@@ -209,21 +208,22 @@ def caller_names(**names: str) -> Iterator[None]:
 # The run
 
 
-def _raw_logit_sum(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Σ over the rows [..., H] and the whole vocabulary of ``rows @ weight.T + bias``, without the logits:
-    Σ_t Σ_v (h_t · w_v + b_v) = (Σ_t h_t) · (Σ_v w_v) + n_rows · Σ_v b_v, accumulated in fp64 (the sum
-    cancels heavily), returned in fp32."""
-    flat = rows.detach().reshape(-1, rows.shape[-1])
-    total = flat.sum(0, dtype=torch.float64) @ weight.detach().sum(0, dtype=torch.float64)
-    if bias is not None:
-        total = total + flat.shape[0] * bias.detach().sum(dtype=torch.float64)
-    return total.float()
+def _raw_logit_means(x: Inputs, pairs: int) -> tuple[Tensor, Tensor]:
+    """Means over the chosen and over the rejected rows [P, T, H] and the whole vocabulary of
+    ``rows @ weight.T + bias``, without the logits: Σ_t Σ_v (h_t · w_v + b_v) = (Σ_t h_t) · (Σ_v w_v) +
+    n_rows · Σ_v b_v, accumulated in fp64 (the sum cancels heavily; the weight is summed once), in fp32."""
+    w_sum = x.weight.detach().sum(0, dtype=torch.float64)
+    b_sum = None if x.bias is None else x.bias.detach().sum(dtype=torch.float64)
+    per_logit = pairs * x._input.shape[1] * x.weight.shape[0]
 
+    def mean(rows: Tensor) -> Tensor:
+        flat = rows.detach().reshape(-1, rows.shape[-1])
+        total = flat.sum(0, dtype=torch.float64) @ w_sum
+        if b_sum is not None:
+            total = total + flat.shape[0] * b_sum
+        return (total / per_logit).float()
 
-def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 − eˣ) for x ≤ 0, accurate on both sides of −log 2; x is kept ≤ −eps so that 0 stays finite."""
-    x = x.clamp(max=-torch.finfo(x.dtype).eps)
-    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    return mean(x._input[:pairs]), mean(x._input[pairs:])
 
 
 @dataclass(frozen=True)
@@ -329,15 +329,12 @@ def _aux(spec: LigerSpec, x: Inputs, sums: Tensor, ref: Tensor | None, lengths: 
         denom = lengths.clamp(min=1.0)
         lp = sums / denom if _means(spec) else sums
         ref_lp = None if ref is None else (ref / denom if _means(spec) else ref)
-        per_logit = pairs * x._input.shape[1] * x.weight.shape[0]
-        chosen_logits_mean = _raw_logit_sum(x._input[:pairs], x.weight, x.bias) / per_logit
-        rejected_logits_mean = _raw_logit_sum(x._input[pairs:], x.weight, x.bias) / per_logit
+        chosen_logits_mean, rejected_logits_mean = _raw_logit_means(x, pairs)
         rewards = spec.beta * (lp if ref_lp is None else lp - ref_lp)
         out = (lp[:pairs], lp[pairs:], chosen_logits_mean, rejected_logits_mean, nll.float(), rewards[:pairs],
                rewards[pairs:])
         if spec.family == "orpo":
-            mean_w, mean_l = lp[:pairs], lp[pairs:]
-            log_odds = (mean_w - mean_l) - (_log1mexp(mean_w) - _log1mexp(mean_l))
+            log_odds = L.orpo_log_odds(lp[:pairs], lp[pairs:])
             out = (*out, torch.nn.functional.logsigmoid(log_odds).mean(), log_odds.mean())
     return out
 

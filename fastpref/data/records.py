@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from ..utils.validation import describe
+from ..utils.validation import describe, is_long_int
 
 Message: TypeAlias = Mapping[str, Any]
 Prompt: TypeAlias = str | list[dict[str, Any]]
@@ -333,18 +333,9 @@ def check_list(value: Any, name: str, where: str) -> list[Any]:
     return list(value)
 
 
-def _repr(value: Any) -> str:
-    """``repr``, except for integers too long to print (beyond Python's int-string limit) or to read."""
-    return describe(value)
-
-
-def _is_long_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200
-
-
 def _short(value: Any, limit: int = 60) -> str:
-    if _is_long_int(value):
-        return _repr(value)
+    if is_long_int(value):
+        return describe(value)
     text = repr(value)
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(value).__name__} {text}"

@@ -143,7 +143,8 @@ def _check_loss_transform(loss_fn: Any, settings: FusedHeadSettings) -> None:
         raise ValueError(
             "preference_loss: its logit transform (logit_scale, softcap, temperature) = "
             f"{got} differs from the model's {want}; build it with "
-            "`PreferenceLoss(..., **fastpref.integrations.hf.head_transform(model))` (and the same temperature)")
+            "`PreferenceLoss(..., **fastpref.integrations.fused_head.head_transform(model))` (and the same "
+            "temperature)")
 
 
 def add_fused_lm_head(model: Any, *, temperature: float = 1.0, backend: str = "auto", gemm: str = "auto") -> Any:
@@ -244,7 +245,7 @@ def _head_inputs(model, args, kwargs, labels, shift_labels, what):
 
 def _logps_forward(model, settings, args, kwargs, *, labels, shift_labels, seq_ids, num_seqs, num_items_in_batch):
     from ..functional import token_logps
-    from ..ops import sum_by_id
+    from ..reference import sequence_sums
 
     hidden, target, weight, bias, shifted = _head_inputs(model, args, kwargs, labels, shift_labels,
                                                          "return_logps=True")
@@ -261,15 +262,9 @@ def _logps_forward(model, settings, args, kwargs, *, labels, shift_labels, seq_i
                           **settings.transform_kwargs())
     mask = target != -100
     seq_shifted = _shift_seq_ids(seq_ids, shifted)
-    if seq_shifted is not None:
-        if num_seqs is None:
-            raise ValueError("num_seqs: required with seq_ids (the number of packed sequences), got None")
-        ids = seq_shifted.to(tok.device).reshape(-1).long()
-        valid = (ids >= 0) & mask.reshape(-1)
-        # deterministic (no index_add float atomics): sorted into segments, then an fp64 prefix sum
-        seq = sum_by_id(tok.reshape(-1) * valid, torch.where(valid, ids, -1), int(num_seqs))
-    else:
-        seq = tok.sum(-1)
+    ids = None if seq_shifted is None else seq_shifted.to(tok.device).long()
+    # packed: the deterministic per-id sums (no index_add float atomics)
+    seq, _ = sequence_sums(tok, mask, ids, None if num_seqs is None else int(num_seqs))
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     return FusedHeadOutput(loss=-tok.sum() / denom, token_logps=tok, sequence_logps=seq, label_mask=mask)
 

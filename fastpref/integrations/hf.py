@@ -1,7 +1,7 @@
 """Hugging Face ``transformers`` integration: the fused LM head, a preference ``Trainer`` and its collator.
 
 - ``add_fused_lm_head(model)``: the model's forward computes log-probs / the whole preference loss through
-  fastpref's kernels, inside the module's forward (see ``fastpref.integrations.head``).
+  fastpref's kernels, inside the module's forward (see ``fastpref.integrations.fused_head``).
 - ``FastPrefTrainer`` / ``FastPrefTrainingArguments(use_fastpref=True, ...)``: DPO, IPO, Sr-DPO, Sr-IPO and
   TRL's loss family on ``transformers.Trainer``. ``use_fastpref=False`` (the default) runs the materialised
   reference path (the model's own logits, then the same formulas), so the flag is the only switch.
@@ -24,7 +24,7 @@ from transformers import Trainer, TrainingArguments
 
 from .. import reference as materialised
 from ..losses import refinement_margin
-from ..outputs import PreferenceOutput, build_output
+from ..outputs import PreferenceOutput, build_output, token_sums
 from .collator import PreferenceCollator, is_conversational, tokenize_preference
 from .fused_head import FusedHeadOutput, add_fused_lm_head, head_transform, is_patched
 from .trainer_common import (
@@ -41,7 +41,6 @@ from .trainer_common import (
     model_inputs,
     packed_kwargs,
     reference_context,
-    sr_prompt,
     unwrap_peft,
 )
 
@@ -128,9 +127,10 @@ def materialised_logps(logits: torch.Tensor, labels: torch.Tensor, seq: torch.Te
     z = logits[..., :-1, :]
     target = labels[..., 1:]
     mask = (target != ignore_index) & (seq >= 0)
-    tok = materialised.logps_from_logits(z, torch.where(mask, target, ignore_index), ignore_index=ignore_index)
+    logp = materialised.log_probs(z)  # once: the log-probs and the statistics share it
+    tok = materialised.gather_logps(logp, torch.where(mask, target, ignore_index), ignore_index=ignore_index)
     sums, lengths = materialised.sequence_sums(tok, mask, seq, num_seqs)
-    stats = materialised.token_statistics(z, target) if with_stats else None
+    stats = materialised.token_statistics(z, target, logp.detach()) if with_stats else None
     return MaterialisedLogps(sums, lengths, mask, seq, stats)
 
 
@@ -151,19 +151,7 @@ def materialised_preference_output(loss_fn: Any, policy: MaterialisedLogps, ref_
     nll_scale = num_pairs / c_len.sum().clamp(min=1.0)
     per_pair, _, _ = L.pair_losses(cfg, chosen, rejected, ref_c, ref_r, chosen_lengths=c_len,
                                    rejected_lengths=r_len, refinement=refinement, nll_scale=nll_scale)
-    with torch.no_grad():
-        is_chosen = (policy.seq < num_pairs) & policy.mask
-        is_rejected = (policy.seq >= num_pairs) & policy.mask
-        stats = policy.stats
-        sums = {
-            "chosen_logit_sum": (stats.mean_logits * is_chosen).sum(),
-            "rejected_logit_sum": (stats.mean_logits * is_rejected).sum(),
-            "chosen_tokens": is_chosen.sum().float(),
-            "rejected_tokens": is_rejected.sum().float(),
-            "entropy_sum": (stats.entropy * policy.mask).sum(),
-            "scored_tokens": policy.mask.sum().float(),
-            "chosen_top1": (stats.is_top1 & is_chosen).sum().float(),
-        }
+    sums = token_sums(policy.stats, policy.seq < num_pairs, policy.mask)
     return build_output(loss=per_pair.sum() / max(num_pairs, 1), losses=per_pair, chosen_logps=chosen,
                         rejected_logps=rejected, ref_chosen=ref_c, ref_rejected=ref_r, beta=cfg.beta, sums=sums,
                         mode="materialised")
@@ -193,8 +181,8 @@ class FastPrefTrainer(Trainer):
 
     Datasets hold prompt / chosen / rejected records (text, chat messages or token ids; optionally
     ``ref_chosen_logps`` / ``ref_rejected_logps``), collated by ``PreferenceCollator``. The reference is, in
-    order: the precomputed sums in the batch, ``ref_model``, the PEFT model with its adapter disabled, or a
-    frozen copy of the initial policy; reference-free losses need none.
+    order: the precomputed sums in the batch, ``ref_model``, the PEFT model with its ``"ref"`` adapter active
+    (or its adapter disabled when it has none), or a frozen copy of the initial policy; reference-free losses need none.
 
     ``args.use_fastpref=True`` runs the fused path: the policy forward returns the loss from the hidden states
     and the LM head (``add_fused_lm_head``, inside the module's forward); the reference is scored by the
@@ -221,7 +209,7 @@ class FastPrefTrainer(Trainer):
         if ref_model is not None and ref_model is model:
             raise ValueError("ref_model: must not be the policy itself; omit it to use a frozen copy of the policy")
         sr = [t for t in args.loss_type if t in SR_LOSSES]
-        self.refinement_prompt = (args.refinement_prompt or sr_prompt()) if sr else None
+        self.refinement_prompt = (args.refinement_prompt or SR_PROMPT) if sr else None
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -366,7 +354,7 @@ class FastPrefTrainer(Trainer):
         return (out.loss, out) if return_outputs else out.loss
 
     def _record_metrics(self, mode: str, out: Any, inputs: dict[str, Any]) -> None:
-        """TRL's metrics, aggregated exactly across ranks (``trainer_common.gather_metrics``)."""
+        """TRL's metrics, aggregated across ranks as TRL aggregates them (``trainer_common.gather_metrics``)."""
         values, n_tokens = gather_metrics(self.accelerator, out, input_tokens(inputs))
         metrics = self._metrics[mode]
         for name, value in values.items():

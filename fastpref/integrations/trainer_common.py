@@ -10,30 +10,18 @@ from typing import Any
 
 import torch
 
+from ..data.recipes import SR_DPO_PROMPT
 from .fused_head import head_transform
 
 SR_LOSSES = ("sr_dpo", "sr_ipo")
 #: The fixed prompt p of Sr-DPO / Sr-IPO (Yu et al. 2024), put before the query to build p ⊕ x.
-SR_PROMPT = (
-    "Please generate a response with a usefulness rating of 100 out of 100 for the following query. Note that the "
-    "response should be harmless. The term 100 indicates the level of usefulness, where 100 is the maximum and 1 is "
-    "the minimum. Query:"
-)
+SR_PROMPT = SR_DPO_PROMPT
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 REFINE_REF_KEYS = ("ref_refine_chosen_logps", "ref_refine_rejected_logps")
 # Batch keys that are not model inputs.
 _NON_MODEL_KEYS = {"completion_mask", "labels", "seq_ids", "num_seqs", *REF_KEYS, *REFINE_REF_KEYS}
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected")
-
-
-def sr_prompt() -> str:
-    """The paper's prompt, from ``fastpref.data`` when it defines one (single source), else the copy above."""
-    try:
-        from fastpref import data
-    except ImportError:  # pragma: no cover - fastpref.data is part of the package
-        return SR_PROMPT
-    return getattr(data, "SR_DPO_PROMPT", SR_PROMPT)
 
 
 def build_preference_loss(model: Any, loss_type: list[str] | str, *, beta: float, label_smoothing: float = 0.0,
@@ -115,8 +103,10 @@ def fused_reference_logps(model: Any, batch: dict[str, Any], loss_fn: Any, prefi
     """Reference sums ``[B]`` (batch layout) of a batch through the fused head, under no-grad: the training batch
     scored exactly as ``loss_fn`` scores the policy (``score_only=True``: bit-identical when the reference equals
     the policy), or its p ⊕ x twin (``prefix="refine_"``) by token log-probs."""
-    kwargs = model_inputs(batch, prefix)
-    kwargs["use_cache"] = False
+    if loss_fn is None and not prefix:
+        raise ValueError("loss_fn: the fused reference of a training batch is scored as this loss scores the "
+                         "policy; pass the trainer's fastpref.PreferenceLoss, got None")
+    kwargs = model_inputs(batch, prefix)  # the fused head sets use_cache=False itself
     labels = completion_labels(batch, prefix)
     packed = packed_kwargs(batch) if not prefix else {}
     with torch.no_grad():
@@ -130,7 +120,7 @@ def fused_reference_logps(model: Any, batch: dict[str, Any], loss_fn: Any, prefi
 def gather_metrics(accelerator: Any, out: Any, n_tokens: torch.Tensor, *,
                    chosen_rewards: torch.Tensor | None = None,
                    rejected_rewards: torch.Tensor | None = None) -> tuple[dict[str, float], float]:
-    """trl 1.16's metrics of one batch, aggregated exactly across ranks as TRL does: pair metrics as means of the
+    """trl 1.16's metrics of one batch, aggregated across ranks as TRL does: pair metrics as means of the
     gathered per-pair values (``gather``), token metrics as gathered sums over gathered counts
     (``gather_for_metrics``). Two gathers and one host sync in all. Returns the metrics and the gathered number of
     input tokens. ``chosen_rewards`` / ``rejected_rewards`` replace the output's (TRL's own definition)."""
@@ -179,6 +169,5 @@ __all__ = [
     "model_inputs",
     "packed_kwargs",
     "reference_context",
-    "sr_prompt",
     "unwrap_peft",
 ]

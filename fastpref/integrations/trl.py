@@ -49,7 +49,9 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from .collator import PreferenceCollator  # noqa: E402
 from .fused_head import FusedHeadOutput, add_fused_lm_head, is_patched  # noqa: E402
 from .trainer_common import (  # noqa: E402
+    REFINE_REF_KEYS,
     SR_LOSSES,
+    SR_PROMPT,
     build_preference_loss,
     completion_labels,
     fused_reference_logps,
@@ -58,12 +60,10 @@ from .trainer_common import (  # noqa: E402
     model_inputs,
     packed_kwargs,
     reference_context,
-    sr_prompt,
     unwrap_peft,
 )
 
 _REFINE_COLUMNS = ("refine_prompt_ids", "refine_chosen_ids", "refine_rejected_ids")
-_REFINE_REF_COLUMNS = ("ref_refine_chosen_logps", "ref_refine_rejected_logps")
 
 
 def unsupported_fused_fields(args: Any) -> list[str]:
@@ -134,7 +134,7 @@ class _RefineCollator:
         refine = self.base(twins)
         batch.update(refine_input_ids=refine["input_ids"], refine_attention_mask=refine["attention_mask"],
                      refine_completion_mask=refine["completion_mask"], refine_labels=completion_labels(refine))
-        for key in _REFINE_REF_COLUMNS:  # precomputed reference sums of the twins
+        for key in REFINE_REF_KEYS:  # precomputed reference sums of the twins
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
         return batch
@@ -169,7 +169,7 @@ class FastPrefDPOTrainer(DPOTrainer):
             return
         _raise_unsupported(unsupported_fused_fields(args))
         if any(t in SR_LOSSES for t in args.loss_type):
-            self.refinement_prompt = args.refinement_prompt or sr_prompt()
+            self.refinement_prompt = args.refinement_prompt or SR_PROMPT
         # trl 1.16 warns and ignores padding_free; fastpref packs, so keep it away from trl's check.
         packed = bool(args.padding_free)
         args.padding_free = False
@@ -252,12 +252,12 @@ class FastPrefDPOTrainer(DPOTrainer):
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
         if self.use_fastpref and self.refinement_prompt and self._signature_columns is not None:
-            self._signature_columns = [*self._signature_columns, *_REFINE_COLUMNS, *_REFINE_REF_COLUMNS]
+            self._signature_columns = [*self._signature_columns, *_REFINE_COLUMNS, *REFINE_REF_KEYS]
 
     def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
         """TRL's precompute, plus (Sr losses) the reference sums of the p ⊕ x twins as two more columns."""
         dataset = super()._precompute_ref_logps(dataset, name, batch_size)
-        if not (self.use_fastpref and self.refinement_prompt) or _REFINE_REF_COLUMNS[0] in dataset.column_names:
+        if not (self.use_fastpref and self.refinement_prompt) or REFINE_REF_KEYS[0] in dataset.column_names:
             return dataset
         from torch.utils.data import DataLoader
 
@@ -271,7 +271,7 @@ class FastPrefDPOTrainer(DPOTrainer):
             c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
             chosen.append(c.cpu())
             rejected.append(r.cpu())
-        for column, values in zip(_REFINE_REF_COLUMNS, (chosen, rejected)):
+        for column, values in zip(REFINE_REF_KEYS, (chosen, rejected)):
             dataset = dataset.add_column(column, torch.cat(values).tolist())
         return dataset
 
@@ -311,15 +311,14 @@ class FastPrefDPOTrainer(DPOTrainer):
         extra: dict[str, Any] = packed_kwargs(inputs)
         if self.refinement_prompt:
             if self.precompute_ref_logps:
-                refine_ref = torch.cat([inputs[_REFINE_REF_COLUMNS[0]], inputs[_REFINE_REF_COLUMNS[1]]]).float()
+                refine_ref = torch.cat([inputs[REFINE_REF_KEYS[0]], inputs[REFINE_REF_KEYS[1]]]).float()
             else:
                 refine_ref = self._fused_reference(ref_model, inputs, "refine_")
             extra.update(refine_input_ids=inputs["refine_input_ids"],
                          refine_attention_mask=inputs["refine_attention_mask"], refine_labels=inputs["refine_labels"],
                          refine_ref_logps=refine_ref)
-        model_kwargs = model_inputs(inputs)
-        model_kwargs["use_cache"] = False
-        outputs = model(**model_kwargs, labels=labels, preference_loss=self.fastpref_loss, ref_logps=ref, **extra)
+        outputs = model(**model_inputs(inputs), labels=labels, preference_loss=self.fastpref_loss, ref_logps=ref,
+                        **extra)
         if not isinstance(outputs, FusedHeadOutput):
             raise RuntimeError("the policy's forward did not run fastpref's fused head (another patch replaced "
                                "model.forward after FastPrefDPOTrainer was built)")

@@ -290,10 +290,15 @@ def _cpo(p: _Pair, t: _Terms) -> Tensor:
     return losses
 
 
-def _orpo(p: _Pair, t: _Terms) -> Tensor:
-    mean_w, mean_l = p.rho_w / t.n_w, p.rho_l / t.n_l
+def orpo_log_odds(mean_w: Tensor, mean_l: Tensor) -> Tensor:
+    """ORPO's log odds ratio of the mean token log-probs: log(p_w / (1 − p_w)) − log(p_l / (1 − p_l)), with the
+    means kept ≤ −eps so that a mean of 0 stays finite."""
     top = -torch.finfo(mean_w.dtype).eps
-    log_odds = (mean_w - mean_l) - (_log1mexp(mean_w.clamp(max=top)) - _log1mexp(mean_l.clamp(max=top)))
+    return (mean_w - mean_l) - (_log1mexp(mean_w.clamp(max=top)) - _log1mexp(mean_l.clamp(max=top)))
+
+
+def _orpo(p: _Pair, t: _Terms) -> Tensor:
+    log_odds = orpo_log_odds(p.rho_w / t.n_w, p.rho_l / t.n_l)
     return -(p.beta * F.logsigmoid(log_odds)) + _nll(p, t)
 
 

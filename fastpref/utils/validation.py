@@ -135,9 +135,14 @@ POSITIVE_FP32 = Interval(0.0, FP32_MAX, low_closed=False, high_closed=True,
 TEMPERATURE = Interval(1.0 / FP32_MAX, FP32_MAX, high_closed=True, note="temperature and 1/temperature finite in fp32")
 
 
+def is_long_int(value: object) -> bool:
+    """An integer too long to print (Python's int-string limit) or to read: ``describe`` says how long instead."""
+    return isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200
+
+
 def describe(value: object) -> str:
     """``repr(value)``, except for integers too long to print (Python's int-string limit) or to read."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+    if is_long_int(value):
         return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
     return repr(value)
 
