@@ -464,3 +464,33 @@ def test_token_accuracy_and_entropy_match_materialised(tok):
             got = model(ids, labels=labels, preference_loss=loss_fn, ref_logps=torch.zeros(4)).preference.metrics
         torch.testing.assert_close(got["mean_token_accuracy"], want["mean_token_accuracy"])
         torch.testing.assert_close(got["entropy"], want["entropy"], rtol=1e-5, atol=1e-6)
+
+
+def test_flag_off_log_probs_computed_once(tok):
+    """The materialised path's log-probs and token statistics share one log-softmax over the vocabulary."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func._overloadpacket is torch.ops.aten._log_softmax
+            return func(*args, **(kwargs or {}))
+
+    ids, labels = random_batch(len(tok), rows=4, width=9)
+    logits = toy_llama(tok, hidden_size=32, num_layers=1)(ids).logits
+    with Count() as count:
+        out = materialised_logps(logits, labels, shifted_sequence_ids({}, labels), 4)
+    assert count.n == 1 and out.stats is not None
+
+
+def test_fused_reference_needs_the_loss(tok):
+    from fastpref.integrations.trainer_common import fused_reference_logps
+
+    ids, labels = random_batch(len(tok), rows=2, width=7)
+    model = add_fused_lm_head(toy_llama(tok, hidden_size=32, num_layers=1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with pytest.raises(ValueError, match=r"^loss_fn: .*got None"):
+        fused_reference_logps(model, batch, None)
