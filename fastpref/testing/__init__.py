@@ -6,11 +6,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .tensors import assert_within_torch_error, make_labels, rel_err
+from .tensors import assert_within_torch_error, make_labels, mismatch, rel_err
 
 _TOY = ("toy_llama", "toy_preference_records", "toy_tokenizer")
 
-__all__ = ["assert_within_torch_error", "make_labels", "rel_err", *_TOY]
+__all__ = ["assert_within_torch_error", "make_labels", "mismatch", "rel_err", *_TOY]
 
 
 def __getattr__(name: str) -> Any:
