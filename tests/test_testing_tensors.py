@@ -15,8 +15,10 @@ def test_mismatch_names_the_worst_element_and_nonfinite_counts():
     got[2, 0] = float("nan")
     got[0, 3] = float("inf")
     msg = mismatch(got, truth)
-    # NaN and inf both rank as infinitely wrong; the first in memory order is named. Counts are per side.
-    assert msg.startswith("worst at [0, 3]: got inf, expected 0"), msg
+    # NaN ranks worst, then inf; counts are per side.
+    assert msg.startswith("worst at [2, 0]: got nan, expected 0"), msg
+    got[2, 0] = 0.0
+    assert mismatch(got, truth).startswith("worst at [0, 3]: got inf, expected 0")
     assert "got nan=1 inf=1" in msg and "expected nan=0 inf=0" in msg, msg
 
 

@@ -28,7 +28,8 @@ def mismatch(x: torch.Tensor | None, truth: torch.Tensor) -> str:
                        for label, t in (("got", x), ("expected", truth)))
     if x.numel() == 0:
         return f"empty; {counts}"
-    diff = (x - truth).abs().nan_to_num(nan=float("inf"))
+    # NaN ranks worst, then inf, then the largest finite difference.
+    diff = (x - truth).abs().nan_to_num(nan=float("inf"), posinf=torch.finfo(torch.float64).max)
     worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
     return f"worst at {list(worst)}: got {x[worst].item():.6g}, expected {truth[worst].item():.6g}; {counts}"
 
