@@ -5,9 +5,10 @@ One function per loss type — ``sigmoid`` (DPO / cDPO), ``hinge``, ``ipo``, ``e
 ``sigmoid_norm``, ``sr_dpo``, ``sr_ipo``, ``simpo``, ``cpo``, ``orpo``, ``sft`` — each
 ``f(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, beta=0.1,
 ...) -> (losses [P], chosen_rewards [P], rejected_rewards [P])`` on per-pair log-prob sums, as trl 1.16's
-``DPOTrainer`` (and its CPO / ORPO trainers) compute them. ``LossConfig`` holds validated hyper-parameters of a
-possibly weighted mix of types; ``pair_losses(config, ...)`` evaluates it per pair (the callable the fused
-kernels run on each group of pairs).
+``DPOTrainer`` (and its CPO / ORPO trainers) compute them. ``kto`` (with ``kl_estimate``) is trl 1.16's
+unpaired ``KTOTrainer`` family (``kto``, ``apo_zero_unpaired``), per sequence. ``LossConfig`` holds validated
+hyper-parameters of a possibly weighted mix of types; ``pair_losses(config, ...)`` evaluates it per pair (the
+callable the fused kernels run on each group of pairs).
 
 >>> chosen, rejected = torch.tensor([-12.0]), torch.tensor([-15.0])
 >>> losses, _, _ = fastpref.losses.sigmoid(chosen, rejected, torch.tensor([-13.0]), torch.tensor([-14.0]))
@@ -42,6 +43,7 @@ from .formulas import (
     sr_dpo,
     sr_ipo,
 )
+from .unpaired import UNPAIRED_LOSS_TYPES, kl_estimate, kto
 
 __all__ = [
     "LOSS_TYPES",
@@ -49,6 +51,7 @@ __all__ = [
     "NEEDS_REFINEMENT",
     "PAIR_SEPARABLE",
     "REFERENCE_FREE",
+    "UNPAIRED_LOSS_TYPES",
     "LossConfig",
     "aot",
     "aot_unpaired",
@@ -60,6 +63,8 @@ __all__ = [
     "exo_pair",
     "hinge",
     "ipo",
+    "kl_estimate",
+    "kto",
     "nca_pair",
     "orpo",
     "orpo_log_odds",
