@@ -33,6 +33,7 @@ from .trainer_common import (
     SR_LOSSES,
     SR_PROMPT,
     build_preference_loss,
+    check_fastpref_fields,
     disable_dropout,
     fused_reference_logps,
     gather_metrics,
@@ -95,6 +96,7 @@ class FastPrefTrainingArguments(TrainingArguments):
                              f"{self.loss_type}), got {len(self.loss_weights)}")
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode: expected 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
+        check_fastpref_fields(self)
         super().__post_init__()
 
 

@@ -53,6 +53,7 @@ from .trainer_common import (  # noqa: E402
     SR_LOSSES,
     SR_PROMPT,
     build_preference_loss,
+    check_fastpref_fields,
     completion_labels,
     fused_reference_logps,
     gather_metrics,
@@ -113,6 +114,7 @@ class FastPrefDPOConfig(DPOConfig):
     fastpref_gemm: str = field(default="auto", metadata={"help": "'auto', 'fused' or 'cublas' (GEMM path)."})
 
     def __post_init__(self) -> None:
+        check_fastpref_fields(self)  # before TrainingArguments' set-up: a typo fails first, at once
         super().__post_init__()
         sr = [t for t in self.loss_type if t in SR_LOSSES]
         if sr and not self.use_fastpref:
