@@ -62,7 +62,8 @@ class FastPrefTrainingArguments(TrainingArguments):
         precompute_ref_log_probs: score the train / eval datasets with the reference once before training and
             drop the reference model.
         fastpref_mode, fastpref_memory_budget, fastpref_backend, fastpref_gemm: ``PreferenceLoss``'s ``mode``,
-            ``memory_budget`` (bytes), ``backend`` and ``gemm`` (the GEMM path; ``FASTPREF_GEMM`` when "auto").
+            ``memory_budget`` (bytes), ``backend`` and ``gemm`` (the GEMM path; ``FASTPREF_GEMM`` when "auto"); a
+            bad value raises ``ValueError`` naming the field when the arguments are built.
         disable_dropout: zero every dropout in the policy and the reference (as trl 1.16).
     """
 

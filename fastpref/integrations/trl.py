@@ -98,7 +98,8 @@ class FastPrefDPOConfig(DPOConfig):
             (None = the paper's prompt). These loss types need ``use_fastpref=True``.
         fastpref_mode, fastpref_memory_budget, fastpref_backend, fastpref_gemm: ``fastpref.PreferenceLoss``'s
             ``mode`` ("auto" / "fast" / "lean"), ``memory_budget`` (bytes of logits fast mode may hold), ``backend``
-            and ``gemm`` (the GEMM path; ``FASTPREF_GEMM`` when "auto").
+            and ``gemm`` (the GEMM path; ``FASTPREF_GEMM`` when "auto"). A bad value raises ``ValueError`` naming
+            the field when the config is built.
 
     With ``use_fastpref=True``, ``padding_free=True`` packs every batch into one row (trl 1.16 falls back to
     padding), and ``ld_alpha``, a non-default ``f_divergence_type``, ``use_weighting`` and
