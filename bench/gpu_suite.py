@@ -40,6 +40,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory of the CSV, the PNG and the full log (default bench/results)")
     p.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=None,
                    help="run the compiled-kernel tests first and stop if they fail (default: on CUDA, not with --dry)")
+    p.add_argument("--preflight-timeout", type=float, default=PREFLIGHT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"stop the pre-flight tests after this long, which fails them (default {PREFLIGHT_TIMEOUT_S})")
     return p
 
 
@@ -124,6 +127,9 @@ def tee_output(path: Path) -> Iterator[None]:
         sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
         try:
             yield
+        except BaseException:  # the traceback Python prints after the block reaches the log too
+            log.write(traceback.format_exc())
+            raise
         finally:
             sys.stdout, sys.stderr = out, err
 
@@ -288,7 +294,7 @@ def _run(args: argparse.Namespace, name: str) -> int:
     from fastpref.benchmark.cli import fastpref_failures
 
     preflight = args.preflight if args.preflight is not None else not args.dry
-    if preflight and not run_preflight():
+    if preflight and not run_preflight(timeout_s=args.preflight_timeout):
         print("\nPRE-FLIGHT FAILED: a compiled-kernel test failed (output above); nothing was timed. Fix it, or "
               "rerun with --no-preflight to time anyway (a kernel that faults would poison this process's CUDA "
               "context and every row after it).")

@@ -218,6 +218,11 @@ def test_gpu_suite_preflight_runs_the_compiled_kernel_tests_first(tmp_path, monk
     assert suite.main([*base, "--check-only"]) == 0
     assert "pre-flight: passed (exit 0" in capsys.readouterr().out
 
+    hanging = tmp_path / "test_hanging_kernel.py"
+    hanging.write_text("import time\n\ndef test_kernel():\n    time.sleep(120)\n")
+    assert not suite.run_preflight((str(hanging),), timeout_s=4)
+    assert "pre-flight: FAILED (stopped after 4 s" in capsys.readouterr().out
+
 
 def test_gpu_suite_stops_at_once_when_fastpref_is_not_installed():
     """A Python without fastpref installed (here: no site-packages at all) gets the install command, exit 2,
