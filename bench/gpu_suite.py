@@ -8,22 +8,21 @@ made once with ``python3 -m pip download --no-deps trl==1.16.0 liger-kernel==0.8
     python3 -m pip install -q --no-deps --no-index --target .peers .whl/*.whl && \
     python3 bench/gpu_suite.py --peers-path .peers --shapes llama3-8b-1k --out DIR    # one shape per call
 
-fastpref must be *installed* (that is what maps ``kernels/`` to ``fastpref.kernels``); with the repository only
-on ``PYTHONPATH`` the suite stops at once and says so. A pre-flight step first runs the compiled-kernel tests
-(``PREFLIGHT_TESTS`` under pytest, compiled on CUDA) so that a faulting kernel is reported before any timed row
-and the suite stops there (``--no-preflight`` skips it; ``--dry`` skips it unless ``--preflight``). Phase 1
-checks every implementation (loss, logps, dH, dW; forward-only logps) against float64 on a subset of each
-workload — ``--check-pairs`` pairs x ``--check-tokens`` tokens at the real H and V (the float64 logits of the
-whole batch do not fit), fast mode also over three pair groups (``fastpref-fast-3groups``, so dW summed across
-groups is checked). Phase 2 measures the peak memory and
-times the full step (forward and backward apart) and the forward-only log-probs with the harness the CPU
-benchmark uses (``fastpref.benchmark.harness``: CUDA events are its only difference; every run builds a fresh
-graph). The bf16 matmul rate is measured in the same run; each row reports achieved TFLOP/s, its fraction of
-that rate and its time over the floor's. Results: a CSV (GPU, versions, commit in every row), a PNG and the
-full log of the run (everything printed, the pre-flight's output and the float64 check table included) under
+fastpref must be *installed* (that is what maps ``kernels/`` to ``fastpref.kernels``); with the repository only on
+``PYTHONPATH`` the suite stops at once and says so. A pre-flight step first runs the compiled-kernel tests
+(``PREFLIGHT_TESTS`` under pytest, compiled on CUDA) so that a faulting kernel is reported before any timed row and
+the suite stops there (``--no-preflight`` skips it; ``--dry`` skips it unless ``--preflight``). Phase 1 checks every
+implementation (loss, logps, dH, dW; forward-only logps) against float64 on a subset of each workload —
+``--check-pairs`` pairs x ``--check-tokens`` tokens at the real H and V (the float64 logits of the whole batch do
+not fit), fast mode also over three pair groups (``fastpref-fast-3groups``, so dW summed across groups is checked).
+Phase 2 measures the peak memory and times the full step (forward and backward apart) and the forward-only log-probs
+with the harness the CPU benchmark uses (``fastpref.benchmark.harness``: CUDA events are its only difference; every
+run builds a fresh graph). The bf16 matmul rate is measured in the same run; each row reports achieved TFLOP/s, its
+fraction of that rate and its time over the floor's. Results: a CSV (GPU, versions, commit in every row), a PNG and
+the full log of the run (everything printed, the pre-flight's output and the float64 check table included) under
 ``--out`` (default ``bench/results/``), then the tables, and the targets of ``docs/benchmarks.md`` as measured
-ratios, last. Every output path and ``$FASTPREF_GEMM`` / ``$FASTPREF_BACKEND`` are checked before any work. The
-exit status is non-zero when the pre-flight or a fastpref row fails its check or errors.
+ratios, last. Every output path and ``$FASTPREF_GEMM`` / ``$FASTPREF_BACKEND`` are checked before any work. The exit
+status is non-zero when the pre-flight or a fastpref row fails its check or errors.
 
 ``--dry`` runs the same code at tiny sizes (the CPU is fine): CI runs it through ``tests/test_benchmark.py``.
 """
