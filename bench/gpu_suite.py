@@ -1,23 +1,28 @@
 """The GPU suite: every implementation checked against float64, then timed side by side at the benchmark shapes.
 
-One call on a GPU machine with torch, triton and transformers (the peers carried as pure-Python wheels, made
-once with ``pip download --no-deps trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 -d .whl``)::
+One call on a GPU machine with torch, triton, transformers and pytest (the peers carried as pure-Python wheels,
+made once with ``python3 -m pip download --no-deps trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 -d
+.whl``; ``.whl/`` is git-ignored, so it must be carried to the machine explicitly)::
 
-    pip install -q --no-deps --no-build-isolation --no-index -e . && \
-    pip install -q --no-deps --no-index --target .peers .whl/*.whl && \
-    python bench/gpu_suite.py --peers-path .peers --shapes llama3-8b-1k        # one shape per call
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . && \
+    python3 -m pip install -q --no-deps --no-index --target .peers .whl/*.whl && \
+    python3 bench/gpu_suite.py --peers-path .peers --shapes llama3-8b-1k --out DIR    # one shape per call
 
-fastpref must be *installed* (that is what maps ``kernels/`` to ``fastpref.kernels``); with the repository only
-on ``PYTHONPATH`` the suite stops at once and says so. Phase 1 checks every implementation (loss, logps, dH, dW;
-forward-only logps) against float64 on a subset of each workload — ``--check-pairs`` pairs x ``--check-tokens``
-tokens at the real H and V (the float64 logits of the whole batch do not fit), fast mode also over three pair
-groups (``fastpref-fast-3groups``, so dW summed across groups is checked). Phase 2 measures the peak memory and
-times the full step (forward and backward apart) and the forward-only log-probs with the harness the CPU
-benchmark uses (``fastpref.benchmark.harness``: CUDA events are its only difference; every run builds a fresh
-graph). The bf16 matmul rate is measured in the same run; each row reports achieved TFLOP/s, its fraction of
-that rate and its time over the floor's. Results: a CSV (GPU, versions, commit in every row) and a PNG under
-``bench/results/``, then the tables, and the targets of ``docs/benchmarks.md`` as measured ratios, last. The exit
-status is non-zero when a fastpref row fails its check or errors.
+fastpref must be *installed* (that is what maps ``kernels/`` to ``fastpref.kernels``); with the repository only on
+``PYTHONPATH`` the suite stops at once and says so. A pre-flight step first runs the compiled-kernel tests
+(``PREFLIGHT_TESTS`` under pytest, compiled on CUDA) so that a faulting kernel is reported before any timed row and
+the suite stops there (``--no-preflight`` skips it; ``--dry`` skips it unless ``--preflight``). Phase 1 checks every
+implementation (loss, logps, dH, dW; forward-only logps) against float64 on a subset of each workload —
+``--check-pairs`` pairs x ``--check-tokens`` tokens at the real H and V (the float64 logits of the whole batch do
+not fit), fast mode also over three pair groups (``fastpref-fast-3groups``, so dW summed across groups is checked).
+Phase 2 measures the peak memory and times the full step (forward and backward apart) and the forward-only log-probs
+with the harness the CPU benchmark uses (``fastpref.benchmark.harness``: CUDA events are its only difference; every
+run builds a fresh graph). The bf16 matmul rate is measured in the same run; each row reports achieved TFLOP/s, its
+fraction of that rate and its time over the floor's. Results: a CSV (GPU, versions, commit in every row), a PNG and
+the full log of the run (everything printed, the pre-flight's output and the float64 check table included) under
+``--out`` (default ``bench/results/``), then the tables, and the targets of ``docs/benchmarks.md`` as measured
+ratios, last. Every output path and ``$FASTPREF_GEMM`` / ``$FASTPREF_BACKEND`` are checked before any work. The exit
+status is non-zero when the pre-flight or a fastpref row fails its check or errors.
 
 ``--dry`` runs the same code at tiny sizes (the CPU is fine): CI runs it through ``tests/test_benchmark.py``.
 """
@@ -25,16 +30,26 @@ status is non-zero when a fastpref row fails its check or errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import math
 import re
+import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-INSTALL_HINT = "pip install --no-deps --no-build-isolation --no-index -e .  (from the repository root)"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+INSTALL_HINT = "python3 -m pip install --no-deps --no-build-isolation --no-index -e .  (from the repository root)"
+# The compiled-kernel tests run before any timed row: a kernel that faults poisons the CUDA context of the process
+# that launched it, so it is found in a pytest process of its own, and reported, before the suite launches it.
+PREFLIGHT_TESTS = ("tests/test_fused_gemm.py", "tests/test_kernels.py")
+PREFLIGHT_TIMEOUT_S = 420
 
 # fast mode's time as a fraction of TRL 1.16's, per shape (docs/benchmarks.md)
 FAST_VS_TRL = {"llama3-8b-1k": 0.65, "llama3-8b-4k": 0.70, "qwen2.5-7b-2k": 0.70, "small-1k": 0.75}
@@ -72,8 +87,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-only", action="store_true", help="phase 1 only")
     p.add_argument("--no-gemm-paths", action="store_true",
                    help="skip the rows that force each GEMM path (fastpref-{fast,lean}-{cublas,fused})")
-    p.add_argument("--out", type=Path, default=RESULTS, help="directory of the CSV and PNG (default bench/results)")
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="directory of the CSV, the PNG and the full log (default bench/results)")
+    p.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the compiled-kernel tests first and stop if they fail (default: on CUDA, not with --dry)")
+    p.add_argument("--preflight-timeout", type=float, default=PREFLIGHT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"stop the pre-flight tests after this long, which fails them (default {PREFLIGHT_TIMEOUT_S})")
     return p
+
+
+class _Tee(io.TextIOBase):
+    """A text stream writing to ``stream`` and to the log ``log`` (progress-bar redraws, which start with a
+    carriage return, only to ``stream``)."""
+
+    def __init__(self, stream: io.TextIOBase, log: io.TextIOBase) -> None:
+        super().__init__()
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        if not text.startswith("\r"):
+            self.log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+@contextlib.contextmanager
+def tee_output(path: Path) -> Iterator[None]:
+    """Everything printed to stdout and stderr inside the block also goes to the log file ``path``."""
+    with path.open("w", encoding="utf-8") as log:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        try:
+            yield
+        except BaseException:  # the traceback Python prints after the block reaches the log too
+            log.write(traceback.format_exc())
+            raise
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+
+def run_preflight(tests: tuple[str, ...] | None = None, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> bool:
+    """``python3 -m pytest -x -q`` on ``tests`` (default ``PREFLIGHT_TESTS``; paths from the repository root) in
+    a process of its own, its output printed (so logged); True when every test passed."""
+    tests = PREFLIGHT_TESTS if tests is None else tests
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    print(f"pre-flight: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s)
+        output, verdict = done.stdout, f"exit {done.returncode}"
+        ok = done.returncode == 0
+    except subprocess.TimeoutExpired as e:
+        output, verdict, ok = e.stdout or b"", f"stopped after {timeout_s:.0f} s", False
+    print(output.decode("utf-8", "replace").rstrip())
+    print(f"pre-flight: {'passed' if ok else 'FAILED'} ({verdict}, {time.perf_counter() - t0:.0f} s)", flush=True)
+    return ok
 
 
 def _slug(text: str) -> str:
@@ -168,10 +243,6 @@ def gemm_paths_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def _fastpref_failures(rows: list) -> list:
-    return [r for r in rows if r.impl.startswith("fastpref") and r.status in ("FAIL", "error")]
-
-
 def main(argv: list[str] | None = None) -> int:
     problem = require_installed()
     if problem is not None:
@@ -183,6 +254,31 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from fastpref.benchmark.cli import check_environment, check_output_path, check_outputs
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type != "cuda" and not args.dry:
+        print("gpu_suite: no CUDA device; run with --dry for the tiny CPU smoke run", file=sys.stderr)
+        return 2
+    try:  # every output and the environment before any work: a lent machine's minutes are few
+        check_output_path("--out", args.out, directory=True)
+        check_outputs(args.csv, args.plot)
+        check_environment(args.device)
+    except ValueError as e:
+        print(f"gpu_suite: error: {e}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    hw = _slug(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    name = f"{'dry-' if args.dry else ''}{hw}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log_path = args.out / f"{name}.log"
+    with tee_output(log_path):
+        print(f"log: {log_path}")
+        return _run(args, name)
+
+
+def _run(args: argparse.Namespace, name: str) -> int:
     from fastpref.benchmark import (
         BENCH_SHAPES,
         CHECK_ONLY_IMPLS,
@@ -194,12 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         write_csv,
         write_plot,
     )
+    from fastpref.benchmark.cli import fastpref_failures
 
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(args.device).type != "cuda" and not args.dry:
-        print("gpu_suite: no CUDA device; run with --dry for the tiny CPU smoke run", file=sys.stderr)
-        return 2
+    preflight = args.preflight if args.preflight is not None else not args.dry
+    if preflight and not run_preflight(timeout_s=args.preflight_timeout):
+        print("\nPRE-FLIGHT FAILED: a compiled-kernel test failed (output above); nothing was timed. Fix it, or "
+              "rerun with --no-preflight to time anyway (a kernel that faults would poison this process's CUDA "
+              "context and every row after it).")
+        return 1
     cfg = config_from_args(args)
     if not args.no_gemm_paths:  # both GEMM paths side by side with the auto choice
         wanted = [i for i in GEMM_IMPLS if f"fastpref-{i.split('-')[1]}" in cfg.impls]
@@ -213,11 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     check_impls = [*cfg.impls, *(i for i in CHECK_ONLY_IMPLS if "fastpref-fast" in cfg.impls)]
     checks = run_bench(dataclasses.replace(cfg, impls=check_impls, check=not args.no_check, check_subset=subset,
                                            measure=False))
-    failed = _fastpref_failures(checks)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    device = torch.device(cfg.device)
-    hw = _slug(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    name = f"{'dry-' if args.dry else ''}{hw}-{stamp}"
+    failed = fastpref_failures(checks)
     if args.check_only:
         print("float64 check (subset):")
         print(format_table(checks))
@@ -228,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_bench(dataclasses.replace(cfg, check=False))
     _merge_errors(rows, checks)
     # the timing rows carry the checks' verdicts (_merge_errors): one line per row, check-only rows added
-    failed = list({(r.shape, r.regime, r.task, r.impl): r for r in failed + _fastpref_failures(rows)}.values())
+    failed = list({(r.shape, r.regime, r.task, r.impl): r for r in failed + fastpref_failures(rows)}.values())
     csv_path = write_csv(rows, args.csv or args.out / f"{name}.csv")
     png_path = write_plot(rows, args.plot or args.out / f"{name}.png", title="fastpref GPU suite")
     print("float64 check (subset):")

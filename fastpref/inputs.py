@@ -30,9 +30,13 @@ def check_batch_vector(name: str, t: object, size: int, device: torch.device) ->
                         f"{type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
     if tuple(t.shape) != (size,):
         raise ValueError(f"{name}: expected shape [{size}], got {tuple(t.shape)}")
+    check_device(name, t, device)
+    return t.detach().float()
+
+
+def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
     if t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of hidden), got {t.device}")
-    return t.detach().float()
 
 
 def check_same_shape(name: str, t: object, like: torch.Tensor, like_name: str) -> torch.Tensor:
@@ -92,6 +96,8 @@ class PolicyBatch:
         head = HeadPass.for_inputs(hidden, weight, backend=backend, transform=transform, with_entropy=token_metrics,
                                    with_top1=token_metrics, gemm=gemm)
         checked = [(name, t.detach()) for name, t in finite if isinstance(t, torch.Tensor)]
+        for name, t in checked:  # counted on hidden's device in the sync: a meta tensor has nothing to count
+            check_device(name, t, hidden.device)
         layout = pair_layout(labels, weight.shape[0], seq_ids, num_pairs, ignore_index, checked)
         return cls(hidden, weight, bias, labels, layout, head, num_pairs)
 
@@ -195,4 +201,5 @@ class RefinementInputs:
             check_same_shape("refine_ref_hidden", self.ref_hidden, self.hidden, "refine_hidden")
 
 
-__all__ = ["PolicyBatch", "ReferenceInputs", "RefinementInputs", "check_batch_vector", "pair_layout", "pair_order"]
+__all__ = ["PolicyBatch", "ReferenceInputs", "RefinementInputs", "check_batch_vector", "check_device", "pair_layout",
+           "pair_order"]

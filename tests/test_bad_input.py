@@ -204,6 +204,22 @@ def test_check_finite_names_the_non_finite_input(where):
     assert torch.isfinite(clean.loss)
 
 
+@pytest.mark.parametrize("where", ["ref_logps", "ref_hidden", "refinement"])
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_a_meta_reference_is_named_with_or_without_check_finite(where, check_finite):
+    """check_finite counts NaN / inf on hidden's device in the one host sync: a given tensor on another device
+    (here meta, which holds no data to count) is named there, as the reference's own checks name it."""
+    hidden, weight, labels = _pairs()
+    meta = {"ref_logps": torch.empty(4, device="meta"), "ref_hidden": torch.empty(hidden.shape, device="meta"),
+            "refinement": torch.empty(2, device="meta")}
+    kwargs = {where: meta[where]}
+    if where == "refinement":
+        kwargs["ref_logps"] = torch.zeros(4)
+    loss = fastpref.PreferenceLoss("sr_dpo" if where == "refinement" else "sigmoid", check_finite=check_finite)
+    with pytest.raises(ValueError, match=rf"^{where}: expected a tensor (on cpu|with data).* got .*meta"):
+        loss(hidden, weight, labels, **kwargs)
+
+
 def test_check_finite_in_the_core_ops():
     hidden, weight, labels = _pairs()
     bad = weight.clone()

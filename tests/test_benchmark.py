@@ -77,6 +77,11 @@ def test_gpu_suite_dry(tmp_path, capsys):
     rc = suite.main(["--dry", "--device", "cpu", "--no-progress", "--regimes", "peaked", "--out", str(tmp_path)])
     assert rc == 0
     (csv_path,) = tmp_path.glob("dry-*.csv")
+    # --out holds the full log too (a device returns only the last 12,000 characters of output)
+    (log_path,) = tmp_path.glob("dry-*.log")
+    assert log_path.stem == csv_path.stem
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / f"{csv_path.stem}.png").stat().st_size > 0
     columns, rows = _read(csv_path)
     assert tuple(columns) == CSV_COLUMNS
     _check_rows(rows, regimes=("peaked",))
@@ -96,6 +101,127 @@ def test_gpu_suite_dry(tmp_path, capsys):
                                                  printed.split("GEMM paths (auto")[1].splitlines()[2:4])
     tail = printed.strip().splitlines()
     assert tail[-1].startswith("targets ") and any("fast time / TRL" in line for line in tail[-8:])
+    log = log_path.read_text()
+    assert "float64 check (subset):" in log and "pre-flight" not in log  # --dry: no pre-flight unless asked
+    assert log.strip().splitlines()[-1] == tail[-1] and all(line in log for line in printed.splitlines())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad outputs and environment are refused before any work; a fastpref row that errors fails the run
+
+
+def _no_run(*args, **kwargs):
+    raise AssertionError("the benchmark ran: the bad input should have been refused before any work")
+
+
+def _output_cases(tmp_path: Path) -> dict[str, list[str]]:
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    return {
+        "csv-is-a-dir": ["--csv", str(tmp_path / "a-dir")],
+        "plot-is-a-dir": ["--plot", str(tmp_path / "a-dir")],
+        "csv-under-a-file": ["--csv", str(tmp_path / "a-file" / "r.csv")],
+        "csv-names-a-dir": ["--csv", str(tmp_path / "new") + "/"],
+        "csv-is-the-plot": ["--csv", str(tmp_path / "r.out"), "--plot", str(tmp_path / "r.out")],
+    }
+
+
+@pytest.mark.parametrize("case", ["csv-is-a-dir", "plot-is-a-dir", "csv-under-a-file", "csv-names-a-dir",
+                                  "csv-is-the-plot"])
+def test_bench_refuses_an_output_it_could_not_write_before_any_work(case, tmp_path, monkeypatch, capsys):
+    from fastpref.benchmark import cli as bench_cli
+    from fastpref.cli import main
+
+    monkeypatch.setattr(bench_cli, "run_bench", _no_run)
+    args = _output_cases(tmp_path)[case]
+    assert main(["bench", "--dry", "--device", "cpu", "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    flag = "--plot" if case.startswith("plot") or case == "csv-is-the-plot" else "--csv"
+    assert err.startswith(f"fastpref bench: error: {flag}: "), err
+
+
+@pytest.mark.parametrize(("var", "value", "match"), [
+    ("FASTPREF_GEMM", "bogus", r"FASTPREF_GEMM: expected one of \['auto', 'fused', 'cublas'\], got 'bogus'"),
+    ("FASTPREF_GEMM", "cuBLAS", r"FASTPREF_GEMM: expected one of .*, got 'cuBLAS'"),
+    ("FASTPREF_BACKEND", "cuda", r"FASTPREF_BACKEND: expected one of \['auto', 'triton', 'torch'\], got 'cuda'"),
+])
+def test_bench_refuses_a_bad_environment_before_any_work(var, value, match, monkeypatch, capsys):
+    import re
+
+    from fastpref.benchmark import cli as bench_cli
+    from fastpref.cli import main
+
+    monkeypatch.setattr(bench_cli, "run_bench", _no_run)
+    monkeypatch.setenv(var, value)
+    assert main(["bench", "--dry", "--device", "cpu", "--no-progress"]) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(("impl", "status", "rc"), [("fastpref-fast", "error", 1), ("fastpref", "error", 1),
+                                                     ("fastpref-lean", "FAIL", 1), ("liger", "error", 0),
+                                                     ("fastpref-fast", "skipped", 0)])
+def test_bench_exit_status_counts_fastpref_rows_that_error(impl, status, rc, monkeypatch, capsys):
+    from fastpref.benchmark import Row
+    from fastpref.benchmark import cli as bench_cli
+    from fastpref.cli import main
+
+    rows = [Row(shape="tiny", regime="peaked", task="step", impl="reference"),
+            Row(shape="tiny", regime="peaked", task="step", impl=impl, status=status, note="ValueError: boom")]
+    monkeypatch.setattr(bench_cli, "run_bench", lambda cfg: rows)
+    assert main(["bench", "--dry", "--device", "cpu", "--no-progress"]) == rc
+    assert ("errored: exit 1" in capsys.readouterr().err) == bool(rc)
+
+
+def test_gpu_suite_refuses_bad_outputs_and_environment_before_any_work(tmp_path, monkeypatch, capsys):
+    import fastpref.benchmark
+
+    suite = _gpu_suite()
+    monkeypatch.setattr(fastpref.benchmark, "run_bench", _no_run)
+    monkeypatch.setattr(suite, "run_preflight", _no_run)
+    (tmp_path / "a-file").write_text("x")
+    base = ["--dry", "--device", "cpu", "--no-progress"]
+    assert suite.main([*base, "--out", str(tmp_path / "a-file")]) == 2
+    assert "gpu_suite: error: --out: expected a directory to write" in capsys.readouterr().err
+    assert suite.main([*base, "--out", str(tmp_path), "--csv", str(tmp_path)]) == 2
+    assert "gpu_suite: error: --csv: " in capsys.readouterr().err
+    monkeypatch.setenv("FASTPREF_GEMM", "bogus")
+    assert suite.main([*base, "--out", str(tmp_path)]) == 2
+    assert "gpu_suite: error: FASTPREF_GEMM: expected one of" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "a-file"]  # no log, no CSV
+
+
+def test_gpu_suite_preflight_runs_the_compiled_kernel_tests_first(tmp_path, monkeypatch, capsys):
+    """The pre-flight runs its tests in a pytest process of its own before anything is checked or timed: a
+    failure stops the suite (exit 1) and is in the log; a pass lets it go on."""
+    import fastpref.benchmark
+
+    suite = _gpu_suite()
+    assert all((ROOT / t).is_file() for t in suite.PREFLIGHT_TESTS)  # the compiled-kernel tests it names exist
+    assert suite.PREFLIGHT_TESTS == ("tests/test_fused_gemm.py", "tests/test_kernels.py")
+    failing, passing = tmp_path / "test_faulting_kernel.py", tmp_path / "test_good_kernel.py"
+    failing.write_text("def test_kernel():\n    raise RuntimeError('CUDA error: an illegal memory access')\n")
+    passing.write_text("def test_kernel():\n    pass\n")
+    out = tmp_path / "out"
+    base = ["--dry", "--device", "cpu", "--no-progress", "--out", str(out), "--preflight"]
+
+    monkeypatch.setattr(fastpref.benchmark, "run_bench", _no_run)
+    monkeypatch.setattr(suite, "PREFLIGHT_TESTS", (str(failing),))
+    assert suite.main(base) == 1
+    printed = capsys.readouterr().out
+    assert "illegal memory access" in printed and "PRE-FLIGHT FAILED" in printed
+    (log,) = out.glob("dry-*.log")
+    assert "pre-flight: FAILED (exit 1" in log.read_text() and "PRE-FLIGHT FAILED" in log.read_text()
+    assert not list(out.glob("*.csv"))
+
+    monkeypatch.setattr(fastpref.benchmark, "run_bench", lambda cfg: [])
+    monkeypatch.setattr(suite, "PREFLIGHT_TESTS", (str(passing),))
+    assert suite.main([*base, "--check-only"]) == 0
+    assert "pre-flight: passed (exit 0" in capsys.readouterr().out
+
+    hanging = tmp_path / "test_hanging_kernel.py"
+    hanging.write_text("import time\n\ndef test_kernel():\n    time.sleep(120)\n")
+    assert not suite.run_preflight((str(hanging),), timeout_s=4)
+    assert "pre-flight: FAILED (stopped after 4 s" in capsys.readouterr().out
 
 
 def test_gpu_suite_stops_at_once_when_fastpref_is_not_installed():

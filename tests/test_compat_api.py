@@ -148,12 +148,42 @@ def test_arguments_liger_accepts_but_the_formulas_do_not():
         compat.LigerFusedLinearDPOLoss(beta=0)
     with pytest.raises(ValueError, match=r"^label_smoothing: .*\[0, 0.5\] for loss_type 'cpo'.*got 0.7"):
         compat.LigerFusedLinearCPOLoss(label_smoothing=0.7)
-    with pytest.raises(ValueError, match=r"^simpo_gamma: .*got -1.0"):
+    with pytest.raises(ValueError, match=r"^gamma: .*got -1.0"):
         compat.LigerFusedLinearSimPOLoss(gamma=-1.0)
     with pytest.raises(TypeError, match=r"^ignore_index: expected an int, got 1.5"):
         compat.LigerFusedLinearORPOLoss(ignore_index=1.5)
     # Liger's sigmoid ignores label_smoothing (no cDPO), so does the drop-in, whatever its value
     compat.LigerFusedLinearDPOLoss(loss_type="sigmoid", label_smoothing=3.0)
+
+
+# Each float hyper-parameter of each drop-in, with a loss type that reads it (Liger's argument names).
+_HPARAMS = [(family, name, kw) for family, names in (
+    ("dpo", {"beta": {}, "alpha": {"compute_nll_loss": True}, "label_smoothing": {"loss_type": "robust"},
+             "discopop_tau": {"loss_type": "discopop"}}),
+    ("dpo", {"alpha": {"compute_nll_loss": True, "average_log_prob": True, "loss_type": "hinge"}}),  # lean run
+    ("cpo", {"beta": {}, "alpha": {"compute_nll_loss": True}, "label_smoothing": {}}),
+    ("simpo", {"beta": {}, "alpha": {"compute_nll_loss": True}, "label_smoothing": {}, "gamma": {}}),
+    ("orpo", {"beta": {}}),
+) for name, kw in names.items()]
+
+
+@pytest.mark.parametrize("entry", ["module", "function"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e39, None, "0.1"],
+                         ids=["nan", "inf", "-inf", "beyond-fp32", "None", "str"])
+@pytest.mark.parametrize(("family", "name", "kw"), _HPARAMS,
+                         ids=[f"{f}-{n}{'-lean' if 'hinge' in str(k) else ''}" for f, n, k in _HPARAMS])
+def test_bad_hyper_parameters_are_named_as_liger_names_them(family, name, kw, value, entry):
+    """No internal name (loss_weights, simpo_gamma) in the message: the argument the caller passed, first."""
+    inputs = make_batch((4, 5, 8, 11))
+    with pytest.raises((TypeError, ValueError), match=rf"^{name}\b"):
+        _call(family, entry, inputs, **kw, **{name: value})
+
+
+def test_an_unused_alpha_is_not_checked_as_in_liger():
+    inputs = make_batch((4, 5, 8, 11))
+    for family in ("dpo", "cpo", "simpo"):
+        loss = _call(family, "module", inputs, compute_nll_loss=False, alpha=float("nan"))[0]
+        assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("entry", ["module", "function"])

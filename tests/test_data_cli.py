@@ -17,6 +17,7 @@ import tempfile
 import threading
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -325,3 +326,20 @@ def test_non_regular_output_is_written_to_not_replaced(tmp_path, capsys):
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # renaming a temporary file over it would have replaced the pipe
     assert [json.loads(line) for line in received[0].splitlines()] == rejection_sampling_pairs([SAMPLE])
     assert "overwrote" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["sample", "counterfactual-generate"])
+@pytest.mark.parametrize(("device", "match"), [
+    pytest.param("meta", r"expected a device that holds data .* got 'meta'", id="meta"),
+    pytest.param("bogus", r"expected a torch device such as cpu or cuda\[:i\], got 'bogus'", id="bogus"),
+    pytest.param("cuda", r"expected an available device, got 'cuda': cuda is not available here", id="no-cuda",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+])
+def test_model_commands_refuse_a_device_without_data_as_bench_does(tmp_path, capsys, recipe, device, match):
+    """Refused while the arguments are parsed (exit 2, the usage), before a model is loaded or a prompt read."""
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(["data", recipe, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), *EXTRA_ARGS[recipe],
+              "--device", device])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device: " in err and re.search(match, err), err

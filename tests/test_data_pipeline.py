@@ -231,3 +231,47 @@ def test_cli_sample_then_rs_dpo(tmp_path, policy, reward_model, tokenizer, capsy
     assert read_jsonl(pairs) == rejection_sampling_pairs(rows, eta=0.5)
     err = capsys.readouterr().err
     assert "sample: 3 prompts, 3 responses each, sampled and scored" in err and "rs-dpo: 3 records in" in err
+
+
+def test_cli_sample_with_a_reward_model_of_several_labels(tmp_path, policy, tokenizer, monkeypatch, capsys):
+    """--reward-index picks the reward logit; without it (or out of range, or without --reward-model) the command
+    stops before any sampling, naming the option."""
+    import fastpref.data.generation as generation
+
+    torch.manual_seed(3)
+    two_labels = transformers.LlamaForSequenceClassification(make_config(len(tokenizer), num_labels=2)).eval()
+    policy.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    two_labels.save_pretrained(tmp_path / "rm2")
+    tokenizer.save_pretrained(tmp_path / "rm2")
+    prompts, samples = tmp_path / "prompts.jsonl", tmp_path / "samples.jsonl"
+    write_jsonl(PROMPTS, prompts)
+    parser = argparse.ArgumentParser(prog="fastpref")
+    add_data_parser(parser.add_subparsers(dest="command", required=True))
+    base = ["data", "sample", str(prompts), str(samples), "--model", str(tmp_path / "policy"), "-k", "2",
+            "--max-new-tokens", "3", "--seed", "0", "--device", "cpu", "--no-progress"]
+
+    def run(*extra):
+        args = parser.parse_args([*base, *extra])
+        return args.func(args)
+
+    sample = generation.sample_responses
+    monkeypatch.setattr(generation, "sample_responses", lambda *a, **k: pytest.fail("sampled before the check"))
+    for extra, message in [
+        (["--reward-model", str(tmp_path / "rm2")], "--reward-index: required for the reward model"),
+        (["--reward-model", str(tmp_path / "rm2"), "--reward-index", "2"], "--reward-index: expected 0 to 1"),
+        (["--reward-model", str(tmp_path / "rm2"), "--reward-index", "-1"], "--reward-index: expected 0 to 1"),
+        (["--reward-index", "0"], "--reward-index: only used with --reward-model"),
+    ]:
+        assert run(*extra) == 1
+        err = capsys.readouterr().err
+        assert f"fastpref data sample: error: {message}" in err, err
+        assert not samples.exists()
+    monkeypatch.setattr(generation, "sample_responses", sample)
+    assert run("--reward-model", str(tmp_path / "rm2"), "--reward-index", "1") == 0
+    rows = read_jsonl(samples)
+    unscored = [{k: v for k, v in r.items() if k != "rewards"} for r in rows]
+    want = score_responses(unscored, two_labels, tokenizer=tokenizer, reward_index=1, progress=False)
+    assert [r["rewards"] for r in rows] == [r["rewards"] for r in want]
+    other = score_responses(unscored, two_labels, tokenizer=tokenizer, reward_index=0, progress=False)
+    assert [r["rewards"] for r in rows] != [r["rewards"] for r in other]

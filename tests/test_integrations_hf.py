@@ -383,6 +383,15 @@ def test_arguments_validation():
     assert args.loss_type == ["ipo"] and args.use_fastpref is False and args.remove_unused_columns is False
 
 
+@pytest.mark.parametrize("field,value,expected", [
+    ("fastpref_gemm", "cuBLAS", "'cublas'"), ("fastpref_gemm", "bogus", "'fused'"),
+    ("fastpref_mode", "Fast", "'lean'"), ("fastpref_backend", "cuda", "'triton'"),
+    ("fastpref_memory_budget", 0, "positive int")])
+def test_bad_fastpref_field_raises_when_the_arguments_are_built(field, value, expected):
+    with pytest.raises(ValueError, match=rf"^{field}: expected .*{expected}.*got {value!r}"):
+        FastPrefTrainingArguments(output_dir="/tmp/x", use_cpu=True, report_to=[], **{field: value})
+
+
 @pytest.mark.interpreter
 def test_fused_head_triton_backend_under_interpreter(tok):
     """The backend choice reaches the kernels: Triton (interpreted on the CPU) gives the torch path's results."""

@@ -231,6 +231,16 @@ def test_unsupported_fields_raise_naming_them(field, value):
     config(FastPrefDPOConfig, use_fastpref=False, **{field: value})  # trl's own path takes them
 
 
+@pytest.mark.parametrize("field,value,expected", [
+    ("fastpref_gemm", "cuBLAS", "'cublas'"), ("fastpref_gemm", "bogus", "'fused'"),
+    ("fastpref_mode", "Fast", "'lean'"), ("fastpref_backend", "cuda", "'triton'"),
+    ("fastpref_memory_budget", 0, "positive int")])
+@pytest.mark.parametrize("use_fastpref", [True, False])
+def test_bad_fastpref_field_raises_when_the_config_is_built(field, value, expected, use_fastpref):
+    with pytest.raises(ValueError, match=rf"^{field}: expected .*{expected}.*got {value!r}"):
+        config(FastPrefDPOConfig, use_fastpref=use_fastpref, **{field: value})
+
+
 def test_sr_needs_the_flag():
     with pytest.raises(ValueError, match="use_fastpref=True"):
         config(FastPrefDPOConfig, "sr_dpo")

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..ops.backend import resolve_backend
+from ..ops.gemm_path import requested
 from .cost_model import cost_table
-from .harness import BenchConfig, run_bench
+from .harness import BenchConfig, Row, run_bench
 from .peers import GEMM_IMPLS, IMPL_NAMES
 from .report import format_table, write_csv, write_plot
 from .workload import BENCH_SHAPES, REGIMES, SHAPES, parse_shape
@@ -87,10 +93,62 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+def check_output_path(flag: str, path: str | os.PathLike[str], *, directory: bool = False) -> None:
+    """Refuse, before any work, an output the run could not write at its end: an existing directory where a
+    file is written (or the reverse), a path under a file, or one that is not writable. Missing directories
+    are fine (the writers create them)."""
+    p = Path(path)
+    what = "a directory" if directory else "a file"
+    if not directory and str(path).endswith(("/", os.sep)):
+        raise ValueError(f"{flag}: expected the path of a file to write, got {str(path)!r} (a directory name)")
+    if p.exists():
+        if p.is_dir() != directory:
+            raise ValueError(f"{flag}: expected {what} to write, got {str(path)!r}, which is "
+                             f"{'not a directory' if directory else 'an existing directory'}")
+        if not os.access(p, os.W_OK):
+            raise ValueError(f"{flag}: {str(path)!r} is not writable")
+        return
+    parent = next(a for a in p.absolute().parents if a.exists())
+    if not parent.is_dir():
+        raise ValueError(f"{flag}: cannot create {str(path)!r}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: cannot create {str(path)!r}: the directory {parent} is not writable")
+
+
+def check_outputs(csv: str | None, plot: str | None) -> None:
+    """``--csv`` and ``--plot`` (see ``check_output_path``), and not one file for both."""
+    for flag, path in (("--csv", csv), ("--plot", plot)):
+        if path is not None:
+            check_output_path(flag, path)
+    if csv is not None and plot is not None and Path(csv).absolute() == Path(plot).absolute():
+        raise ValueError(f"--plot: expected another file than --csv, got {plot!r} for both")
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        print("--plot: matplotlib is not installed (pip install 'fastpref[bench]'); no plot will be written",
+              file=sys.stderr)
+
+
+def check_environment(device: str | None) -> None:
+    """``$FASTPREF_GEMM`` and ``$FASTPREF_BACKEND``, read by every fastpref row: a bad value would make each of
+    them an error row after the whole run."""
+    requested(None)
+    resolve_backend(None, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
+def fastpref_failures(rows: list[Row]) -> list[Row]:
+    """fastpref's rows outside their error bound (FAIL) or that raised (error): the run's exit status is 1."""
+    return [r for r in rows if r.impl.startswith("fastpref") and r.status in ("FAIL", "error")]
+
+
 def _bench_main(args: argparse.Namespace) -> int:
     if args.cost_model:
         print(cost_table(args.shapes))
         return 0
+    try:
+        check_outputs(args.csv, args.plot)
+        check_environment(args.device)
+    except ValueError as e:
+        print(f"fastpref bench: error: {e}", file=sys.stderr)
+        return 2
     cfg = config_from_args(args)
     t0 = time.perf_counter()
     rows = run_bench(cfg)
@@ -102,7 +160,10 @@ def _bench_main(args: argparse.Namespace) -> int:
         path = write_plot(rows, args.plot)
         if path is not None:
             print(f"plot: {path}")
-    return 1 if any(r.status == "FAIL" for r in rows) else 0
+    failed = fastpref_failures(rows)
+    if failed:
+        print(f"\n{len(failed)} fastpref row(s) failed their check or errored: exit 1", file=sys.stderr)
+    return 1 if failed else 0  # only fastpref's rows are held to a bound: a peer's FAIL or error is a result
 
 
 def add_bench_parser(subparsers: Any) -> None:
@@ -116,4 +177,5 @@ def add_bench_parser(subparsers: Any) -> None:
     p.set_defaults(func=_bench_main)
 
 
-__all__ = ["add_bench_arguments", "add_bench_parser", "config_from_args"]
+__all__ = ["add_bench_arguments", "add_bench_parser", "check_environment", "check_output_path", "check_outputs",
+           "config_from_args", "fastpref_failures"]

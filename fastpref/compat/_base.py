@@ -41,7 +41,7 @@ from .. import losses as L
 from ..functional import linear_cross_entropy, sequence_logps
 from ..losses.formulas import check_hparam
 from ..modules import PreferenceLoss
-from ..utils.validation import check_int
+from ..utils.validation import FP32, check_int, check_number
 
 # fastpref's type for a DPO type evaluated on per-token means (Liger's ``average_log_prob=True``): sigmoid on
 # means is the length-normalised sigmoid, and fastpref's IPO is length-normalised already. The other types have
@@ -145,11 +145,14 @@ def validate(spec: LigerSpec, supported: frozenset[str] = frozenset()) -> tuple[
                 raise ValueError(f"{liger} ({e})") from e
             raise ValueError(liger)  # fastpref's ranges lie inside Liger's: only if they are ever widened
     check_int("ignore_index", spec.ignore_index)
+    if spec.compute_nll_loss and spec.family != "orpo":  # ORPO's NLL weight is fixed at 1; unused alphas unchecked
+        check_number("alpha", spec.alpha, FP32, where=" (the weight of the NLL term with compute_nll_loss=True)")
     name, hp = _formula(spec)
-    lean = L.LossConfig.create(name, **hp)
-    plan = _fused_plan(spec)
-    fused = None if plan is None else PreferenceLoss(plan[0], loss_weights=plan[1], ignore_index=spec.ignore_index,
-                                                     **plan[2])
+    with caller_names(simpo_gamma="gamma"):  # SimPO's margin is Liger's gamma
+        lean = L.LossConfig.create(name, **hp)
+        plan = _fused_plan(spec)
+        fused = None if plan is None else PreferenceLoss(plan[0], loss_weights=plan[1],
+                                                         ignore_index=spec.ignore_index, **plan[2])
     return fused, lean
 
 

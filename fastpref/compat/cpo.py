@@ -7,8 +7,8 @@ from torch import Tensor
 from ._base import Inputs, LigerModule, LigerSpec, run, validate, with_differences
 
 _DIFFERENCES = (
-    "hyper-parameters are checked against the formulas' ranges: ``beta > 0``, ``label_smoothing`` in [0, 0.5] "
-    "(Liger checks neither)",
+    "hyper-parameters are checked against the formulas' ranges: ``beta > 0``, ``label_smoothing`` in [0, 0.5], "
+    "``alpha`` finite in fp32 with ``compute_nll_loss`` (Liger checks none)",
 )
 
 

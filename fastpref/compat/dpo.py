@@ -11,7 +11,7 @@ from ._base import Inputs, LigerModule, LigerSpec, run, validate, with_differenc
 _DIFFERENCES = (
     "hyper-parameters are checked against the formulas' ranges: ``beta > 0``, ``label_smoothing`` in (0, 0.5] for "
     "exo_pair and [0, 0.5) for robust (unused by the other types, as in Liger), ``discopop_tau > 0`` for "
-    "discopop; where Liger raises, its own message comes first",
+    "discopop, ``alpha`` finite in fp32 with ``compute_nll_loss``; where Liger raises, its own message comes first",
     "``ref_weight=None`` means the policy's head, detached (its bias too unless ``ref_bias`` is given), where "
     "Liger needs it",
     "``loss_type=\"ipo\"`` works: (h̄ − 1/(2β))² with h̄ length-normalised by the scored tokens (as TRL), with "

@@ -8,7 +8,7 @@ from ._base import Inputs, LigerModule, LigerSpec, run, validate, with_differenc
 
 _DIFFERENCES = (
     "hyper-parameters are checked against the formulas' ranges: ``beta > 0``, ``label_smoothing`` in [0, 0.5], "
-    "``gamma >= 0`` (Liger checks none)",
+    "``gamma >= 0``, ``alpha`` finite in fp32 with ``compute_nll_loss`` (Liger checks none)",
 )
 
 

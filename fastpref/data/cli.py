@@ -4,7 +4,7 @@
     fastpref data counterfactual RECORDS.jsonl OUT.jsonl [--variant contrastive] [--variant enc ...]
     fastpref data reward-augment PAIRS.jsonl OUT.jsonl [--template-file F] [--prefix-user-turn] [--keep-ties]
     fastpref data sr-augment PAIRS.jsonl OUT.jsonl [--prompt P] [--field refine_prompt]
-    fastpref data sample PROMPTS.jsonl OUT.jsonl --model M [--reward-model RM] [-k 4] [--temperature 1] ...
+    fastpref data sample PROMPTS.jsonl OUT.jsonl --model M [--reward-model RM [--reward-index I]] [-k 4] ...
     fastpref data counterfactual-generate PROMPTS.jsonl OUT.jsonl --model M --desired D --undesired U [--prefix]
 
 ``-`` reads stdin / writes stdout. Input is JSON Lines: UTF-8 (an opening byte-order mark allowed), one JSON
@@ -131,16 +131,37 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 top_p=args.top_p, seed=args.seed, progress=not args.no_progress)
 
 
+def _check_reward_index(args: argparse.Namespace) -> None:
+    """``--reward-index`` against the reward model's labels, read from its config before any sampling (the
+    labels are known without loading the weights; sampling can take hours)."""
+    if args.reward_model is None:
+        if args.reward_index is not None:
+            raise ValueError(f"--reward-index: only used with --reward-model, got --reward-index {args.reward_index} "
+                             "without one")
+        return
+    import transformers
+
+    num_labels = transformers.AutoConfig.from_pretrained(args.reward_model).num_labels
+    if args.reward_index is None and num_labels != 1:
+        raise ValueError(f"--reward-index: required for the reward model {args.reward_model}, which has "
+                         f"num_labels={num_labels} (expected one label, the reward): which logit is the reward, "
+                         f"0 to {num_labels - 1}?")
+    if args.reward_index is not None and not 0 <= args.reward_index < num_labels:
+        raise ValueError(f"--reward-index: expected 0 to {num_labels - 1} (the reward model {args.reward_model} has "
+                         f"num_labels={num_labels}), got {args.reward_index}")
+
+
 def _run_sample(args: argparse.Namespace) -> int:
     from .generation import sample_responses, score_responses
 
+    _check_reward_index(args)
     model, tokenizer = _load_lm(args, args.model, "AutoModelForCausalLM")
     samples = sample_responses(model, tokenizer, args.input, num_samples=args.num_samples,
                                do_sample=not args.greedy, **_generation_kwargs(args))
     if args.reward_model is not None:
         rm, rm_tokenizer = _load_lm(args, args.reward_model, "AutoModelForSequenceClassification")
         samples = score_responses(samples, rm, tokenizer=rm_tokenizer, batch_size=args.batch_size * args.num_samples,
-                                  progress=not args.no_progress)
+                                  reward_index=args.reward_index, progress=not args.no_progress)
     n = _write(args, samples, "sample")
     scored = " and scored" if args.reward_model is not None else ""
     print(f"sample: {n} prompts, {args.num_samples} responses each, sampled{scored}", file=sys.stderr)
@@ -159,9 +180,30 @@ def _run_counterfactual_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(text: str) -> str:
+    """A device that holds data and is available here (a meta model would sample nothing: refused, as by
+    ``fastpref bench``)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda[:i], got {text!r} ({e})") \
+            from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError(f"expected a device that holds data (cpu, cuda[:i], ...), got {text!r} "
+                                         "(meta tensors have no values to sample from)")
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise argparse.ArgumentTypeError(f"expected an available device, got {text!r}: {device.type} is not "
+                                         "available here")
+    return text
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="causal LM: a local directory or a Hub id")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=_device, default=None,
+                   help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -225,6 +267,8 @@ def add_data_parser(subparsers: Any) -> None:
     p.add_argument("-k", "--num-samples", type=int, default=4, help="responses per prompt (default 4)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (needs -k 1)")
     p.add_argument("--reward-model", default=None, help="sequence-classification reward model to score with")
+    p.add_argument("--reward-index", type=int, default=None, metavar="I",
+                   help="which of the reward model's logits is the reward (needed when it has several labels)")
     p.set_defaults(func=_run_sample)
 
     p = sub.add_parser("counterfactual-generate", help="control / treatment / negative generations (Butcher 2024)")

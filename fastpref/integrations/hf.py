@@ -33,6 +33,7 @@ from .trainer_common import (
     SR_LOSSES,
     SR_PROMPT,
     build_preference_loss,
+    check_fastpref_fields,
     disable_dropout,
     fused_reference_logps,
     gather_metrics,
@@ -61,7 +62,8 @@ class FastPrefTrainingArguments(TrainingArguments):
         precompute_ref_log_probs: score the train / eval datasets with the reference once before training and
             drop the reference model.
         fastpref_mode, fastpref_memory_budget, fastpref_backend, fastpref_gemm: ``PreferenceLoss``'s ``mode``,
-            ``memory_budget`` (bytes), ``backend`` and ``gemm`` (the GEMM path; ``FASTPREF_GEMM`` when "auto").
+            ``memory_budget`` (bytes), ``backend`` and ``gemm`` (the GEMM path; ``FASTPREF_GEMM`` when "auto"); a
+            bad value raises ``ValueError`` naming the field when the arguments are built.
         disable_dropout: zero every dropout in the policy and the reference (as trl 1.16).
     """
 
@@ -95,6 +97,7 @@ class FastPrefTrainingArguments(TrainingArguments):
                              f"{self.loss_type}), got {len(self.loss_weights)}")
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode: expected 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
+        check_fastpref_fields(self)
         super().__post_init__()
 
 

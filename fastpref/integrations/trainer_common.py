@@ -11,6 +11,10 @@ from typing import Any
 import torch
 
 from ..data.recipes import SR_DPO_PROMPT
+from ..ops.backend import BACKENDS
+from ..ops.gemm_path import GEMM_PATHS
+from ..preference import MODES
+from ..utils.validation import check_choice
 from .fused_head import head_transform
 
 SR_LOSSES = ("sr_dpo", "sr_ipo")
@@ -37,6 +41,18 @@ def build_preference_loss(model: Any, loss_type: list[str] | str, *, beta: float
                           loss_weights=loss_weights, refinement_lambda=refinement_lambda, simpo_gamma=simpo_gamma,
                           discopop_tau=discopop_tau, mode=mode, memory_budget=memory_budget, backend=backend,
                           gemm=gemm, token_metrics=token_metrics, **head_transform(model))
+
+
+def check_fastpref_fields(args: Any) -> None:
+    """The ``fastpref_*`` fields of ``FastPrefDPOConfig`` / ``FastPrefTrainingArguments``, checked when the
+    config is built (a typo such as ``fastpref_gemm="cuBLAS"`` would otherwise surface only when the trainer
+    builds its loss, or not at all with ``use_fastpref=False``)."""
+    check_choice("fastpref_mode", args.fastpref_mode, MODES)
+    check_choice("fastpref_backend", args.fastpref_backend, BACKENDS)
+    check_choice("fastpref_gemm", args.fastpref_gemm, GEMM_PATHS)
+    budget = args.fastpref_memory_budget
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+        raise ValueError(f"fastpref_memory_budget: expected a positive int (bytes) or None, got {budget!r}")
 
 
 def unwrap_peft(model: Any) -> Any:

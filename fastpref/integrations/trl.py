@@ -53,6 +53,7 @@ from .trainer_common import (  # noqa: E402
     SR_LOSSES,
     SR_PROMPT,
     build_preference_loss,
+    check_fastpref_fields,
     completion_labels,
     fused_reference_logps,
     gather_metrics,
@@ -97,7 +98,8 @@ class FastPrefDPOConfig(DPOConfig):
             (None = the paper's prompt). These loss types need ``use_fastpref=True``.
         fastpref_mode, fastpref_memory_budget, fastpref_backend, fastpref_gemm: ``fastpref.PreferenceLoss``'s
             ``mode`` ("auto" / "fast" / "lean"), ``memory_budget`` (bytes of logits fast mode may hold), ``backend``
-            and ``gemm`` (the GEMM path; ``FASTPREF_GEMM`` when "auto").
+            and ``gemm`` (the GEMM path; ``FASTPREF_GEMM`` when "auto"). A bad value raises ``ValueError`` naming
+            the field when the config is built.
 
     With ``use_fastpref=True``, ``padding_free=True`` packs every batch into one row (trl 1.16 falls back to
     padding), and ``ld_alpha``, a non-default ``f_divergence_type``, ``use_weighting`` and
@@ -113,6 +115,7 @@ class FastPrefDPOConfig(DPOConfig):
     fastpref_gemm: str = field(default="auto", metadata={"help": "'auto', 'fused' or 'cublas' (GEMM path)."})
 
     def __post_init__(self) -> None:
+        check_fastpref_fields(self)  # before TrainingArguments' set-up: a typo fails first, at once
         super().__post_init__()
         sr = [t for t in self.loss_type if t in SR_LOSSES]
         if sr and not self.use_fastpref:
