@@ -27,7 +27,7 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 def build_preference_loss(model: Any, loss_type: list[str] | str, *, beta: float, label_smoothing: float = 0.0,
                           loss_weights: list[float] | None = None, refinement_lambda: float = 0.5,
                           simpo_gamma: float = 0.5, discopop_tau: float = 0.05, mode: str = "auto",
-                          memory_budget: int | None = None, backend: str = "auto", gemm: str = "auto",
+                          memory_budget: int | None = None, backend: str = "auto", gemm: str | None = None,
                           token_metrics: bool = True) -> Any:
     """A ``fastpref.PreferenceLoss`` with the model head's logit transform (``head_transform``)."""
     from fastpref import PreferenceLoss
