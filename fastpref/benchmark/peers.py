@@ -73,9 +73,8 @@ def flops_unit(w: Workload, rows: int | None = None) -> int:
 class FastprefImpl(Impl):
     """fastpref's ``DPOLoss`` in ``mode`` (``"fast"``, ``"lean"``, ``"auto"``) on GEMM path ``gemm`` (None: the
     default users get, ``$FASTPREF_GEMM`` else cublas; ``"cublas"`` / ``"fused"`` forced, for the side-by-side
-    rows). ``groups``: fast mode with a
-    memory budget that splits the workload into at least that many pair groups (the float64 check of dW summed
-    over groups, at the real H and V)."""
+    rows). ``groups``: fast mode with a memory budget that splits the workload into at least that many pair
+    groups (the float64 check of dW summed over groups, at the real H and V)."""
 
     def __init__(self, mode: str, backend: str = "auto", memory_budget: int | None = None,
                  groups: int | None = None, gemm: str | None = None) -> None:
