@@ -6,15 +6,15 @@ from __future__ import annotations
 import torch
 
 from .ops import HeadPass, LogitTransform, scatter_tokens, score_labels, segment_sum
-from .ops.gemm_path import GEMM_PATHS
+from .ops.gemm_path import check_gemm
 from .utils.compile import eager_op
 from .utils.validation import check_choice, check_head_inputs, check_int, check_seq_ids, check_transform
 
 
 def _head_pass(hidden: torch.Tensor, weight: torch.Tensor, backend: str, temperature: float, logit_scale: float,
-               softcap: float | None, gemm: str) -> HeadPass:
+               softcap: float | None, gemm: str | None) -> HeadPass:
     check_transform(temperature, logit_scale, softcap)
-    check_choice("gemm", gemm, GEMM_PATHS)
+    check_gemm(gemm)
     transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
     return HeadPass.for_inputs(hidden, weight, backend=backend, transform=transform, gemm=gemm)
 
@@ -31,7 +31,7 @@ def token_logps(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     backend: str = "auto",
-    gemm: str = "auto",
+    gemm: str | None = None,
     check_finite: bool = False,
 ) -> torch.Tensor:
     """Per-token log-probs ``log_softmax(T(hidden @ weight.T + bias)).gather(-1, labels)``.
@@ -42,7 +42,8 @@ def token_logps(
         labels: int ``[B, T]`` / ``[N]``, already shifted; ``ignore_index`` marks unscored positions.
         temperature, logit_scale, softcap: ``z = softcap * tanh(y * logit_scale / softcap) / temperature``.
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
-        gemm: ``"auto"``, ``"fused"`` or ``"cublas"`` (``fastpref.ops.gemm_path``; Triton backend only).
+        gemm: the GEMM path (``fastpref.ops.gemm_path``; Triton backend only): None (default:
+            ``$FASTPREF_GEMM``, else ``"cublas"``), ``"cublas"``, or the opt-in ``"fused"`` / ``"auto"``.
         check_finite: raise ``ValueError`` on NaN / inf in hidden, weight or bias (in the one host sync).
             Off by default: non-finite inputs propagate, as in PyTorch.
 
@@ -71,14 +72,16 @@ def sequence_logps(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     backend: str = "auto",
-    gemm: str = "auto",
+    gemm: str | None = None,
     check_finite: bool = False,
 ) -> torch.Tensor:
     """Per-sequence sums (or, with ``average=True``, means over the scored tokens) of the token log-probs.
 
     Row layout: ``hidden [B, T, H]``, ``labels [B, T]`` -> ``[B]``. Packed layout: ``hidden [N, H]``,
     ``labels [N]``, ``seq_ids [N]`` (sequence of each token, -1 = not scored) and ``num_seqs`` -> ``[num_seqs]``.
-    A sequence with no scored token gets 0. fp32, differentiable w.r.t. hidden, weight and bias.
+    A sequence with no scored token gets 0. fp32, differentiable w.r.t. hidden, weight and bias. The other
+    arguments as in ``token_logps``; ``gemm``: None (default: ``$FASTPREF_GEMM``, else ``"cublas"``),
+    ``"cublas"``, or the opt-in ``"fused"`` / ``"auto"``.
     """
     check_head_inputs(hidden, weight, labels, bias)
     check_int("ignore_index", ignore_index)
@@ -114,13 +117,15 @@ def linear_cross_entropy(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     backend: str = "auto",
-    gemm: str = "auto",
+    gemm: str | None = None,
     check_finite: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` without the logits (SFT).
 
     ``reduction``: ``"mean"`` over the scored tokens (0 when there are none, instead of NaN), ``"sum"``, or
-    ``"none"`` (shaped like ``labels``, 0 where ignored). fp32.
+    ``"none"`` (shaped like ``labels``, 0 where ignored). fp32. The other arguments as in ``token_logps``;
+    ``gemm``: None (default: ``$FASTPREF_GEMM``, else ``"cublas"``), ``"cublas"``, or the opt-in ``"fused"`` /
+    ``"auto"``.
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     nll = -token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,

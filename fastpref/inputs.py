@@ -84,7 +84,7 @@ class PolicyBatch:
     def build(cls, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
               seq_ids: torch.Tensor | None, num_seqs: int | None, *, ignore_index: int, backend: str,
               transform: LogitTransform, token_metrics: bool,
-              finite: Sequence[tuple[str, torch.Tensor | None]] = (), gemm: str = "auto") -> PolicyBatch:
+              finite: Sequence[tuple[str, torch.Tensor | None]] = (), gemm: str | None = None) -> PolicyBatch:
         """Validate the batch and build its pair-ordered layout (the call's one host sync). ``finite``: tensors
         whose values must be finite, checked in the same sync (``check_finite=True``)."""
         check_head_inputs(hidden, weight, labels, bias)

@@ -9,7 +9,7 @@ from . import losses as L
 from . import preference
 from .ops import LogitTransform
 from .ops.backend import BACKENDS
-from .ops.gemm_path import GEMM_PATHS
+from .ops.gemm_path import check_gemm
 from .outputs import PreferenceOutput
 from .preference import MODES, PreferenceConfig
 from .utils.compile import eager_op
@@ -40,9 +40,12 @@ class PreferenceLoss(nn.Module):
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
         temperature, logit_scale, softcap: logit transform ``softcap * tanh(y * scale / softcap) / temperature``.
         token_metrics: also compute ``entropy`` and ``mean_token_accuracy`` in the kernels' pass.
-        gemm: ``"auto"`` (per device and shape, the faster of the two, timed once), ``"fused"`` (Triton GEMMs with
-            the fold in their epilogue and the gradient in their prologue) or ``"cublas"`` (cuBLAS tiles and Triton
-            row kernels); ``$FASTPREF_GEMM`` sets it too. Only the Triton backend has the fused kernels.
+        gemm: the GEMM path (``fastpref.ops.gemm_path``). None (default): ``$FASTPREF_GEMM``, else ``"cublas"``
+            (cuBLAS tiles and Triton row kernels, the proven path). Opt-in, until a GPU run has measured them:
+            ``"fused"`` (Triton GEMMs with the fold in their epilogue and the gradient in their prologue; a kernel
+            that cannot run on the device falls back to cublas with a ``RuntimeWarning``, reported by
+            ``gemm_path.fallbacks()``) and ``"auto"`` (per device and shape, the faster of the two, timed on the
+            first call). Only the Triton backend has the fused kernels.
         check_finite: raise ``ValueError`` when the hidden states, the head or a given reference / refinement hold
             NaN or inf (counted in the call's one host sync; a pass over each tensor). Off by default: values
             are not inspected and non-finite inputs propagate to the loss, as in PyTorch.
@@ -78,7 +81,7 @@ class PreferenceLoss(nn.Module):
         softcap: float | None = None,
         token_metrics: bool = False,
         check_finite: bool = False,
-        gemm: str = "auto",
+        gemm: str | None = None,
     ) -> None:
         super().__init__()
         loss = L.LossConfig.create(
@@ -91,7 +94,7 @@ class PreferenceLoss(nn.Module):
             raise ValueError(f"mode: 'fast' needs a pair-separable loss; {list(loss.loss_types)} couples the batch "
                              "(aot / aot_unpaired sort over it); use mode='lean' or 'auto'")
         check_choice("backend", backend, BACKENDS)
-        check_choice("gemm", gemm, GEMM_PATHS)
+        check_gemm(gemm)
         check_transform(temperature, logit_scale, softcap)
         self.config = PreferenceConfig(
             loss=loss,

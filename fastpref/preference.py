@@ -46,7 +46,7 @@ class PreferenceConfig:
     transform: LogitTransform = field(default_factory=LogitTransform)
     token_metrics: bool = False
     check_finite: bool = False
-    gemm: str = "auto"
+    gemm: str | None = None  # None: $FASTPREF_GEMM, else cublas (fastpref.ops.gemm_path)
 
 
 def _policy_batch(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

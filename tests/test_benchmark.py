@@ -331,3 +331,50 @@ def test_no_allocation_of_tokens_by_vocab(memory_workload, mode):
     assert largest <= bound < logits_bytes, f"{mode}: largest allocation {largest} B, bound {bound} B"
     _, ref_largest = _step_peak(ReferenceImpl(), w)
     assert ref_largest >= MEMORY_SHAPE.batch * MEMORY_SHAPE.seq_len * MEMORY_SHAPE.vocab * 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the fused rows need triton (interpreter)")
+def test_a_fused_row_that_falls_back_says_so(monkeypatch):
+    """A forced ``-fused`` row whose kernels cannot run on the device (here: ``linear_fold`` raises one of
+    ``gemm_path.fused_errors()``) is marked ``fallback: cublas (<reason>)``, not timed silently as fused; the
+    cublas row beside it is not marked."""
+    from fastpref.kernels import fused_gemm
+    from triton.runtime.errors import OutOfResources
+
+    from fastpref.benchmark import BenchConfig, run_bench
+    from fastpref.ops import gemm_path
+
+    def out_of_resources(*args, **kwargs):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(fused_gemm, "linear_fold", out_of_resources)
+    monkeypatch.setattr(gemm_path, "_UNUSABLE", {})
+    shape = Shape("tiny-fallback", 1, 16, 32, 200)
+    with pytest.warns(RuntimeWarning, match="fused GEMM kernels cannot run"):
+        rows = run_bench(BenchConfig(shapes=[shape], regimes=["uniform"], backend="triton", tasks=["step", "logps"],
+                                     impls=["fastpref-fast-cublas", "fastpref-fast-fused"], repeats=1,
+                                     check=False, progress=False))
+    by = {(r.task, r.impl): r for r in rows}
+    for key in [("step", "fastpref-fast-fused"), ("logps", "fastpref-fused")]:
+        assert by[key].note.startswith("fallback: cublas (OutOfResources: "), by[key]
+        assert by[key].status == "ok" and by[key].time_ms > 0
+    assert "fallback" not in by[("step", "fastpref-fast-cublas")].note
+
+
+def test_gemm_paths_table_never_reads_a_fallback_row_as_fused():
+    """A forced fused row that fell back to cuBLAS timed cuBLAS: the GEMM-path table shows it as missing."""
+    from fastpref.benchmark.harness import Row
+
+    suite = _gpu_suite()
+
+    def row(impl: str, ms: float, note: str = "") -> Row:
+        r = Row(shape="s", regime="peaked", task="step", impl=impl, note=note)
+        r.time_ms = ms
+        return r
+
+    rows = [row("fastpref-fast-cublas", 10.0), row("fastpref-fast", 10.5),
+            row("fastpref-fast-fused", 10.1, "fallback: cublas (OutOfResources: shared memory)")]
+    line = suite.gemm_paths_table(rows).splitlines()[1].split()
+    assert line[3] == "10.00" and line[4] == "nan" and line[6] == "10.50", line
+    rows[2].note = ""
+    assert suite.gemm_paths_table(rows).splitlines()[1].split()[4] == "10.10"

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 import pytest
 import torch
 
@@ -25,18 +28,67 @@ def _fresh_choices():
 def test_requests_resolve(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     args = (torch.bfloat16, 4096, 128256)
+    monkeypatch.delenv("FASTPREF_GEMM", raising=False)
     assert gemm_path.resolve("fused", "torch", cpu, *args) == "cublas"  # the PyTorch backend has no fused kernels
     assert gemm_path.resolve("cublas", "triton", cuda, *args) == "cublas"
     assert gemm_path.resolve("fused", "triton", cpu, *args) == "fused"
     assert gemm_path.resolve("auto", "triton", cpu, *args) == "cublas"  # nothing to time off CUDA
     monkeypatch.setenv("FASTPREF_GEMM", "fused")
-    assert gemm_path.resolve("auto", "triton", cpu, *args) == "fused"
+    assert gemm_path.resolve(None, "triton", cpu, *args) == "fused"  # the variable opts the default call in
     assert gemm_path.resolve("cublas", "triton", cpu, *args) == "cublas"  # the argument wins over the variable
+    assert gemm_path.resolve("auto", "triton", cpu, *args) == "cublas"
     monkeypatch.setenv("FASTPREF_GEMM", "fastest")
     with pytest.raises(ValueError, match=r"FASTPREF_GEMM: expected one of \['auto', 'fused', 'cublas'\]"):
         gemm_path.resolve(None, "triton", cpu, *args)
     with pytest.raises(ValueError, match=r"gemm: expected one of .*got 'fastest'"):
         fastpref.DPOLoss(gemm="fastest")
+
+
+def _gemm_defaults():
+    from fastpref.integrations.fused_head import FusedHeadSettings, add_fused_lm_head
+    from fastpref.integrations.trainer_common import build_preference_loss
+    from fastpref.preference import PreferenceConfig
+
+    callables = [fastpref.token_logps, fastpref.sequence_logps, fastpref.linear_cross_entropy,
+                 fastpref.PreferenceLoss.__init__, fastpref.DPOLoss.__init__, add_fused_lm_head,
+                 build_preference_loss]
+    defaults = {getattr(f, "__qualname__", str(f)): inspect.signature(f).parameters["gemm"].default
+                for f in callables if "gemm" in inspect.signature(f).parameters}
+    defaults["DPOLoss (its config)"] = fastpref.DPOLoss().config.gemm
+    defaults["PreferenceConfig"] = PreferenceConfig.__dataclass_fields__["gemm"].default
+    defaults["FusedHeadSettings"] = FusedHeadSettings().gemm
+    for module, cls in (("fastpref.integrations.hf", "FastPrefTrainingArguments"),
+                        ("fastpref.integrations.trl", "FastPrefDPOConfig")):
+        try:
+            args_cls = getattr(importlib.import_module(module), cls)
+        except ImportError:  # transformers / trl not installed
+            continue
+        defaults[cls] = args_cls.__dataclass_fields__["fastpref_gemm"].default
+    return defaults
+
+
+def test_the_default_is_cublas_and_never_times_the_fused_kernels(monkeypatch):
+    """Until a GPU run has measured the fused kernels, a call that does not ask for them (every public default)
+    runs cublas: on CUDA nothing is timed and no fused kernel is compiled or launched."""
+    from fastpref.kernels import fused_gemm
+
+    monkeypatch.delenv("FASTPREF_GEMM", raising=False)
+    defaults = _gemm_defaults()
+    assert len(defaults) >= 9 and set(defaults.values()) == {None}, defaults
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the default path timed or ran a fused kernel")
+
+    monkeypatch.setattr(gemm_path, "time_paths", refuse)
+    for name in ("linear_fold", "linear_grad_input", "linear_grad_weight"):
+        monkeypatch.setattr(fused_gemm, name, refuse)
+    cuda = torch.device("cuda", 0)
+    assert gemm_path.resolve(None, "triton", cuda, torch.bfloat16, 4096, 128256) == "cublas"
+    assert gemm_path.requested(None) == gemm_path.DEFAULT_GEMM == "cublas"
+    hidden, weight, labels = _batch()
+    out = fastpref.DPOLoss(backend="triton")(hidden, weight, labels, ref_hidden=hidden.detach() + 0.1)
+    out.loss.backward()
+    fastpref.token_logps(hidden, weight, labels, backend="triton").sum().backward()
 
 
 def test_auto_times_once_per_device_dtype_and_shape_bucket(monkeypatch):
@@ -107,7 +159,11 @@ def test_a_fused_kernel_that_cannot_run_falls_back_with_a_warning(monkeypatch, w
     assert rel_err(out.loss, want.loss) <= 1e-6
     for g, w in zip(grads, want_grads):
         assert rel_err(g, w) <= 1e-5
-    assert gemm_path._UNUSABLE  # later passes at these shapes go straight to cublas
+    # the path that ran is inspectable, per key, with the reason; later passes at these shapes go to cublas
+    key = gemm_path.key_of(hidden.device, torch.float32, hidden.shape[-1], weight.shape[0])
+    assert list(gemm_path.fallbacks()) == [key] and gemm_path.fallbacks()[key].startswith("OutOfResources: ")
+    assert gemm_path.resolve("fused", "triton", hidden.device, torch.float32, hidden.shape[-1],
+                             weight.shape[0]) == "cublas"
 
 
 def test_fused_path_runs_the_fused_kernels_only():

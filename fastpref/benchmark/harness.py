@@ -332,6 +332,7 @@ def _run_block(cfg: BenchConfig, w: Workload, impls: list[Impl], skips: dict[str
             bar.set_postfix_str(f"{w.shape.name}/{w.regime}: {task} {impl.name}")
             try:
                 _checked_run(cfg, task, impl, w, check, row)
+                _mark_fallback(row, impl, w)
                 live.append((impl, row))
             except Exception as e:  # a peer that breaks here is a result, not a crash of the whole run
                 row.status, row.note = "error", f"{type(e).__name__}: {e}"[:200]
@@ -342,8 +343,18 @@ def _run_block(cfg: BenchConfig, w: Workload, impls: list[Impl], skips: dict[str
         if not cfg.measure:
             continue
         _timed_rounds(cfg, task, live, w, floors[task], mm_rate, clock)
+        for impl, row in live:
+            _mark_fallback(row, impl, w)
     _ratios_and_bounds(rows, check is not None)
     return rows
+
+
+def _mark_fallback(row: Row, impl: Impl, w: Workload) -> None:
+    """A row that did not run as named (a forced fused row on cublas) says so first in its note: its errors and
+    times are the fallback path's, not the fused kernels'."""
+    mark = impl.fallback(w)
+    if mark and not row.note.startswith(mark):
+        row.note = mark + (f"; {row.note}" if row.note else "")
 
 
 def _run_task(task: str, impl: Impl, w: Workload) -> Any:

@@ -60,6 +60,10 @@ class Impl:
     def logps_flops(self, w: Workload) -> int:
         return 2 * w.n_scored * w.shape.hidden * w.shape.vocab
 
+    def fallback(self, w: Workload) -> str | None:
+        """Why this implementation did not run as its row names it (a mark for the row), or None."""
+        return None
+
 
 def flops_unit(w: Workload, rows: int | None = None) -> int:
     """n·H·V for the workload's scored tokens (or for ``rows`` rows): a forward GEMM is 2 units."""
@@ -67,18 +71,18 @@ def flops_unit(w: Workload, rows: int | None = None) -> int:
 
 
 class FastprefImpl(Impl):
-    """fastpref's ``DPOLoss`` in ``mode`` (``"fast"``, ``"lean"``, ``"auto"``) on GEMM path ``gemm`` (``"auto"``:
-    what users get; ``"cublas"`` / ``"fused"`` forced, for the side-by-side rows). ``groups``: fast mode with a
-    memory budget that splits the workload into at least that many pair groups (the float64 check of dW summed
-    over groups, at the real H and V)."""
+    """fastpref's ``DPOLoss`` in ``mode`` (``"fast"``, ``"lean"``, ``"auto"``) on GEMM path ``gemm`` (None: the
+    default users get, ``$FASTPREF_GEMM`` else cublas; ``"cublas"`` / ``"fused"`` forced, for the side-by-side
+    rows). ``groups``: fast mode with a memory budget that splits the workload into at least that many pair
+    groups (the float64 check of dW summed over groups, at the real H and V)."""
 
     def __init__(self, mode: str, backend: str = "auto", memory_budget: int | None = None,
-                 groups: int | None = None, gemm: str = "auto") -> None:
+                 groups: int | None = None, gemm: str | None = None) -> None:
         import fastpref
 
         self.mode, self.backend, self.groups, self.gemm = mode, backend, groups, gemm
         self.name = (f"fastpref-{mode}" + (f"-{groups}groups" if groups else "")
-                     + (f"-{gemm}" if gemm != "auto" else ""))
+                     + (f"-{gemm}" if gemm is not None else ""))
         self.label = f"fastpref {fastpref.__version__}"
         self._memory_budget = memory_budget
         self._losses: dict[int | None, Any] = {}
@@ -96,6 +100,17 @@ class FastprefImpl(Impl):
         if device.type != "cuda" and not interpreter_enabled():
             return "the fused GEMMs run compiled on CUDA (on the CPU only under TRITON_INTERPRET=1)"
         return None
+
+    def fallback(self, w: Workload) -> str | None:
+        """A forced fused row whose kernels fell back to cublas on this device at the workload's shapes: the
+        row's mark (``"fallback: cublas (<reason>)"``), else None."""
+        if self.gemm != "fused":
+            return None
+        from ..ops import gemm_path
+
+        key = gemm_path.key_of(w.device, w.dtype, w.shape.hidden, w.shape.vocab)
+        reason = gemm_path.fallbacks().get(key)
+        return None if reason is None else f"fallback: cublas ({reason})"
 
     def _loss(self, w: Workload) -> Any:
         import fastpref

@@ -36,7 +36,7 @@ class FusedHeadSettings:
     logit_scale: float = 1.0
     softcap: float | None = None
     backend: str = "auto"
-    gemm: str = "auto"
+    gemm: str | None = None
 
     def transform_kwargs(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "logit_scale": self.logit_scale, "softcap": self.softcap}
@@ -147,7 +147,7 @@ def _check_loss_transform(loss_fn: Any, settings: FusedHeadSettings) -> None:
             "temperature)")
 
 
-def add_fused_lm_head(model: Any, *, temperature: float = 1.0, backend: str = "auto", gemm: str = "auto") -> Any:
+def add_fused_lm_head(model: Any, *, temperature: float = 1.0, backend: str = "auto", gemm: str | None = None) -> Any:
     """Patch ``model.forward`` with fastpref's fused LM head (in place; returns ``model``). Idempotent.
 
     Afterwards, besides its usual arguments, the forward accepts:
@@ -167,7 +167,8 @@ def add_fused_lm_head(model: Any, *, temperature: float = 1.0, backend: str = "a
     each call (PEFT and FSDP replace them after patching); patch the base model before wrapping it with PEFT, or
     patch ``peft_model.get_base_model()``. ``logit_scale`` and ``softcap`` come from the config
     (``head_transform``); ``temperature`` divides the logits; ``backend`` and ``gemm`` choose the kernels of
-    ``return_logps`` (``fastpref.token_logps``).
+    ``return_logps`` (``fastpref.token_logps``; ``gemm``: None = ``$FASTPREF_GEMM``, else ``"cublas"``;
+    ``"fused"`` / ``"auto"`` are opt-in).
     """
     settings = FusedHeadSettings(temperature=float(temperature), backend=backend, gemm=gemm, **head_transform(model))
     if is_patched(model):

@@ -62,8 +62,9 @@ class FastPrefTrainingArguments(TrainingArguments):
         precompute_ref_log_probs: score the train / eval datasets with the reference once before training and
             drop the reference model.
         fastpref_mode, fastpref_memory_budget, fastpref_backend, fastpref_gemm: ``PreferenceLoss``'s ``mode``,
-            ``memory_budget`` (bytes), ``backend`` and ``gemm`` (the GEMM path; ``FASTPREF_GEMM`` when "auto"); a
-            bad value raises ``ValueError`` naming the field when the arguments are built.
+            ``memory_budget`` (bytes), ``backend`` and ``gemm`` (the GEMM path: None = ``$FASTPREF_GEMM``, else
+            "cublas"; "fused" / "auto" opt-in); a bad value raises ``ValueError`` naming the field when the
+            arguments are built.
         disable_dropout: zero every dropout in the policy and the reference (as trl 1.16).
     """
 
@@ -83,7 +84,8 @@ class FastPrefTrainingArguments(TrainingArguments):
     fastpref_mode: str = field(default="auto", metadata={"help": "'auto', 'fast' or 'lean'."})
     fastpref_memory_budget: int | None = field(default=None, metadata={"help": "Bytes of logits fast mode may hold."})
     fastpref_backend: str = field(default="auto", metadata={"help": "'auto', 'triton' or 'torch'."})
-    fastpref_gemm: str = field(default="auto", metadata={"help": "'auto', 'fused' or 'cublas' (GEMM path)."})
+    fastpref_gemm: str | None = field(default=None, metadata={
+        "help": "GEMM path: None ($FASTPREF_GEMM, else 'cublas'), 'cublas', or opt-in 'fused' / 'auto'."})
     disable_dropout: bool = field(default=True, metadata={"help": "Zero dropout in policy and reference."})
     # The records' text columns are the collator's input, not the model's: keep them.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the records' columns (collator input)."})

@@ -31,7 +31,7 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 def build_preference_loss(model: Any, loss_type: list[str] | str, *, beta: float, label_smoothing: float = 0.0,
                           loss_weights: list[float] | None = None, refinement_lambda: float = 0.5,
                           simpo_gamma: float = 0.5, discopop_tau: float = 0.05, mode: str = "auto",
-                          memory_budget: int | None = None, backend: str = "auto", gemm: str = "auto",
+                          memory_budget: int | None = None, backend: str = "auto", gemm: str | None = None,
                           token_metrics: bool = True) -> Any:
     """A ``fastpref.PreferenceLoss`` with the model head's logit transform (``head_transform``)."""
     from fastpref import PreferenceLoss
@@ -49,7 +49,8 @@ def check_fastpref_fields(args: Any) -> None:
     builds its loss, or not at all with ``use_fastpref=False``)."""
     check_choice("fastpref_mode", args.fastpref_mode, MODES)
     check_choice("fastpref_backend", args.fastpref_backend, BACKENDS)
-    check_choice("fastpref_gemm", args.fastpref_gemm, GEMM_PATHS)
+    if args.fastpref_gemm is not None:  # None: $FASTPREF_GEMM, else the default path
+        check_choice("fastpref_gemm", args.fastpref_gemm, GEMM_PATHS)
     budget = args.fastpref_memory_budget
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
         raise ValueError(f"fastpref_memory_budget: expected a positive int (bytes) or None, got {budget!r}")

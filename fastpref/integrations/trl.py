@@ -98,8 +98,8 @@ class FastPrefDPOConfig(DPOConfig):
             (None = the paper's prompt). These loss types need ``use_fastpref=True``.
         fastpref_mode, fastpref_memory_budget, fastpref_backend, fastpref_gemm: ``fastpref.PreferenceLoss``'s
             ``mode`` ("auto" / "fast" / "lean"), ``memory_budget`` (bytes of logits fast mode may hold), ``backend``
-            and ``gemm`` (the GEMM path; ``FASTPREF_GEMM`` when "auto"). A bad value raises ``ValueError`` naming
-            the field when the config is built.
+            and ``gemm`` (the GEMM path: None = ``$FASTPREF_GEMM``, else "cublas"; "fused" / "auto" opt-in). A
+            bad value raises ``ValueError`` naming the field when the config is built.
 
     With ``use_fastpref=True``, ``padding_free=True`` packs every batch into one row (trl 1.16 falls back to
     padding), and ``ld_alpha``, a non-default ``f_divergence_type``, ``use_weighting`` and
@@ -112,7 +112,8 @@ class FastPrefDPOConfig(DPOConfig):
     fastpref_mode: str = field(default="auto", metadata={"help": "'auto', 'fast' or 'lean'."})
     fastpref_memory_budget: int | None = field(default=None, metadata={"help": "Bytes of logits fast mode holds."})
     fastpref_backend: str = field(default="auto", metadata={"help": "'auto', 'triton' or 'torch'."})
-    fastpref_gemm: str = field(default="auto", metadata={"help": "'auto', 'fused' or 'cublas' (GEMM path)."})
+    fastpref_gemm: str | None = field(default=None, metadata={
+        "help": "GEMM path: None ($FASTPREF_GEMM, else 'cublas'), 'cublas', or opt-in 'fused' / 'auto'."})
 
     def __post_init__(self) -> None:
         check_fastpref_fields(self)  # before TrainingArguments' set-up: a typo fails first, at once

@@ -26,7 +26,7 @@ import torch
 
 from . import gemm_path
 from .backend import autocast_off
-from .head_pass import HeadPass, accumulate_mm, gather, kernel_operand, project
+from .head_pass import HeadPass, accumulate_mm, gather, grad_buffer, in_layout, kernel_operand, project
 from .layout import TokenLayout, segment_sum
 from .linear_logps import TokenStats, finalize_stats
 from .plan import MAX_GROUPS_DIRECT_DW, PairGroups
@@ -105,7 +105,7 @@ class _PendingGrads:
     d_source: torch.Tensor | None
     d_weight: torch.Tensor | None  # dW of the earlier groups (None when there were none), or an fp32 accumulator
     d_bias: torch.Tensor | None  # fp32
-    weight_dtype: torch.dtype
+    weight_like: torch.Tensor  # meta: the weight's dtype and layout, which dW is returned in
     bias_dtype: torch.dtype | None
     last_tile: torch.Tensor | None = None  # the last group's logits gradient G [t, V] (cublas), raw logits (fused)
     last_rows: torch.Tensor | None = None  # the last group's hidden rows h [t, H]
@@ -126,10 +126,9 @@ class _PendingGrads:
         if self.last_tile is not None:
             earlier = self.d_weight
             if earlier is None:
-                dtype = self.weight_dtype if self.weight_dtype in (torch.float32, self.last_tile.dtype) or not fused \
-                    else torch.float32
-                d_weight = torch.empty((self.last_tile.shape[1], self.last_rows.shape[1]), device=scale.device,
-                                       dtype=dtype)
+                wd = self.weight_like.dtype
+                dtype = wd if wd in (torch.float32, self.last_tile.dtype) or not fused else torch.float32
+                d_weight = grad_buffer(self.weight_like, dtype, device=scale.device, unit_cols=fused)
             else:
                 d_weight = earlier.mul_(scale)
             if fused:
@@ -153,9 +152,9 @@ class _PendingGrads:
             else:
                 rows = self.last_rows * scale  # fp32 math, one rounding to h's dtype
                 accumulate_mm(d_weight, self.last_tile.t(), rows, first=earlier is None)
-            d_weight = d_weight.to(self.weight_dtype)
+            d_weight = in_layout(d_weight, self.weight_like)
         elif self.d_weight is not None:  # the last group had no scored token (or nothing was scored at all)
-            d_weight = self.d_weight.mul_(scale).to(self.weight_dtype)
+            d_weight = in_layout(self.d_weight.mul_(scale), self.weight_like)
         d_bias = None if self.d_bias is None else self.d_bias.to(self.bias_dtype)
         self.last_tile = self.last_rows = self.last_grad = None
         return d_source, d_weight, d_bias
@@ -268,7 +267,8 @@ def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     pending = _PendingGrads(
         d_source=torch.zeros_like(source) if need_hidden else None,  # unscored rows get 0
         d_weight=None, d_bias=torch.zeros(vocab, device=dev, dtype=torch.float32) if need_bias and bias is not None
-        else None, weight_dtype=weight.dtype, bias_dtype=None if bias is None else bias.dtype)
+        else None, weight_like=torch.empty_like(weight, device="meta"),
+        bias_dtype=None if bias is None else bias.dtype)
     if need_weight and (not groups or layout.num_scored == 0):
         pending.d_weight = torch.zeros_like(weight)
     # dW of the groups before the last: straight into a dW in its own dtype for up to MAX_GROUPS_DIRECT_DW
@@ -331,7 +331,7 @@ def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             else:
                 first = pending.d_weight is None
                 if first:
-                    pending.d_weight = torch.empty(weight.shape, device=dev, dtype=dw_dtype)
+                    pending.d_weight = grad_buffer(weight, dw_dtype, unit_cols=fused)
                 if fused:  # dW and the bias gradient from G's prologue, the whole vocabulary in one GEMM
                     fused_gemm.linear_grad_weight(tile, *grad, h, pending.d_weight, pending.d_bias, vocab_start=0,
                                                   accumulate=not first, **grad_kwargs)

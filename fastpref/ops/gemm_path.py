@@ -2,13 +2,18 @@
 the Triton GEMMs of ``fastpref.kernels.fused_gemm`` with the fold in the forward's epilogue and the gradient in
 the backward's prologue (``"fused"``: fewer passes over the logits, but Triton's GEMMs against cuBLAS's).
 
-``gemm="auto"`` (the default; ``$FASTPREF_GEMM`` sets it too) picks per (device, dtype, H, vocabulary bucket),
-once, by timing both paths on that device at those sizes — the first pass pays the fused kernels' compile
-(seconds, cached on disk by Triton afterwards), a few milliseconds of timing and ~0.6 GB of transient buffers at
-H = 4096 — and keeps the faster. Off CUDA (the interpreter, the PyTorch backend) auto means cublas: there is
-nothing to time there; ``gemm="fused"`` forces the fused kernels (the tests do, under ``TRITON_INTERPRET=1``).
-A fused kernel that does not compile or runs out of resources on the device falls back to cublas with a
-warning, never an error: the key is marked unusable and the pass reruns on cublas.
+The default is ``"cublas"``, the proven path: no GPU run has yet measured the fused kernels, and the cost model
+predicts them slower at the benchmark shapes (``bench/NOTES.md``). ``"fused"`` and ``"auto"`` are opt-in, by
+the ``gemm=`` argument or, where the argument is left at None, by ``$FASTPREF_GEMM`` (``auto``, ``fused`` or
+``cublas``); an argument always wins over the variable.
+
+``gemm="auto"`` picks per (device, dtype, H, vocabulary bucket), once, by timing both paths on that device at
+those sizes — the first pass pays the fused kernels' compile (seconds, cached on disk by Triton afterwards), a
+few milliseconds of timing and ~0.6 GB of transient buffers at H = 4096 — and keeps the faster. Off CUDA (the
+interpreter, the PyTorch backend) auto means cublas: there is nothing to time there; ``gemm="fused"`` forces the
+fused kernels (the tests do, under ``TRITON_INTERPRET=1``). A fused kernel that does not compile or runs out of
+resources on the device falls back to cublas with a warning, never an error: the key is marked unusable, the
+pass reruns on cublas, and ``fallbacks()`` reports the key and the reason.
 """
 
 from __future__ import annotations
@@ -25,18 +30,28 @@ import torch
 
 GEMM_PATHS = ("auto", "fused", "cublas")
 GEMM_ENV = "FASTPREF_GEMM"
+DEFAULT_GEMM = "cublas"  # until a GPU run has measured the fused kernels
 
 Key = tuple[str, int | None, torch.dtype, int, int]
 _UNUSABLE: dict[Key, str] = {}
 _CHOICE: dict[Key, str] = {}
 
 
+def check_gemm(gemm: str | None) -> str | None:
+    """Validate a ``gemm=`` argument: None (the default) or one of ``GEMM_PATHS``."""
+    if gemm is not None and gemm not in GEMM_PATHS:
+        raise ValueError(f"gemm: expected one of {list(GEMM_PATHS)} or None (${GEMM_ENV}, else "
+                         f"{DEFAULT_GEMM!r}), got {gemm!r}")
+    return gemm
+
+
 def requested(gemm: str | None) -> str:
-    """The requested path: the argument, else ``$FASTPREF_GEMM``, else auto."""
-    value = gemm if gemm not in (None, "auto") else os.environ.get(GEMM_ENV, "auto") or "auto"
-    if value not in GEMM_PATHS:
-        source = "gemm" if gemm not in (None, "auto") else GEMM_ENV
-        raise ValueError(f"{source}: expected one of {list(GEMM_PATHS)}, got {value!r}")
+    """The requested path: the argument; None: ``$FASTPREF_GEMM``, else ``DEFAULT_GEMM``."""
+    value = check_gemm(gemm)
+    if value is None:
+        value = os.environ.get(GEMM_ENV) or DEFAULT_GEMM
+        if value not in GEMM_PATHS:
+            raise ValueError(f"{GEMM_ENV}: expected one of {list(GEMM_PATHS)}, got {value!r}")
     return value
 
 
@@ -78,6 +93,13 @@ def fused_errors() -> tuple[type[BaseException], ...]:
     from triton.runtime.errors import OutOfResources, PTXASError
 
     return (OutOfResources, PTXASError, CompilationError)
+
+
+def fallbacks() -> dict[Key, str]:
+    """The keys ``(device type, index, compute dtype, H, vocabulary bucket)`` whose passes fell back from the fused
+    kernels to cublas in this process, with the reason (``"OutOfResources: ..."``): a pass that asked for
+    ``gemm="fused"`` (or whose auto choice was fused) ran on cublas exactly when its key is here."""
+    return dict(_UNUSABLE)
 
 
 def mark_unusable(key: Key, error: BaseException) -> None:
@@ -166,5 +188,6 @@ def time_paths(device: torch.device, dtype: torch.dtype, hidden: int, vocab: int
         return "fused" if fused_ms < median_ms(cublas) else "cublas"
 
 
-__all__ = ["GEMM_ENV", "GEMM_PATHS", "elapsed_ms", "fused_errors", "key_of", "mark_unusable", "requested",
-           "resolve", "time_paths", "usable", "vocab_bucket", "with_fallback"]
+__all__ = ["DEFAULT_GEMM", "GEMM_ENV", "GEMM_PATHS", "check_gemm", "elapsed_ms", "fallbacks", "fused_errors",
+           "key_of", "mark_unusable", "requested", "resolve", "time_paths", "usable", "vocab_bucket",
+           "with_fallback"]

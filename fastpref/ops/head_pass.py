@@ -91,6 +91,36 @@ def kernel_operand(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
+def unit_columns(t: torch.Tensor) -> bool:
+    """Whether the fused GEMMs can read or write the matrix ``t`` as it is (unit stride along its rows)."""
+    return t.shape[-1] <= 1 or t.stride(-1) == 1
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and equal strides along every dimension longer than 1 (the others are never stepped)."""
+    return a.shape == b.shape and all(n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def grad_buffer(like: torch.Tensor, dtype: torch.dtype, *, device: torch.device | None = None,
+                unit_cols: bool = False) -> torch.Tensor:
+    """An uninitialised gradient for ``like`` in the layout autograd gives it (``empty_like``'s: ``like``'s strides
+    when it is dense, as for a ``.t()`` view of a stored [H, V] head, else contiguous) and ``dtype``; contiguous
+    instead when the writer needs unit column stride (``unit_cols``: the fused GEMMs) and that layout lacks it —
+    ``in_layout`` then copies it back once. ``device``: default ``like``'s (which may be a meta tensor)."""
+    device = like.device if device is None else device
+    out = torch.empty_like(like, dtype=dtype, device=device)
+    return out if not unit_cols or unit_columns(out) else torch.empty(like.shape, device=device, dtype=dtype)
+
+
+def in_layout(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``grad`` in the dtype and the layout autograd gives ``like``'s gradient (``grad_buffer``'s), copied only
+    when it is not already (``like`` may be a meta tensor: only its metadata is read)."""
+    want = torch.empty_like(like, device="meta")
+    if grad.dtype == like.dtype and same_layout(grad, want):
+        return grad
+    return torch.empty_like(like, device=grad.device).copy_(grad)
+
+
 def project(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``out = h @ w.T (+ b)`` with one rounding to out's dtype (cuBLAS epilogue adds the bias)."""
     if b is None:
@@ -138,7 +168,11 @@ def fp32_out_matmul(device: torch.device) -> bool:
 def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:
     """``acc (+)= a @ b`` with fp32 accumulation inside the matmul and in ``acc`` (fp32), without rounding
     ``a @ b`` to the inputs' dtype first where the device allows it (``fp32_out_matmul``). ``first``: ``acc``
-    is overwritten (its content is never read, so it may be uninitialised)."""
+    is overwritten (its content is never read, so it may be uninitialised). A column-major ``acc`` (the
+    gradient of a transposed head keeps its layout) is written as ``acc.T (+)= b.T @ a.T``: row-major for the
+    matmul, no copy."""
+    if not unit_columns(acc) and acc.stride(0) == 1:
+        return accumulate_mm(acc.t(), b.t(), a.t(), first=first)
     if acc.dtype == a.dtype:
         if first:
             torch.mm(a, b, out=acc)
@@ -260,9 +294,11 @@ def _backward(source, index, weight, bias, targets, lse, grad_rows, cfg: HeadPas
     n_slabs = -(-vocab // plan.cols)
     single_row_chunk = plan.rows >= n
     cd = cfg.compute_dtype
-    # the fused GEMMs write fp32 or the compute dtype: another gradient dtype goes through an fp32 buffer
+    # the fused GEMMs write fp32 or the compute dtype with unit column stride: another gradient dtype, or a
+    # transposed weight's layout (which dW keeps, as autograd does), goes through an fp32 buffer of one slab
     writable = (torch.float32, cd) if fused else (weight.dtype, source.dtype)
-    direct_dw = -(-n // plan.rows) <= MAX_PARTIAL_SUMS and weight.dtype in writable
+    direct_dw = need_weight and -(-n // plan.rows) <= MAX_PARTIAL_SUMS and weight.dtype in writable and (
+        not fused or unit_columns(d_weight))
     # one row chunk: gather it once for every slab; several: per chunk and slab (cheap next to the GEMMs)
     rows = gather(source, index, 0, n, cd) if single_row_chunk else None
     if need_hidden:
