@@ -1,18 +1,31 @@
-"""Distributed training on the CPU (gloo): 2 processes give the same gradients as one.
+"""Distributed training on the CPU (gloo, 2 processes of 1 thread each): every engine agrees with one process
+and with stock TRL.
 
-- the fused preference forward under ``DistributedDataParallel`` and under FSDP2 (``fully_shard``), each rank
-  holding half of the pairs, against one process on the whole batch;
-- ``FastPrefDPOTrainer`` (flag on) launched as 2 processes through accelerate, against 1 process with the same
-  global batch: same parameters after SGD steps, same logged metrics (gathered exactly across ranks).
+- module level (workers spawned with ``torch.multiprocessing``): the fused preference forward under
+  ``DistributedDataParallel`` and under FSDP2 (``fully_shard``, fast and lean modes), each rank holding half of
+  the pairs, gives the gradients of one process on the whole batch;
+- trainer level, launched as users launch them (``tests/dist_train.py``, configs in ``tests/dist_configs/``):
+  ``FastPrefDPOTrainer(use_fastpref=True)`` trains three steps under DDP (``torchrun``), DDP over a two-node
+  ``torchrun`` on 127.0.0.1, FSDP2 (``accelerate launch`` with an FSDP2 config), DeepSpeed ZeRO-3
+  (``TrainingArguments(deepspeed=...)`` under ``torchrun``, and ``accelerate launch`` with a ZeRO-3 config; the
+  reference model a ZeRO-3 engine too), and ``FastPrefTrainer`` under ZeRO-3; every logged metric of every step
+  equals, to fp32 rounding, stock trl 1.16 ``DPOTrainer`` in one process and the fused trainer in one process.
 
-Workers are spawned with ``torch.multiprocessing`` (2 processes, 1 thread each).
+CPU-only shims (documented in tests/dist_train.py and the README's "Many GPUs"): accelerate 1.16 applies its
+FSDP plugin only on accelerator device types, so the FSDP2 run turns accelerate's ``MULTI_CPU`` state into
+``FSDP`` (``--cpu-fsdp-shim``); ``TrainingArguments(deepspeed=...)`` gets no backend on a machine without an
+accelerator, so that run builds accelerate's DeepSpeed state over gloo first and lets the arguments reuse it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,82 +174,133 @@ def test_fsdp2_cpu_gradients_match_single_process(module_results):
             assert _rel(fsdp[mode][name], single[name]) < 1e-5, (mode, name)
 
 
-# ------------------------------------------------------------------------------ trainer level: accelerate + DDP
-def _trainer_run(world: int, out_path: str, fsdp: bool = False) -> None:
-    from datasets import Dataset
-
-    from fastpref.integrations.trl import FastPrefDPOConfig, FastPrefDPOTrainer
-    from fastpref.testing.toy import toy_llama, toy_preference_records, toy_tokenizer
-
-    tok = toy_tokenizer()
-    data = Dataset.from_list(toy_preference_records(16, seed=0))
-    dist_kw: dict = {}
-    if fsdp and world > 1:
-        dist_kw = dict(fsdp="full_shard auto_wrap", gradient_checkpointing=False,
-                       fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
-    elif world > 1:
-        dist_kw = dict(ddp_backend="gloo")
-    cfg = FastPrefDPOConfig(
-        output_dir=os.path.join(os.path.dirname(out_path), "out"), max_steps=2, logging_steps=1, report_to=[],
-        learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", save_strategy="no", use_cpu=not fsdp,
-        bf16=False, seed=0, data_seed=0, per_device_train_batch_size=4 // world, use_fastpref=True, **dist_kw)
-    trainer = FastPrefDPOTrainer(toy_llama(tok, hidden_size=32, num_layers=2),
-                                 ref_model=toy_llama(tok, hidden_size=32, num_layers=2), args=cfg,
-                                 train_dataset=data, processing_class=tok)
-    trainer.train()
-    if trainer.accelerator.is_main_process:
-        torch.save({"world": trainer.args.world_size, "wrapped": type(trainer.model_wrapped).__name__,
-                    "fsdp": trainer.is_fsdp_enabled, "logs": [h for h in trainer.state.log_history if "loss" in h],
-                    # Under FSDP the parameters are shards (DTensors): compare the logged values only there.
-                    "params": {} if fsdp else {n: p.detach() for n, p in trainer.model.named_parameters()}},
-                   out_path)
+# ------------------------------------------------------------- trainer level: the launch paths users take
+RUNNER = Path(__file__).with_name("dist_train.py")
+CONFIGS = Path(__file__).with_name("dist_configs")
+# Every value is fp32 arithmetic summed in another order: a few ulps of the log-probs (|logps| ~ 30 here, so
+# ~4e-6) scaled by beta, and relative ulps of the rest.
+TOL = dict(rel=1e-5, abs=1e-5)
 
 
-def _trainer_worker(rank: int, port: int, out_path: str, fsdp: bool = False) -> None:
-    import torch.distributed as dist
-
-    _env(rank, port)
-    if fsdp:
-        torch.cuda.set_device(rank)
-    _trainer_run(WORLD, out_path, fsdp)
-    if dist.is_initialized():  # a clean teardown (see _module_worker)
-        dist.barrier()
-    _exit_worker()
-
-
-def test_ddp_gloo_trainer_matches_single_process(tmp_path):
-    pytest.importorskip("trl")
-    _spawn(_trainer_worker, (_free_port(), str(tmp_path / "two.pt")))
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _launch(commands: list[list[str]], out: Path, timeout: float = 240.0) -> dict:
+    """Run the launcher processes (one per node) at once; fail with their output unless all exit 0; the JSON
+    that rank 0 wrote."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_SKIP_SHM="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(RUNNER.parent.parent), os.environ.get("PYTHONPATH")])))
+    env.pop("FASTPREF_TRITON36", None)
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in commands]
+    outputs = []
     try:
-        _trainer_run(1, str(tmp_path / "one.pt"))
-    finally:
-        torch.set_num_threads(n_threads)
-    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
-    assert two["world"] == 2 and two["wrapped"] == "DistributedDataParallel"
-    for name, p in one["params"].items():
-        assert _rel(two["params"][name], p) < 1e-5, name
-    for g, w in zip(two["logs"], one["logs"]):
-        for key in ("loss", "grad_norm", "entropy", "num_tokens", "logits/chosen", "mean_token_accuracy",
-                    "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected"):
-            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"launch did not finish within {timeout} s: {commands}")
+    for cmd, proc, text in zip(commands, procs, outputs):
+        assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{text[-6000:]}"
+    return json.loads(out.read_text())
 
 
-@pytest.mark.gpu
-def test_fsdp2_trainer_matches_single_process(tmp_path):
-    """Trainer + FSDP through accelerate. On the CPU accelerate 1.15 does not apply its FSDP plugin (it only does
-    for accelerator device types), so the run would silently be DDP: this needs 2 GPUs (NCCL: one rank each)."""
-    if torch.cuda.device_count() < WORLD:
-        pytest.skip("accelerate 1.15's AcceleratorState enables the FSDP plugin only for MULTI_GPU / MULTI_XPU / "
-                    "... distributed types; with use_cpu=True and fsdp='full_shard' the Trainer runs DDP instead "
-                    "(observed: model_wrapped=DistributedDataParallel, is_fsdp_enabled=False). FSDP2 itself runs on "
-                    "the CPU: see test_fsdp2_cpu_gradients_match_single_process. Needs >= 2 CUDA devices.")
+def _run(tmp: Path, name: str, launcher: list[str], *args: str) -> dict:
+    out = tmp / f"{name}.json"
+    return _launch([[sys.executable, *launcher, str(RUNNER), "--out", str(out), *args]], out)
+
+
+def _torchrun(nproc: int = WORLD) -> list[str]:
+    return ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port())]
+
+
+def _accelerate(config: str) -> list[str]:
+    return ["-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config), "--main_process_port",
+            str(_free_port())]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One-process runs, launched once per module and on demand: stock TRL, and each fused trainer."""
+    tmp = tmp_path_factory.mktemp("dist-single")
+    cache: dict[str, dict] = {}
+
+    def get(trainer: str) -> dict:
+        if trainer not in cache:
+            cache[trainer] = _run(tmp, trainer, [], "--trainer", trainer)
+        return cache[trainer]
+
+    return get
+
+
+def _assert_same_logs(got: dict, want: dict, what: str) -> None:
+    """Every logged metric of every step equal to fp32 rounding (the same steps and the same metric names)."""
+    assert len(got["logs"]) == len(want["logs"]) == 3, what
+    for step, (g, w) in enumerate(zip(got["logs"], want["logs"]), 1):
+        assert g.keys() == w.keys(), (what, step, sorted(g.keys() ^ w.keys()))
+        for key in w:
+            assert g[key] == pytest.approx(w[key], **TOL), (what, step, key, g[key], w[key])
+
+
+def _check(run: dict, single, trainer: str = "trl", wrapped: str = "", distributed_type: str = "") -> None:
+    assert run["world"] == WORLD, run["world"]
+    assert run["wrapped"].startswith(wrapped), run["wrapped"]
+    assert run["distributed_type"] == f"DistributedType.{distributed_type}", run["distributed_type"]
+    _assert_same_logs(run, single("trl-stock"), f"{trainer} on {WORLD} processes vs stock TRL on one")
+    _assert_same_logs(run, single(trainer), f"{trainer} on {WORLD} processes vs {trainer} on one")
+
+
+@pytest.mark.slow
+def test_ddp_torchrun_trainer_matches_stock_trl_and_single_process(tmp_path, single):
     pytest.importorskip("trl")
-    _spawn(_trainer_worker, (_free_port(), str(tmp_path / "two.pt"), True))
-    _trainer_run(1, str(tmp_path / "one.pt"))
-    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
-    assert two["fsdp"]
-    for g, w in zip(two["logs"], one["logs"]):
-        for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
-            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), key
+    _check(_run(tmp_path, "ddp", _torchrun()), single, wrapped="DistributedDataParallel",
+           distributed_type="MULTI_CPU")
+
+
+@pytest.mark.slow
+def test_two_node_torchrun_trainer_matches_stock_trl_and_single_process(tmp_path, single):
+    """``--nnodes 2``: two launchers on 127.0.0.1, one process each (rank 1 on "node" 1)."""
+    pytest.importorskip("trl")
+    out = tmp_path / "two-node.json"
+    port = str(_free_port())
+    commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                 "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port, str(RUNNER),
+                 "--out", str(out)] for node in range(2)]
+    _check(_launch(commands, out), single, wrapped="DistributedDataParallel", distributed_type="MULTI_CPU")
+
+
+@pytest.mark.slow
+def test_fsdp2_accelerate_launch_trainer_matches_stock_trl_and_single_process(tmp_path, single):
+    pytest.importorskip("trl")
+    run = _run(tmp_path, "fsdp2", _accelerate("fsdp2.yaml"), "--cpu-fsdp-shim")
+    _check(run, single, wrapped="FSDP", distributed_type="FSDP")
+    assert run["ref"].startswith("FSDP"), run["ref"]  # the reference sharded too
+
+
+@pytest.mark.slow
+def test_zero3_trainer_args_deepspeed_matches_stock_trl_and_single_process(tmp_path, single):
+    """``TrainingArguments(deepspeed="zero3.json")`` under ``torchrun``: the plain DeepSpeed engine. Before the
+    fix the first backward failed in DeepSpeed's engine (``The size of tensor a (0) must match ...``): the
+    trainer returned the fused result's loss instead of the model output's, whose backward re-gathers the head."""
+    pytest.importorskip("trl")
+    pytest.importorskip("deepspeed")
+    run = _run(tmp_path, "zero3", _torchrun(), "--deepspeed", str(CONFIGS / "zero3.json"))
+    _check(run, single, wrapped="DeepSpeedEngine", distributed_type="DEEPSPEED")
+    assert run["ref"] == "DeepSpeedEngine", run["ref"]  # the fused reference under ZeRO-3
+
+
+@pytest.mark.slow
+def test_zero3_accelerate_launch_trainer_matches_stock_trl_and_single_process(tmp_path, single):
+    pytest.importorskip("trl")
+    pytest.importorskip("deepspeed")
+    run = _run(tmp_path, "zero3-accelerate", _accelerate("zero3.yaml"))
+    _check(run, single, wrapped="DeepSpeedEngine", distributed_type="DEEPSPEED")
+    assert run["ref"] == "DeepSpeedEngine", run["ref"]
+
+
+@pytest.mark.slow
+def test_zero3_accelerate_launch_hf_trainer_matches_stock_trl_and_single_process(tmp_path, single):
+    """``FastPrefTrainer`` (transformers ``Trainer``) under ZeRO-3, its reference a ZeRO-3 engine as TRL's."""
+    pytest.importorskip("deepspeed")
+    run = _run(tmp_path, "zero3-hf", _accelerate("zero3.yaml"), "--trainer", "hf")
+    _check(run, single, trainer="hf", wrapped="DeepSpeedEngine", distributed_type="DEEPSPEED")
+    assert run["ref"] == "DeepSpeedEngine", run["ref"]
