@@ -1,19 +1,25 @@
-"""Three DPO steps on a tiny Llama, as a user launches them: the worker of tests/test_integrations_distributed.py.
+"""Three DPO steps on a tiny Llama, as users launch them: the worker of tests/test_integrations_distributed.py.
 
-    python tests/dist_train.py --out logs.json [--trainer trl|trl-stock|hf|hf-stock] [--deepspeed zero3.json]
-    torchrun --nproc_per_node 2 tests/dist_train.py --out logs.json              # DDP (gloo)
-    accelerate launch --config_file fsdp2.yaml tests/dist_train.py --out logs.json --cpu-fsdp-shim
-    accelerate launch --config_file zero3.yaml tests/dist_train.py --out logs.json
+    python tests/dist_train.py --out logs.json [--trainer trl|trl-stock|hf|hf-stock]       # one process
+    torchrun --nproc_per_node 2 tests/dist_train.py --out logs.json                          # DDP (gloo)
+    torchrun --nproc_per_node 2 tests/dist_train.py --out logs.json --deepspeed tests/dist_configs/zero3.json
+    accelerate launch --config_file tests/dist_configs/zero3.yaml tests/dist_train.py --out logs.json
+    accelerate launch --config_file tests/dist_configs/fsdp2.yaml tests/dist_train.py --out logs.json --cpu-fsdp-shim
 
-Rank 0 writes the logged metrics of every step (and how the run was wrapped) to ``--out`` as JSON. The global
-batch is 4 pairs whatever the number of processes, so every launch sees the same data in the same order.
+Rank 0 writes the logged metrics of every step (and how the policy and the reference were wrapped) to ``--out``
+as JSON. The global batch is 4 pairs whatever the number of processes, so every launch sees the same data in the
+same order. ``--trainer``: ``FastPrefDPOTrainer`` with the flag on (``trl``) or off (``trl-stock``: trl's own
+``DPOTrainer``), ``FastPrefTrainer`` with the flag on (``hf``) or off (``hf-stock``).
 
 CPU-only shims (a GPU run needs neither):
 - ``--cpu-fsdp-shim``: accelerate 1.16 applies its FSDP plugin only for accelerator device types; on the CPU
   (``MULTI_CPU``) it silently runs DDP. The shim turns a ``MULTI_CPU`` state built with an FSDP plugin into an
   ``FSDP`` one, so ``accelerate launch`` with an FSDP2 config shards the model over gloo.
-- ``--deepspeed CONFIG``: ``TrainingArguments(deepspeed=...)`` on a machine without an accelerator needs the gloo
-  process group created before the arguments are (DeepSpeed's CPU accelerator would pick oneCCL otherwise).
+- ``--deepspeed CONFIG`` (``TrainingArguments(deepspeed=...)``): transformers passes accelerate no backend on that
+  path, and without an accelerator accelerate then finds none and runs one process; the script first builds
+  accelerate's DeepSpeed state over gloo and the arguments reuse it (``use_configured_state``).
+- every multi-process run sets ``ddp_backend="gloo"`` (under ``accelerate launch`` with a ZeRO-3 config that is
+  what gives accelerate a backend on the CPU).
 """
 
 from __future__ import annotations
@@ -85,7 +91,7 @@ def main() -> None:
                   use_fastpref=not opts.trainer.endswith("-stock"), deepspeed=opts.deepspeed,
                   accelerator_config={"use_configured_state": True} if opts.deepspeed else None)
     if world > 1:
-        # gloo: the CPU's backend (DeepSpeed's CPU accelerator would pick oneCCL when installed)
+        # gloo: without it accelerate finds no backend for DeepSpeed on the CPU (and DDP would pick none)
         common.update(ddp_backend="gloo", use_cpu=os.environ.get("ACCELERATE_USE_DEEPSPEED") is None)
     model = toy_llama(tok, hidden_size=32, num_layers=2)
     ref_model = None if opts.no_ref_model else toy_llama(tok, hidden_size=32, num_layers=2)

@@ -185,9 +185,7 @@ TOL = dict(rel=1e-5, abs=1e-5)
 def _launch(commands: list[list[str]], out: Path, timeout: float = 240.0) -> dict:
     """Run the launcher processes (one per node) at once; fail with their output unless all exit 0; the JSON
     that rank 0 wrote."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_SKIP_SHM="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(RUNNER.parent.parent), os.environ.get("PYTHONPATH")])))
-    env.pop("FASTPREF_TRITON36", None)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_SKIP_SHM="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for cmd in commands]
     outputs = []
