@@ -19,7 +19,8 @@ CPU-only shims (a GPU run needs neither):
   path, and without an accelerator accelerate then finds none and runs one process; the script first builds
   accelerate's DeepSpeed state over gloo and the arguments reuse it (``use_configured_state``).
 - every multi-process run sets ``ddp_backend="gloo"`` (under ``accelerate launch`` with a ZeRO-3 config that is
-  what gives accelerate a backend on the CPU).
+  what gives accelerate a backend on the CPU); DeepSpeed runs skip its shared-memory collectives
+  (``skip_deepspeed_shm``: they would be compiled first).
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def cpu_fsdp_shim() -> None:
     AcceleratorState.__init__ = __init__
 
 
+def skip_deepspeed_shm() -> None:
+    """Gloo only: deepspeed 0.19 JIT-compiles its shared-memory CPU collectives (C++, once per machine, about four
+    minutes of a CI run on 2 busy cores) when it starts its communication backend, unless that op is marked
+    incompatible in ``deepspeed.ops.__compatible_ops__`` (the dict it consults; edits to it persist)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def cpu_deepspeed_shim() -> None:
     """Build the distributed state ``TrainingArguments(deepspeed=...)`` then reuses: DeepSpeed over gloo.
     transformers passes no backend to accelerate on that path, and on a machine without an accelerator accelerate
@@ -75,6 +85,8 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if opts.cpu_fsdp_shim:
         cpu_fsdp_shim()
+    if opts.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        skip_deepspeed_shm()
     if opts.deepspeed:
         cpu_deepspeed_shim()
 

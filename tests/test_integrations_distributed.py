@@ -66,7 +66,7 @@ def _exit_worker() -> None:
 
 def _env(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
 
 
@@ -132,6 +132,7 @@ def _module_worker(rank: int, port: int, out_dir: str) -> None:
             results[mode] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "fsdp.pt"))
+        _zero3_module_grads(rank, shard, ref_shard, out_dir)
         # Every rank done with every collective before teardown: a peer that leaves while gloo still has work
         # in flight aborts the other ("terminate called without an active exception").
         dist.barrier()
@@ -139,6 +140,29 @@ def _module_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
         raise
     _exit_worker()
+
+
+def _zero3_module_grads(rank: int, shard: dict, ref_shard: torch.Tensor, out_dir: str) -> None:
+    """A plain DeepSpeed ZeRO-3 engine around the patched model: ``engine.backward(engine(...).loss)``, then the
+    full gradients (an all-gather of each parameter's partitions: every rank calls it)."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        if rank == 0:
+            torch.save({"error": repr(e)}, os.path.join(out_dir, "zero3.pt"))
+        return
+    from dist_train import skip_deepspeed_shm
+
+    skip_deepspeed_shm()
+    model, loss_fn, _, _ = _module_case()
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+              "zero_allow_untested_optimizer": True}
+    engine = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                  config=config)[0]
+    engine.backward(_loss(engine, loss_fn, shard, ref_shard))
+    grads = {n: deepspeed.utils.safe_get_full_grad(p) for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save(grads, os.path.join(out_dir, "zero3.pt"))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -153,18 +177,18 @@ def module_results(tmp_path_factory):
     model, loss_fn, batch, ref = _module_case()
     _loss(model, loss_fn, batch, ref).backward()
     single = {n: p.grad for n, p in model.named_parameters()}
-    return single, torch.load(out / "ddp.pt"), torch.load(out / "fsdp.pt")
+    return single, torch.load(out / "ddp.pt"), torch.load(out / "fsdp.pt"), torch.load(out / "zero3.pt")
 
 
 def test_ddp_gloo_gradients_match_single_process(module_results):
-    single, ddp, _ = module_results
+    single, ddp, _, _ = module_results
     assert single.keys() == ddp.keys()
     for name in single:
         assert _rel(ddp[name], single[name]) < 1e-5, name
 
 
 def test_fsdp2_cpu_gradients_match_single_process(module_results):
-    single, _, fsdp = module_results
+    single, _, fsdp, _ = module_results
     if "error" in fsdp:
         pytest.skip(f"FSDP2 (fully_shard) cannot run on the CPU with this torch {torch.__version__}: "
                     f"{fsdp['error']} (covered by the GPU suite)")
@@ -172,6 +196,17 @@ def test_fsdp2_cpu_gradients_match_single_process(module_results):
         assert single.keys() == fsdp[mode].keys()
         for name in single:
             assert _rel(fsdp[mode][name], single[name]) < 1e-5, (mode, name)
+
+
+def test_zero3_engine_gradients_match_single_process(module_results):
+    """The fused loss inside a plain ZeRO-3 engine's forward: the head, partitioned to numel 0 outside its own
+    module's forward, is gathered around the kernel and its gradient lands in its partitions."""
+    single, _, _, zero3 = module_results
+    if "error" in zero3:
+        pytest.skip(f"deepspeed is not installed (pip install 'fastpref[distributed]'): {zero3['error']}")
+    assert single.keys() == zero3.keys()
+    for name in single:
+        assert _rel(zero3[name].reshape(single[name].shape), single[name]) < 1e-5, name
 
 
 # ------------------------------------------------------------- trainer level: the launch paths users take
@@ -185,7 +220,7 @@ TOL = dict(rel=1e-5, abs=1e-5)
 def _launch(commands: list[list[str]], out: Path, timeout: float = 240.0) -> dict:
     """Run the launcher processes (one per node) at once; fail with their output unless all exit 0; the JSON
     that rank 0 wrote."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_SKIP_SHM="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for cmd in commands]
     outputs = []
