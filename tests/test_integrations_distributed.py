@@ -170,10 +170,26 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
+def _once(tmp_path_factory, name: str, make) -> Path:
+    """The folder ``name`` that ``make(folder)`` fills once per session, shared by pytest-xdist's workers (each
+    would otherwise run every module fixture of its own: the launches here are the slow part of CI)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / name
+    with FileLock(str(path) + ".lock"):  # a worker that needs it meanwhile waits instead of launching it again
+        if not (path / "done").exists():
+            path.mkdir(exist_ok=True)
+            make(path)
+            (path / "done").touch()
+    return path
+
+
 @pytest.fixture(scope="module")
 def module_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist-module")
-    _spawn(_module_worker, (_free_port(), str(out)))
+    out = _once(tmp_path_factory, "dist-module", lambda d: _spawn(_module_worker, (_free_port(), str(d))))
     model, loss_fn, batch, ref = _module_case()
     _loss(model, loss_fn, batch, ref).backward()
     single = {n: p.grad for n, p in model.named_parameters()}
@@ -253,13 +269,14 @@ def _accelerate(config: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    """One-process runs, launched once per module and on demand: stock TRL, and each fused trainer."""
-    tmp = tmp_path_factory.mktemp("dist-single")
+    """One-process runs, launched once per session and on demand: stock TRL, and each fused trainer."""
     cache: dict[str, dict] = {}
 
     def get(trainer: str) -> dict:
         if trainer not in cache:
-            cache[trainer] = _run(tmp, trainer, [], "--trainer", trainer)
+            folder = _once(tmp_path_factory, f"dist-single-{trainer}",
+                           lambda d: _run(d, trainer, [], "--trainer", trainer))
+            cache[trainer] = json.loads((folder / f"{trainer}.json").read_text())
         return cache[trainer]
 
     return get
