@@ -74,6 +74,8 @@ class FusedHeadOutput(ModelOutput):
     Args:
         loss: with ``preference_loss``, the preference loss; with ``return_logps``, the mean negative
             log-likelihood of the scored tokens (divided by ``num_items_in_batch`` when given), as HF's loss.
+            Backpropagate this tensor, not ``preference.loss`` (the same value): DeepSpeed ZeRO-3 replaces the
+            output's tensors by ones whose backward first re-gathers the partitioned head.
         token_logps: ``[B, T-1]`` (``[B, T]`` with ``shift_labels``) fp32; entry t = log p(label of t + 1 | ≤ t),
             0 where that label is -100. Only with ``return_logps=True``.
         sequence_logps: ``[B]`` sums of ``token_logps`` per row, or ``[num_seqs]`` per packed sequence.
