@@ -2,8 +2,8 @@
 and with stock TRL.
 
 - module level (workers spawned with ``torch.multiprocessing``): the fused preference forward under
-  ``DistributedDataParallel`` and under FSDP2 (``fully_shard``, fast and lean modes), each rank holding half of
-  the pairs, gives the gradients of one process on the whole batch;
+  ``DistributedDataParallel``, under FSDP2 (``fully_shard``, fast and lean modes) and inside a plain DeepSpeed
+  ZeRO-3 engine, each rank holding half of the pairs, gives the gradients of one process on the whole batch;
 - trainer level, launched as users launch them (``tests/dist_train.py``, configs in ``tests/dist_configs/``):
   ``FastPrefDPOTrainer(use_fastpref=True)`` trains three steps under DDP (``torchrun``), DDP over a two-node
   ``torchrun`` on 127.0.0.1, FSDP2 (``accelerate launch`` with an FSDP2 config), DeepSpeed ZeRO-3
