@@ -225,6 +225,23 @@ def test_zero3_engine_gradients_match_single_process(module_results):
         assert _rel(zero3[name].reshape(single[name].shape), single[name]) < 1e-5, name
 
 
+def test_plain_local_vocabulary_shard_is_refused():
+    """A head holding half of the vocabulary as a plain tensor (a shard without its process group) once gave a
+    silently wrong loss, its log-softmax over the local rows only: it is refused, naming the rows and vocab."""
+    model, loss_fn, batch, ref = _module_case()
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        local = torch.nn.Linear(model.config.hidden_size, vocab // 2, bias=False)
+        local.weight.copy_(model.lm_head.weight[: vocab // 2])
+    model.lm_head = local
+    # every target inside the local rows: the case that was silently wrong (out-of-range ids raised already)
+    batch = dict(batch, labels=batch["labels"].masked_fill(batch["labels"] >= vocab // 2, -100))
+    with pytest.raises(ValueError, match=rf"lm_head.weight: {vocab // 2} rows.*vocab_size {vocab}"):
+        _loss(model, loss_fn, batch, ref)
+    with pytest.raises(ValueError, match="vocabulary shard"):
+        model(input_ids=batch["input_ids"], labels=batch["labels"], return_logps=True)
+
+
 # ------------------------------------------------------------- trainer level: the launch paths users take
 RUNNER = Path(__file__).with_name("dist_train.py")
 CONFIGS = Path(__file__).with_name("dist_configs")
