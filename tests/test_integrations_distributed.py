@@ -1,18 +1,31 @@
-"""Distributed training on the CPU (gloo): 2 processes give the same gradients as one.
+"""Distributed training on the CPU (gloo, 2 processes of 1 thread each): every engine agrees with one process
+and with stock TRL.
 
-- the fused preference forward under ``DistributedDataParallel`` and under FSDP2 (``fully_shard``), each rank
-  holding half of the pairs, against one process on the whole batch;
-- ``FastPrefDPOTrainer`` (flag on) launched as 2 processes through accelerate, against 1 process with the same
-  global batch: same parameters after SGD steps, same logged metrics (gathered exactly across ranks).
+- module level (workers spawned with ``torch.multiprocessing``): the fused preference forward under
+  ``DistributedDataParallel``, under FSDP2 (``fully_shard``, fast and lean modes) and inside a plain DeepSpeed
+  ZeRO-3 engine, each rank holding half of the pairs, gives the gradients of one process on the whole batch;
+- trainer level, launched as users launch them (``tests/dist_train.py``, configs in ``tests/dist_configs/``):
+  ``FastPrefDPOTrainer(use_fastpref=True)`` trains three steps under DDP (``torchrun``), DDP over a two-node
+  ``torchrun`` on 127.0.0.1, FSDP2 (``accelerate launch`` with an FSDP2 config), DeepSpeed ZeRO-3
+  (``TrainingArguments(deepspeed=...)`` under ``torchrun``, and ``accelerate launch`` with a ZeRO-3 config; the
+  reference model a ZeRO-3 engine too), and ``FastPrefTrainer`` under ZeRO-3; every logged metric of every step
+  equals, to fp32 rounding, stock trl 1.16 ``DPOTrainer`` in one process and the fused trainer in one process.
 
-Workers are spawned with ``torch.multiprocessing`` (2 processes, 1 thread each).
+CPU-only shims (documented in tests/dist_train.py and the README's "Many GPUs"): accelerate 1.16 applies its
+FSDP plugin only on accelerator device types, so the FSDP2 run turns accelerate's ``MULTI_CPU`` state into
+``FSDP`` (``--cpu-fsdp-shim``); ``TrainingArguments(deepspeed=...)`` gets no backend on a machine without an
+accelerator, so that run builds accelerate's DeepSpeed state over gloo first and lets the arguments reuse it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,7 +66,7 @@ def _exit_worker() -> None:
 
 def _env(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
 
 
@@ -119,6 +132,7 @@ def _module_worker(rank: int, port: int, out_dir: str) -> None:
             results[mode] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "fsdp.pt"))
+        _zero3_module_grads(rank, shard, ref_shard, out_dir)
         # Every rank done with every collective before teardown: a peer that leaves while gloo still has work
         # in flight aborts the other ("terminate called without an active exception").
         dist.barrier()
@@ -128,30 +142,69 @@ def _module_worker(rank: int, port: int, out_dir: str) -> None:
     _exit_worker()
 
 
+def _zero3_module_grads(rank: int, shard: dict, ref_shard: torch.Tensor, out_dir: str) -> None:
+    """A plain DeepSpeed ZeRO-3 engine around the patched model: ``engine.backward(engine(...).loss)``, then the
+    full gradients (an all-gather of each parameter's partitions: every rank calls it)."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        if rank == 0:
+            torch.save({"error": repr(e)}, os.path.join(out_dir, "zero3.pt"))
+        return
+    from dist_train import skip_deepspeed_shm
+
+    skip_deepspeed_shm()
+    model, loss_fn, _, _ = _module_case()
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+              "zero_allow_untested_optimizer": True}
+    engine = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                  config=config)[0]
+    engine.backward(_loss(engine, loss_fn, shard, ref_shard))
+    grads = {n: deepspeed.utils.safe_get_full_grad(p) for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save(grads, os.path.join(out_dir, "zero3.pt"))
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
+def _once(tmp_path_factory, name: str, make) -> Path:
+    """The folder ``name`` that ``make(folder)`` fills once per session, shared by pytest-xdist's workers (each
+    would otherwise run every module fixture of its own: the launches here are the slow part of CI)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / name
+    with FileLock(str(path) + ".lock"):  # a worker that needs it meanwhile waits instead of launching it again
+        if not (path / "done").exists():
+            path.mkdir(exist_ok=True)
+            make(path)
+            (path / "done").touch()
+    return path
+
+
 @pytest.fixture(scope="module")
 def module_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist-module")
-    _spawn(_module_worker, (_free_port(), str(out)))
+    out = _once(tmp_path_factory, "dist-module", lambda d: _spawn(_module_worker, (_free_port(), str(d))))
     model, loss_fn, batch, ref = _module_case()
     _loss(model, loss_fn, batch, ref).backward()
     single = {n: p.grad for n, p in model.named_parameters()}
-    return single, torch.load(out / "ddp.pt"), torch.load(out / "fsdp.pt")
+    return single, torch.load(out / "ddp.pt"), torch.load(out / "fsdp.pt"), torch.load(out / "zero3.pt")
 
 
 def test_ddp_gloo_gradients_match_single_process(module_results):
-    single, ddp, _ = module_results
+    single, ddp, _, _ = module_results
     assert single.keys() == ddp.keys()
     for name in single:
         assert _rel(ddp[name], single[name]) < 1e-5, name
 
 
 def test_fsdp2_cpu_gradients_match_single_process(module_results):
-    single, _, fsdp = module_results
+    single, _, fsdp, _ = module_results
     if "error" in fsdp:
         pytest.skip(f"FSDP2 (fully_shard) cannot run on the CPU with this torch {torch.__version__}: "
                     f"{fsdp['error']} (covered by the GPU suite)")
@@ -161,82 +214,160 @@ def test_fsdp2_cpu_gradients_match_single_process(module_results):
             assert _rel(fsdp[mode][name], single[name]) < 1e-5, (mode, name)
 
 
-# ------------------------------------------------------------------------------ trainer level: accelerate + DDP
-def _trainer_run(world: int, out_path: str, fsdp: bool = False) -> None:
-    from datasets import Dataset
-
-    from fastpref.integrations.trl import FastPrefDPOConfig, FastPrefDPOTrainer
-    from fastpref.testing.toy import toy_llama, toy_preference_records, toy_tokenizer
-
-    tok = toy_tokenizer()
-    data = Dataset.from_list(toy_preference_records(16, seed=0))
-    dist_kw: dict = {}
-    if fsdp and world > 1:
-        dist_kw = dict(fsdp="full_shard auto_wrap", gradient_checkpointing=False,
-                       fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
-    elif world > 1:
-        dist_kw = dict(ddp_backend="gloo")
-    cfg = FastPrefDPOConfig(
-        output_dir=os.path.join(os.path.dirname(out_path), "out"), max_steps=2, logging_steps=1, report_to=[],
-        learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", save_strategy="no", use_cpu=not fsdp,
-        bf16=False, seed=0, data_seed=0, per_device_train_batch_size=4 // world, use_fastpref=True, **dist_kw)
-    trainer = FastPrefDPOTrainer(toy_llama(tok, hidden_size=32, num_layers=2),
-                                 ref_model=toy_llama(tok, hidden_size=32, num_layers=2), args=cfg,
-                                 train_dataset=data, processing_class=tok)
-    trainer.train()
-    if trainer.accelerator.is_main_process:
-        torch.save({"world": trainer.args.world_size, "wrapped": type(trainer.model_wrapped).__name__,
-                    "fsdp": trainer.is_fsdp_enabled, "logs": [h for h in trainer.state.log_history if "loss" in h],
-                    # Under FSDP the parameters are shards (DTensors): compare the logged values only there.
-                    "params": {} if fsdp else {n: p.detach() for n, p in trainer.model.named_parameters()}},
-                   out_path)
+def test_zero3_engine_gradients_match_single_process(module_results):
+    """The fused loss inside a plain ZeRO-3 engine's forward: the head, partitioned to numel 0 outside its own
+    module's forward, is gathered around the kernel and its gradient lands in its partitions."""
+    single, _, _, zero3 = module_results
+    if "error" in zero3:
+        pytest.skip(f"deepspeed is not installed (pip install 'fastpref[distributed]'): {zero3['error']}")
+    assert single.keys() == zero3.keys()
+    for name in single:
+        assert _rel(zero3[name].reshape(single[name].shape), single[name]) < 1e-5, name
 
 
-def _trainer_worker(rank: int, port: int, out_path: str, fsdp: bool = False) -> None:
-    import torch.distributed as dist
+def test_plain_local_vocabulary_shard_is_refused():
+    """A head holding half of the vocabulary as a plain tensor (a shard without its process group) once gave a
+    silently wrong loss, its log-softmax over the local rows only: it is refused, naming the rows and vocab."""
+    model, loss_fn, batch, ref = _module_case()
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        local = torch.nn.Linear(model.config.hidden_size, vocab // 2, bias=False)
+        local.weight.copy_(model.lm_head.weight[: vocab // 2])
+    model.lm_head = local
+    # every target inside the local rows: the case that was silently wrong (out-of-range ids raised already)
+    batch = dict(batch, labels=batch["labels"].masked_fill(batch["labels"] >= vocab // 2, -100))
+    with pytest.raises(ValueError, match=rf"lm_head.weight: {vocab // 2} rows.*vocab_size {vocab}"):
+        _loss(model, loss_fn, batch, ref)
+    with pytest.raises(ValueError, match="vocabulary shard"):
+        model(input_ids=batch["input_ids"], labels=batch["labels"], return_logps=True)
 
-    _env(rank, port)
-    if fsdp:
-        torch.cuda.set_device(rank)
-    _trainer_run(WORLD, out_path, fsdp)
-    if dist.is_initialized():  # a clean teardown (see _module_worker)
-        dist.barrier()
-    _exit_worker()
+
+# ------------------------------------------------------------- trainer level: the launch paths users take
+RUNNER = Path(__file__).with_name("dist_train.py")
+CONFIGS = Path(__file__).with_name("dist_configs")
+# Every value is fp32 arithmetic summed in another order: a few ulps of the log-probs (|logps| ~ 30 here, so
+# ~4e-6) scaled by beta, and relative ulps of the rest.
+TOL = dict(rel=1e-5, abs=1e-5)
 
 
-def test_ddp_gloo_trainer_matches_single_process(tmp_path):
-    pytest.importorskip("trl")
-    _spawn(_trainer_worker, (_free_port(), str(tmp_path / "two.pt")))
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _launch(commands: list[list[str]], out: Path, timeout: float = 240.0) -> dict:
+    """Run the launcher processes (one per node) at once; fail with their output unless all exit 0; the JSON
+    that rank 0 wrote."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in commands]
+    outputs = []
     try:
-        _trainer_run(1, str(tmp_path / "one.pt"))
-    finally:
-        torch.set_num_threads(n_threads)
-    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
-    assert two["world"] == 2 and two["wrapped"] == "DistributedDataParallel"
-    for name, p in one["params"].items():
-        assert _rel(two["params"][name], p) < 1e-5, name
-    for g, w in zip(two["logs"], one["logs"]):
-        for key in ("loss", "grad_norm", "entropy", "num_tokens", "logits/chosen", "mean_token_accuracy",
-                    "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected"):
-            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"launch did not finish within {timeout} s: {commands}")
+    for cmd, proc, text in zip(commands, procs, outputs):
+        assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{text[-6000:]}"
+    return json.loads(out.read_text())
 
 
-@pytest.mark.gpu
-def test_fsdp2_trainer_matches_single_process(tmp_path):
-    """Trainer + FSDP through accelerate. On the CPU accelerate 1.15 does not apply its FSDP plugin (it only does
-    for accelerator device types), so the run would silently be DDP: this needs 2 GPUs (NCCL: one rank each)."""
-    if torch.cuda.device_count() < WORLD:
-        pytest.skip("accelerate 1.15's AcceleratorState enables the FSDP plugin only for MULTI_GPU / MULTI_XPU / "
-                    "... distributed types; with use_cpu=True and fsdp='full_shard' the Trainer runs DDP instead "
-                    "(observed: model_wrapped=DistributedDataParallel, is_fsdp_enabled=False). FSDP2 itself runs on "
-                    "the CPU: see test_fsdp2_cpu_gradients_match_single_process. Needs >= 2 CUDA devices.")
+def _run(tmp: Path, name: str, launcher: list[str], *args: str) -> dict:
+    out = tmp / f"{name}.json"
+    return _launch([[sys.executable, *launcher, str(RUNNER), "--out", str(out), *args]], out)
+
+
+def _torchrun(nproc: int = WORLD) -> list[str]:
+    return ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port())]
+
+
+def _accelerate(config: str) -> list[str]:
+    return ["-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config), "--main_process_port",
+            str(_free_port())]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One-process runs, launched once per session and on demand: stock TRL, and each fused trainer."""
+    cache: dict[str, dict] = {}
+
+    def get(trainer: str) -> dict:
+        if trainer not in cache:
+            folder = _once(tmp_path_factory, f"dist-single-{trainer}",
+                           lambda d: _run(d, trainer, [], "--trainer", trainer))
+            cache[trainer] = json.loads((folder / f"{trainer}.json").read_text())
+        return cache[trainer]
+
+    return get
+
+
+def _assert_same_logs(got: dict, want: dict, what: str) -> None:
+    """Every logged metric of every step equal to fp32 rounding (the same steps and the same metric names)."""
+    assert len(got["logs"]) == len(want["logs"]) == 3, what
+    for step, (g, w) in enumerate(zip(got["logs"], want["logs"]), 1):
+        assert g.keys() == w.keys(), (what, step, sorted(g.keys() ^ w.keys()))
+        for key in w:
+            assert g[key] == pytest.approx(w[key], **TOL), (what, step, key, g[key], w[key])
+
+
+def _check(run: dict, single, trainer: str = "trl", wrapped: str = "", distributed_type: str = "") -> None:
+    assert run["world"] == WORLD, run["world"]
+    assert run["wrapped"].startswith(wrapped), run["wrapped"]
+    assert run["distributed_type"] == f"DistributedType.{distributed_type}", run["distributed_type"]
+    _assert_same_logs(run, single("trl-stock"), f"{trainer} on {WORLD} processes vs stock TRL on one")
+    _assert_same_logs(run, single(trainer), f"{trainer} on {WORLD} processes vs {trainer} on one")
+
+
+@pytest.mark.slow
+def test_ddp_torchrun_trainer_matches_stock_trl_and_single_process(tmp_path, single):
     pytest.importorskip("trl")
-    _spawn(_trainer_worker, (_free_port(), str(tmp_path / "two.pt"), True))
-    _trainer_run(1, str(tmp_path / "one.pt"))
-    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
-    assert two["fsdp"]
-    for g, w in zip(two["logs"], one["logs"]):
-        for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
-            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), key
+    _check(_run(tmp_path, "ddp", _torchrun()), single, wrapped="DistributedDataParallel",
+           distributed_type="MULTI_CPU")
+
+
+@pytest.mark.slow
+def test_two_node_torchrun_trainer_matches_stock_trl_and_single_process(tmp_path, single):
+    """``--nnodes 2``: two launchers on 127.0.0.1, one process each (rank 1 on "node" 1)."""
+    pytest.importorskip("trl")
+    out = tmp_path / "two-node.json"
+    port = str(_free_port())
+    commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                 "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port, str(RUNNER),
+                 "--out", str(out)] for node in range(2)]
+    _check(_launch(commands, out), single, wrapped="DistributedDataParallel", distributed_type="MULTI_CPU")
+
+
+@pytest.mark.slow
+def test_fsdp2_accelerate_launch_trainer_matches_stock_trl_and_single_process(tmp_path, single):
+    pytest.importorskip("trl")
+    run = _run(tmp_path, "fsdp2", _accelerate("fsdp2.yaml"), "--cpu-fsdp-shim")
+    _check(run, single, wrapped="FSDP", distributed_type="FSDP")
+    assert run["ref"].startswith("FSDP"), run["ref"]  # the reference sharded too
+
+
+@pytest.mark.slow
+def test_zero3_trainer_args_deepspeed_matches_stock_trl_and_single_process(tmp_path, single):
+    """``TrainingArguments(deepspeed="zero3.json")`` under ``torchrun``: the plain DeepSpeed engine. Before the
+    fix the first backward failed in DeepSpeed's engine (``The size of tensor a (0) must match ...``): the
+    trainer returned the fused result's loss instead of the model output's, whose backward re-gathers the head."""
+    pytest.importorskip("trl")
+    pytest.importorskip("deepspeed")
+    run = _run(tmp_path, "zero3", _torchrun(), "--deepspeed", str(CONFIGS / "zero3.json"))
+    _check(run, single, wrapped="DeepSpeedEngine", distributed_type="DEEPSPEED")
+    assert run["ref"] == "DeepSpeedEngine", run["ref"]  # the fused reference under ZeRO-3
+
+
+@pytest.mark.slow
+def test_zero3_accelerate_launch_trainer_matches_stock_trl_and_single_process(tmp_path, single):
+    pytest.importorskip("trl")
+    pytest.importorskip("deepspeed")
+    run = _run(tmp_path, "zero3-accelerate", _accelerate("zero3.yaml"))
+    _check(run, single, wrapped="DeepSpeedEngine", distributed_type="DEEPSPEED")
+    assert run["ref"] == "DeepSpeedEngine", run["ref"]
+
+
+@pytest.mark.slow
+def test_zero3_accelerate_launch_hf_trainer_matches_stock_trl_and_single_process(tmp_path, single):
+    """``FastPrefTrainer`` (transformers ``Trainer``) under ZeRO-3, its reference a ZeRO-3 engine as TRL's."""
+    pytest.importorskip("deepspeed")
+    run = _run(tmp_path, "zero3-hf", _accelerate("zero3.yaml"), "--trainer", "hf")
+    _check(run, single, trainer="hf", wrapped="DeepSpeedEngine", distributed_type="DEEPSPEED")
+    assert run["ref"] == "DeepSpeedEngine", run["ref"]

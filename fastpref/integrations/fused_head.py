@@ -74,6 +74,8 @@ class FusedHeadOutput(ModelOutput):
     Args:
         loss: with ``preference_loss``, the preference loss; with ``return_logps``, the mean negative
             log-likelihood of the scored tokens (divided by ``num_items_in_batch`` when given), as HF's loss.
+            Backpropagate this tensor, not ``preference.loss`` (the same value): DeepSpeed ZeRO-3 replaces the
+            output's tensors by ones whose backward first re-gathers the partitioned head.
         token_logps: ``[B, T-1]`` (``[B, T]`` with ``shift_labels``) fp32; entry t = log p(label of t + 1 | ≤ t),
             0 where that label is -100. Only with ``return_logps=True``.
         sequence_logps: ``[B]`` sums of ``token_logps`` per row, or ``[num_seqs]`` per packed sequence.
@@ -226,9 +228,22 @@ def _backbone_hidden(model: Any, args: tuple, kwargs: dict[str, Any]) -> torch.T
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def _check_whole_vocabulary(model: Any, weight: torch.Tensor) -> None:
+    """A head with fewer rows than the config's vocabulary is a local shard of it (tensor parallel kept as a plain
+    tensor): scored as a whole head it gives a silently wrong distribution, so refuse it."""
+    vocab = getattr(_text_config(model), "vocab_size", None)
+    if vocab is None or _is_zero3(weight) or weight.shape[0] >= vocab:  # ZeRO-3 partitions read numel 0
+        return
+    raise ValueError(
+        f"lm_head.weight: {weight.shape[0]} rows, fewer than the config's vocab_size {vocab}: a vocabulary shard "
+        "as a plain tensor would be scored as the whole head (a wrong log-softmax). fastpref needs the whole head "
+        "here: keep the weight a DTensor (it is gathered) or unshard it")
+
+
 def _head(model: Any, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     head = model.get_output_embeddings()
     weight, bias = _full(head.weight), _full(getattr(head, "bias", None))
+    _check_whole_vocabulary(model, weight)
     # With the model split across devices (device_map), the backbone may end on another device than the head.
     return weight, bias, hidden.to(weight.device)
 

@@ -41,6 +41,7 @@ from .trainer_common import (
     is_peft_model,
     model_inputs,
     packed_kwargs,
+    prepare_reference,
     reference_context,
     unwrap_peft,
 )
@@ -255,7 +256,7 @@ class FastPrefTrainer(Trainer):
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self.ref_model = ref_model
         if self.ref_model is not None:
-            self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+            self.ref_model = prepare_reference(self.accelerator, self.ref_model)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._total_train_tokens = 0
         if args.precompute_ref_log_probs and not self.reference_free:
@@ -317,6 +318,12 @@ class FastPrefTrainer(Trainer):
     # -- loss --------------------------------------------------------------------------------------------------
     def preference_outputs(self, model: Any, batch: dict[str, Any]) -> Any:
         """The ``fastpref.PreferenceOutput`` of one batch (fused or materialised, per ``args.use_fastpref``)."""
+        return self._loss_and_outputs(model, batch)[1]
+
+    def _loss_and_outputs(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        """The loss to differentiate and the ``PreferenceOutput`` of one batch. Fused, the loss is the model
+        output's tensor (the same value as ``preference.loss``): ZeRO-3 replaced the output's tensors by ones
+        whose backward first re-gathers the head, whose gradient is formed against its full shape."""
         ref = self.reference_logps(batch)
         refine_ref = self.reference_logps(batch, "refine_") if self.refinement_prompt else None
         labels = batch["labels"]
@@ -330,7 +337,7 @@ class FastPrefTrainer(Trainer):
             if not isinstance(out, FusedHeadOutput):
                 raise RuntimeError("the model's forward did not run fastpref's fused head: add_fused_lm_head was "
                                    "undone (e.g. by another patch such as Liger's fused cross-entropy)")
-            return out.preference
+            return out.loss, out.preference
         logits = model(**model_inputs(batch), use_cache=False).logits
         seq = shifted_sequence_ids(batch, labels)
         num_seqs = batch.get("num_seqs") or labels.shape[0]
@@ -349,14 +356,15 @@ class FastPrefTrainer(Trainer):
                                            r_pol.seq_logps[num_pairs:], *r_ref,
                                            chosen_lengths=r_pol.lengths[:num_pairs],
                                            rejected_lengths=r_pol.lengths[num_pairs:])
-        return materialised_preference_output(self.loss_fn, policy, ref, refinement)
+        out = materialised_preference_output(self.loss_fn, policy, ref, refinement)
+        return out.loss, out
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         mode = "train" if self.model.training else "eval"
-        out = self.preference_outputs(model, inputs)
+        loss, out = self._loss_and_outputs(model, inputs)
         self._record_metrics(mode, out, inputs)
-        return (out.loss, out) if return_outputs else out.loss
+        return (loss, out) if return_outputs else loss
 
     def _record_metrics(self, mode: str, out: Any, inputs: dict[str, Any]) -> None:
         """TRL's metrics, aggregated across ranks as TRL aggregates them (``trainer_common.gather_metrics``)."""

@@ -5,6 +5,7 @@ aggregation."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -134,6 +135,28 @@ def fused_reference_logps(model: Any, batch: dict[str, Any], loss_fn: Any, prefi
     return out.token_logps[:, -(labels.shape[1] - 1):].sum(-1)
 
 
+def prepare_reference(accelerator: Any, ref_model: Any) -> Any:
+    """The frozen reference placed as the policy is: under DeepSpeed ZeRO-3 an inference engine sharded like the
+    policy (as trl 1.16 prepares its reference; the fused head gathers the head's weight for the kernel, under
+    no-grad), below ZeRO-3 a replica, and otherwise accelerate's evaluation-mode preparation."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return accelerator.prepare_model(ref_model, evaluation_mode=True)
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):  # no optimizer for a frozen model
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    if zero.get("stage", 0) != 3:
+        zero["stage"] = 0
+    engine = deepspeed.initialize(model=ref_model, config=config)[0]
+    engine.eval()
+    return engine
+
+
 def gather_metrics(accelerator: Any, out: Any, n_tokens: torch.Tensor, *,
                    chosen_rewards: torch.Tensor | None = None,
                    rejected_rewards: torch.Tensor | None = None) -> tuple[dict[str, float], float]:
@@ -185,6 +208,7 @@ __all__ = [
     "is_peft_model",
     "model_inputs",
     "packed_kwargs",
+    "prepare_reference",
     "reference_context",
     "unwrap_peft",
 ]

@@ -327,6 +327,9 @@ class FastPrefDPOTrainer(DPOTrainer):
             raise RuntimeError("the policy's forward did not run fastpref's fused head (another patch replaced "
                                "model.forward after FastPrefDPOTrainer was built)")
         out = outputs.preference
+        # The model output's loss, not out.loss: it is the same value, but ZeRO-3 replaced the output's tensors by
+        # ones whose backward first re-gathers the head (the head's gradient is formed against its full shape).
+        loss = outputs.loss
         self._log_fastpref_metrics(mode, out, inputs, ref)
         if return_outputs:
             warnings.warn("`return_outputs=True`, and the logits it passes to `compute_metrics`, are deprecated in "
@@ -334,7 +337,7 @@ class FastPrefDPOTrainer(DPOTrainer):
                           FutureWarning, stacklevel=2)
             with torch.no_grad():
                 outputs = model(**model_inputs(inputs))
-        return (out.loss, outputs) if return_outputs else out.loss
+        return (loss, outputs) if return_outputs else loss
 
     def _log_fastpref_metrics(self, mode: str, out: Any, inputs: dict[str, Any], ref: torch.Tensor) -> None:
         """trl 1.16's metrics with its aggregation (``trainer_common.gather_metrics``). Rewards are β·(logps − ref)
