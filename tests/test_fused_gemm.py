@@ -152,7 +152,7 @@ def test_linear_fold_matches_float64(case):
     h, w, b, targets = _inputs(hidden=hidden, dtype=dtype, bias=bias)
     st = _fold(h, w, b, targets, tr, entropy=entropy, top1=top1, config=config, num_splits=splits)
     ours = _outputs(st, targets, V)
-    truth, before = _truth_outputs(tr.z(_y64(h, w, b)), targets)
+    truth, _ = _truth_outputs(tr.z(_y64(h, w, b)), targets)
     # plain torch in the same dtype: the logits tile rounded to the dtype, then fp32 row statistics
     y_plain = (h @ w.T if b is None else torch.addmm(b, h, w.T)).float()
     plain, _ = _truth_outputs(tr.z(y_plain), targets)

@@ -138,3 +138,16 @@ def test_fp32_logits_of_a_million(backend, gemm, mode):
     assert_within_torch_error("logps", lp, lp_plain, lp_truth, atol=1e-7)
     for name, x, p, t in zip(("hidden", "weight", "bias"), ours, plain, truth):
         assert_within_torch_error(f"d{name}", x, p, t, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["fast", "lean"])
+@pytest.mark.parametrize(("backend", "gemm"), PATHS, ids=PATH_IDS)
+def test_fp16_logits_past_the_range_are_not_silent(backend, gemm, mode):
+    """A logit past fp16's 65504 is inf in the fp16 logits on every path: the loss is not finite, as PyTorch's. (A
+    fold of the fp32 accumulator gave a finite loss while the gradient read the inf: NaN gradients only.)"""
+    hidden = torch.tensor([[[300.0, 1.0]], [[300.0, 1.0]]], dtype=torch.float16)
+    weight = torch.tensor([[250.0, 0.0], [1.0, 1.0], [0.0, 2.0]], dtype=torch.float16)
+    labels = torch.tensor([[1], [2]])
+    (lp, _), (lp_plain, _), _ = _pair_case(hidden, weight, labels, mode, backend, gemm)
+    assert not torch.isfinite(lp_plain).any()
+    assert not torch.isfinite(lp).any()
