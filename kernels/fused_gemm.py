@@ -6,7 +6,7 @@ to memory by a cuBLAS GEMM first; here the GEMMs themselves do that work, so the
 trips through memory. Equivalent torch code for one vocabulary slab ``W_slab`` [Vs, H] (columns
 ``vocab_start ... vocab_start + Vs`` of the vocabulary), ``T`` the logit transform of ``kernels/row_kernels.py``::
 
-    y = h.float() @ W_slab.float().T + b_slab.float()       # fp32 accumulation, never rounded before the fold
+    y = (h.float() @ W_slab.float().T + b_slab.float()).to(h.dtype).float()  # fp32 accumulation, one rounding
     z = T(y) = softcap * tanh(y * logit_scale / softcap) * inv_temperature      # softcap optional
 
     # linear_fold: the running fp32 row statistics of fold_logsumexp(project(h, W_slab, b_slab), ...), in place
@@ -14,16 +14,24 @@ trips through memory. Equivalent torch code for one vocabulary slab ``W_slab`` [
     target_logit = z.gather(-1, targets - vocab_start)  # rows whose target lies in this slab; others untouched
     logit_sum += z.sum(-1); ent_acc = ent_acc * exp(m_old - m_new) + (exp(z - m_new) * z).sum(-1)
     max_before_target = max(max_before_target, z[:, :targets - vocab_start].max())
-    logits_out[:] = y.to(h.dtype)                       # optional: what the cuBLAS tile would hold
+    logits_out[:] = y                                   # optional: what the cuBLAS tile would hold
 
-    # linear_grad_input / linear_grad_weight, from stored raw logits y [n, Vs] (compute dtype, only read)
-    G = grad_rows[:, None] * (onehot(targets - vocab_start) - exp(T(y.float()) - lse[:, None])) * T'(y)
+    # linear_grad_input / linear_grad_weight, from stored raw logits y [n, Vs] (compute dtype, only read) and the
+    # rows' log-sum-exp in two parts, lse = m + log s (row_max, log_sumexp)
+    p = exp((T(y.float()) - m[:, None]) - log_s[:, None])
+    G = grad_rows[:, None] * (onehot(targets - vocab_start) - p) * T'(y)
     out (+)= G.to(h.dtype) @ W_slab                     # [n, H]  (fp32 accumulation)
     out (+)= G.to(h.dtype).T @ h; d_bias (+)= G.sum(0)  # [Vs, H] and [Vs] (d_bias summed from the fp32 G)
 
-The one numerical difference from the cuBLAS path: the fold reads the fp32 accumulator, not the tile rounded to the
-compute dtype, so its statistics are more accurate (the gradient still starts from the rounded stored logits, as
-the cuBLAS path's does).
+The fold reads the accumulator rounded to the compute dtype, as the cuBLAS path's tile holds it, whether or not the
+logits are stored: the statistics then describe exactly the logits that the gradient prologue reads back (stored by
+this kernel in fast mode, recomputed by a cuBLAS GEMM in lean mode), so the softmax it forms sums to one, and a
+forward-only pass (a reference model's) folds the same values as the policy's pass. Folding the fp32 accumulator
+instead made exp(y_rounded - lse) sum to 1 ± the rounding: bf16 / fp16 gradients 3-6x the error of the
+materialised path at logit std 10-30 (tests/test_gradient_grid.py), and a token whose probability is within the
+rounding of 1 got a gradient of the rounding's size.
+Exponents are differences of logits taken before any scaling, exp2((z - m)·log2e), and the backward gets the
+log-sum-exp in two parts (m, log s), as in ``kernels/row_kernels.py``: exact where |z| is large.
 
 Stored vs recomputed. The forward stores nothing of size tokens x vocabulary unless asked (``logits_out``, which
 fast mode keeps for its gradient GEMMs); forward-only scoring never writes a logit. The backward reads the stored raw
@@ -71,9 +79,10 @@ DEFAULT_NUM_SMS = 132
 SPLIT_EFFICIENCY = 0.95
 COMBINE_BLOCK = 256
 LOG2E = tl.constexpr(1.4426950408889634)
-# Tail columns of the fold: below any logit for the max, exp() gives exactly 0 and 0 · NEG = 0 in the entropy sum
+# Tail columns of the fold: below any logit for the max, exp2((NEG - m)·log2e) gives exactly 0 (no overflow in the
+# product) and 0 · NEG = 0 in the entropy sum
 # (-inf would give NaN there), so one [BM, BN] array is alive in the epilogue, not two.
-NEG = tl.constexpr(-3.0e38)
+NEG = tl.constexpr(-1.0e38)
 
 
 @dataclass(frozen=True)
@@ -219,7 +228,7 @@ def autotune_enabled() -> bool:
 def _tanh(u):
     """(tanh u, 1 - tanh² u) in fp32 without cancellation: d = 2·sigmoid(-2|u|) = 1 - |tanh u| in (0, 1], so
     tanh u = sign(u)·(1 - d) and 1 - tanh² u = d·(2 - d); exp overflowing to inf gives d = 0 (saturation)."""
-    d = 2.0 / (1.0 + tl.exp(2.0 * tl.abs(u)))
+    d = 2.0 / (1.0 + tl.exp2(tl.abs(u) * (2.0 * LOG2E)))
     t = 1.0 - d
     return tl.where(u < 0, -t, t), d * (2.0 - d)
 
@@ -352,16 +361,24 @@ def _linear_fold_kernel(
             acc = _dot(b_h, b_w, acc, INTERPRET_BF16)
         if HAS_BIAS:
             acc += tl.load(p_bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        # ---- epilogue: the logits rounded to the compute dtype, as the cuBLAS tile and the stored logits hold them
+        # (the gradient reads those: folding the unrounded accumulator would make its softmax not sum to one)
+        # (rounded in place, in fp32 registers; the store's cast of a representable value is exact)
+        acc = _cast(acc, p_hidden.dtype.element_ty, INTERPRET_BF16).to(tl.float32)
         if STORE_LOGITS:
-            tl.store(p_l_rows[:, None] + o_n[None, :], _cast(acc, p_logits.dtype.element_ty, INTERPRET_BF16),
+            tl.store(p_l_rows[:, None] + o_n[None, :], acc.to(p_logits.dtype.element_ty),
                      mask=m_m[:, None] & m_n[None, :])
-        # ---- epilogue: transform the fp32 accumulator, fold it into the row statistics
-        z = acc * logit_scale
+        # transform, fold into the row statistics
         if HAS_SOFTCAP:
             # softcap·tanh(z/softcap) = softcap - 2·softcap / (1 + exp(2z/softcap)): one exp and one division per
-            # logit, saturating cleanly (exp -> inf gives softcap, -> 0 gives -softcap); absolute error ~softcap·1e-7
+            # logit, saturating cleanly (exp -> inf gives softcap, -> 0 gives -softcap); absolute error ~softcap·1e-7.
+            # (exp, not exp2 with the constants folded: that form spills 56 B on sm_80 at 128x128x32, 3 stages)
+            z = acc * logit_scale
             z = softcap - (2.0 * softcap) / (1.0 + tl.exp(z * (2.0 / softcap)))
-        z = z * inv_temperature
+            z = z * inv_temperature
+        else:
+            # one multiply, the same as the gradient prologue's (its z - m must be exact at large logits)
+            z = acc * (logit_scale * inv_temperature)
         if n0 + BLOCK_N > n_cols:  # the slab's last block: tail columns leave the sums
             valid = cols[None, :] < n_cols - n0
             block_zsum = tl.sum(tl.where(valid, z, 0.0), axis=1)
@@ -390,8 +407,9 @@ def _linear_fold_kernel(
                 before = cols[None, :] < rel_t[:, None]  # rows past the block: all of it again (max is idempotent)
                 b_before = tl.maximum(b_before, tl.max(tl.where(before, z, float("-inf")), axis=1))
         new_max = tl.maximum(b_max, block_max)
-        rescale = tl.exp(b_max - new_max)
-        e = tl.exp(z - new_max[:, None])
+        # differences first, then the scale into exp2: z·log2e - m·log2e would lose |z|·2⁻²⁴ in the exponent
+        rescale = tl.exp2((b_max - new_max) * LOG2E)
+        e = tl.exp2((z - new_max[:, None]) * LOG2E)
         if HAS_ENTROPY:
             block_sum = tl.sum(e, axis=1)
             block_ent = tl.sum(e * z, axis=1)
@@ -447,7 +465,7 @@ def _fold_combine_kernel(
     for _ in range(0, n_splits):
         new_max = tl.maximum(new_max, tl.load(p_s, mask=m_o, other=0.0))
         p_s += n_rows
-    rescale = tl.exp(b_max - new_max)  # a first slab's -inf running max gives 0
+    rescale = tl.exp2((b_max - new_max) * LOG2E)  # a first slab's -inf running max gives 0
     b_sum = tl.load(p_sumexp + o, mask=m_o, other=0.0) * rescale
     b_zsum = tl.load(p_logit_sum + o, mask=m_o, other=0.0)
     p_pm, p_ps, p_pz = p_part_max + o, p_part_sum + o, p_part_zsum + o
@@ -458,7 +476,7 @@ def _fold_combine_kernel(
         b_before = tl.load(p_max_before_target + o, mask=m_o, other=0.0)
         p_pb = p_part_before + o
     for _ in range(0, n_splits):
-        r = tl.exp(tl.load(p_pm, mask=m_o, other=0.0) - new_max)
+        r = tl.exp2((tl.load(p_pm, mask=m_o, other=0.0) - new_max) * LOG2E)
         b_sum += tl.load(p_ps, mask=m_o, other=0.0) * r
         b_zsum += tl.load(p_pz, mask=m_o, other=0.0)
         p_pm += n_rows
@@ -480,19 +498,21 @@ def _fold_combine_kernel(
 
 
 @triton.jit
-def _logit_grad(b_y, b_lse2, b_gs, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
-    """(-g·softmax·dz/dy, g·dz/dy) for a block of raw logits ``b_y`` (fp32), given the row vectors
-    ``b_lse2 = lse·log2(e)`` and ``b_gs = g·logit_scale·inv_temperature`` broadcast against the block; the caller
-    adds the second term at the target (G = g·(onehot - softmax)·dz/dy) only in blocks that hold a target."""
+def _logit_grad(b_y, b_m, b_ls2, b_gs, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """(-g·softmax·dz/dy, g·dz/dy) for a block of raw logits ``b_y`` (fp32), given the row vectors ``b_m`` (the row's
+    max logit), ``b_ls2 = log(s)·log2(e)`` (lse = m + log s) and ``b_gs = g·logit_scale·inv_temperature``
+    broadcast against the block; the caller adds the second term at the target (G = g·(onehot - softmax)·dz/dy)
+    only in blocks that hold a target."""
     if HAS_SOFTCAP:
         t, dt = _tanh(b_y * (logit_scale / softcap))
-        p = tl.exp2(t * (softcap * inv_temperature * LOG2E) - b_lse2)
+        z = t * (softcap * inv_temperature)
         b_a = b_gs * dt
-        return -(b_a * p), b_a
     else:
-        # one FMA + one ex2 per logit: exp(y·c - lse) = 2^(y·c·log2e - lse·log2e)
-        p = tl.exp2(b_y * (logit_scale * inv_temperature * LOG2E) - b_lse2)
-        return -(b_gs * p), b_gs
+        z = b_y * (logit_scale * inv_temperature)  # the fold's multiply: z - m is exact where z is the max
+        b_a = b_gs
+    # exp(z - lse) = 2^((z - m)·log2e - log(s)·log2e): the difference before the scale, a sub + FMA + ex2 per logit
+    p = tl.exp2((z - b_m) * LOG2E - b_ls2)
+    return -(b_a * p), b_a
 
 
 @triton.heuristics(
@@ -506,7 +526,8 @@ def _logit_grad(b_y, b_lse2, b_gs, logit_scale, softcap, inv_temperature, HAS_SO
 def _linear_grad_input_kernel(
     p_logits,  # [n, Vs] raw logits, compute dtype, unit column stride
     p_targets,  # [n] int64
-    p_lse,  # [n] fp32
+    p_max,  # [n] fp32, the row's max logit m
+    p_logsumexp,  # [n] fp32, log s: lse = m + log s
     p_grad,  # [n] fp32
     p_weight,  # [Vs, H] compute dtype, unit column stride
     p_out,  # [n, H] fp32 or compute dtype, unit column stride
@@ -540,7 +561,8 @@ def _linear_grad_input_kernel(
     # the target's slab column, clamped into int32 (-1 / n_cols: no column of this slab)
     local_t = tl.minimum(tl.maximum(tl.load(p_targets + o_m, mask=m_m, other=-1) - vocab_start, -1), n_cols)
     local_t = local_t.to(tl.int32)
-    b_lse2 = (tl.load(p_lse + o_m, mask=m_m, other=0.0) * LOG2E)[:, None]
+    b_m = tl.load(p_max + o_m, mask=m_m, other=0.0)[:, None]
+    b_ls2 = (tl.load(p_logsumexp + o_m, mask=m_m, other=0.0) * LOG2E)[:, None]
     b_gs = (tl.load(p_grad + o_m, mask=m_m, other=0.0) * (logit_scale * inv_temperature))[:, None]
     p_l_rows = p_logits + o_m * stride_l
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -553,7 +575,7 @@ def _linear_grad_input_kernel(
             m_y = m_m[:, None] & (o_v < n_cols)[None, :]
             m_w = (o_v < n_cols)[:, None] & m_h[None, :]
         b_y = tl.load(p_l_rows[:, None] + o_v[None, :], mask=m_y, other=0.0).to(tl.float32)
-        b_g, b_a = _logit_grad(b_y, b_lse2, b_gs, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+        b_g, b_a = _logit_grad(b_y, b_m, b_ls2, b_gs, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
         rel_t = local_t - k0  # the target's column in this block (int32)
         if tl.max(((rel_t >= 0) & (rel_t < BLOCK_K)).to(tl.int32), axis=0) > 0:
             b_g = tl.where(o_k[None, :] == rel_t[:, None], b_g + b_a, b_g)
@@ -581,7 +603,8 @@ def _linear_grad_input_kernel(
 def _linear_grad_weight_kernel(
     p_logits,  # [n, Vs] raw logits, compute dtype, unit column stride
     p_targets,  # [n] int64
-    p_lse,  # [n] fp32
+    p_max,  # [n] fp32
+    p_logsumexp,  # [n] fp32
     p_grad,  # [n] fp32
     p_hidden,  # [n, H] compute dtype, unit column stride
     p_out,  # [Vs, H] fp32 or compute dtype, unit column stride
@@ -626,21 +649,23 @@ def _linear_grad_weight_kernel(
         # row vectors along K; padded rows get g = 0, so their G column is 0
         if EVEN_K:
             b_t = tl.load(p_targets + o_r)
-            b_lse2 = (tl.load(p_lse + o_r) * LOG2E)[None, :]
+            b_m = tl.load(p_max + o_r)[None, :]
+            b_ls2 = (tl.load(p_logsumexp + o_r) * LOG2E)[None, :]
             b_gs = (tl.load(p_grad + o_r) * (logit_scale * inv_temperature))[None, :]
             m_y = m_v[:, None]
             m_x = m_h[None, :]
         else:
             m_r = o_r < n_rows
             b_t = tl.load(p_targets + o_r, mask=m_r, other=-1)
-            b_lse2 = (tl.load(p_lse + o_r, mask=m_r, other=0.0) * LOG2E)[None, :]
+            b_m = tl.load(p_max + o_r, mask=m_r, other=0.0)[None, :]
+            b_ls2 = (tl.load(p_logsumexp + o_r, mask=m_r, other=0.0) * LOG2E)[None, :]
             b_gs = (tl.load(p_grad + o_r, mask=m_r, other=0.0) * (logit_scale * inv_temperature))[None, :]
             m_y = m_v[:, None] & m_r[None, :]
             m_x = m_r[:, None] & m_h[None, :]
         # the target's row of this vocabulary block, clamped into int32 (-1 / BLOCK_M: not in this block)
         rel_t = tl.minimum(tl.maximum(b_t - vocab_start - v0, -1), BLOCK_M).to(tl.int32)
         b_y = tl.load(p_logits + o_r[None, :] * stride_l + o_v[:, None], mask=m_y, other=0.0).to(tl.float32)
-        b_gt, b_a = _logit_grad(b_y, b_lse2, b_gs, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)  # G.T block
+        b_gt, b_a = _logit_grad(b_y, b_m, b_ls2, b_gs, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)  # G.T
         if tl.max(((rel_t >= 0) & (rel_t < BLOCK_M)).to(tl.int32), axis=0) > 0:
             b_gt = tl.where(rows[:, None] == rel_t[None, :], b_gt + b_a, b_gt)
         if HAS_DBIAS:
@@ -923,14 +948,16 @@ def linear_fold(
     )
 
 
-def _check_grad_common(logits: Any, targets: Any, lse: Any, grad_rows: Any) -> tuple[torch.dtype, int, int]:
+def _check_grad_common(logits: Any, targets: Any, row_max: Any, log_sumexp: Any,
+                       grad_rows: Any) -> tuple[torch.dtype, int, int]:
     dtype = _compute_dtype("logits", logits)
     dev = logits.device
     _check_matrix("logits", logits, (None, None), (dtype,), dev)
     _check_aligned_rows("logits", logits)
     n, vs = logits.shape
     _check_vector("targets", targets, n, (torch.int64,), dev)
-    _check_vector("lse", lse, n, (torch.float32,), dev)
+    _check_vector("row_max", row_max, n, (torch.float32,), dev)
+    _check_vector("log_sumexp", log_sumexp, n, (torch.float32,), dev)
     _check_vector("grad_rows", grad_rows, n, (torch.float32,), dev)
     return dtype, n, vs
 
@@ -938,7 +965,8 @@ def _check_grad_common(logits: Any, targets: Any, lse: Any, grad_rows: Any) -> t
 def linear_grad_input(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sumexp: torch.Tensor,
     grad_rows: torch.Tensor,
     weight: torch.Tensor,
     out: torch.Tensor,
@@ -951,15 +979,16 @@ def linear_grad_input(
     config: GemmConfig | None = None,
 ) -> torch.Tensor:
     """``out (+)= G @ weight`` with ``G = grad_rows·(onehot(targets - vocab_start) - exp(T(logits) - lse))·T'``
-    formed from the stored raw logits in the GEMM's prologue (``logits`` is only read).
+    formed from the stored raw logits in the GEMM's prologue (``logits`` is only read), the rows' log-sum-exp given
+    in two parts, ``lse = row_max + log_sumexp`` (the max logit and log Σ exp(z - row_max)).
 
     logits [n, Vs] raw ``h @ W_slab.T + b`` in the compute dtype (unit column stride, aligned rows: see
-    ``logits_buffer``); targets [n] int64 global ids;
-    lse, grad_rows [n] fp32; weight [Vs, H] compute dtype; out [n, H] fp32 (an accumulator across slabs) or the
-    compute dtype, unit column stride. ``accumulate=True`` adds out's previous value in the epilogue (fp32 math,
-    one rounding); ``False`` overwrites it. G is rounded to the compute dtype before the MMA. Returns ``out``.
+    ``logits_buffer``); targets [n] int64 global ids; row_max, log_sumexp, grad_rows [n] fp32; weight [Vs, H]
+    compute dtype; out [n, H] fp32 (an accumulator across slabs) or the compute dtype, unit column stride.
+    ``accumulate=True`` adds out's previous value in the epilogue (fp32 math, one rounding); ``False`` overwrites
+    it. G is rounded to the compute dtype before the MMA. Returns ``out``.
     """
-    dtype, n, vs = _check_grad_common(logits, targets, lse, grad_rows)
+    dtype, n, vs = _check_grad_common(logits, targets, row_max, log_sumexp, grad_rows)
     dev = logits.device
     _check_matrix("weight", weight, (vs, None), (dtype,), dev)
     h_size = weight.shape[1]
@@ -977,7 +1006,7 @@ def linear_grad_input(
 
     launch(
         kernel, grid,
-        logits, targets, lse, grad_rows, weight, out,
+        logits, targets, row_max, log_sumexp, grad_rows, weight, out,
         logits.stride(0), weight.stride(0), out.stride(0),
         n, vs, h_size, _bin(n), vocab_start,
         logit_scale, softcap_, inv_temperature,
@@ -989,7 +1018,8 @@ def linear_grad_input(
 def linear_grad_weight(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sumexp: torch.Tensor,
     grad_rows: torch.Tensor,
     hidden: torch.Tensor,
     out: torch.Tensor,
@@ -1008,7 +1038,7 @@ def linear_grad_weight(
     logits [n, Vs] compute dtype; hidden [n, H] compute dtype; out [Vs, H] and d_bias [Vs] fp32 or the compute
     dtype (unit column stride, contiguous d_bias). ``accumulate`` applies to both. Returns ``out``.
     """
-    dtype, n, vs = _check_grad_common(logits, targets, lse, grad_rows)
+    dtype, n, vs = _check_grad_common(logits, targets, row_max, log_sumexp, grad_rows)
     dev = logits.device
     _check_matrix("hidden", hidden, (n, None), (dtype,), dev)
     h_size = hidden.shape[1]
@@ -1030,7 +1060,7 @@ def linear_grad_weight(
 
     launch(
         kernel, grid,
-        logits, targets, lse, grad_rows, hidden, out, d_bias,
+        logits, targets, row_max, log_sumexp, grad_rows, hidden, out, d_bias,
         logits.stride(0), hidden.stride(0), out.stride(0),
         n, vs, h_size, _bin(n), vocab_start,
         logit_scale, softcap_, inv_temperature,

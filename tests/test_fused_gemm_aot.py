@@ -78,7 +78,7 @@ def _launch_all(fg, dtype, n: int, h_size: int, vs: int, fold_flags, grad_flags,
         out_dtype = torch.float32 if f["out_fp32"] else dtype
         common = dict(vocab_start=vs, logit_scale=1.0, softcap=30.0 if f["softcap"] else None, inv_temperature=1.0,
                       accumulate=f["accumulate"], config=config)
-        rows = (logits, vec(torch.int64), vec(), vec())
+        rows = (logits, vec(torch.int64), vec(), vec(), vec())
         fg.linear_grad_input(*rows, weight, torch.empty(n, h_size, dtype=out_dtype, **m), **common)
         fg.linear_grad_weight(*rows, hidden, torch.empty(vs, h_size, dtype=out_dtype, **m),
                               vec(out_dtype, vs) if f["d_bias"] else None, **common)

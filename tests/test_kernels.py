@@ -33,9 +33,10 @@ def test_kernels_use_int64_row_offsets(kernel):
         torch.testing.assert_close(got, logp.gather(1, targets[:, None])[:, 0])
         torch.testing.assert_close(logit_sum, values.float().sum(-1))
     else:
-        lse = torch.logsumexp(values.float(), -1)
+        row_max = values.float().amax(-1)
+        log_sumexp = torch.logsumexp(values.float() - row_max[:, None], -1)
         grad_rows = torch.tensor([1.0, -2.0, 0.5])
-        kernels.logit_grad_(tile, targets, lse, grad_rows, vocab_start=0, logit_scale=1.0, softcap=None,
+        kernels.logit_grad_(tile, targets, row_max, log_sumexp, grad_rows, vocab_start=0, logit_scale=1.0, softcap=None,
                             inv_temperature=1.0)
         onehot = torch.nn.functional.one_hot(targets, cols).float()
         expected = grad_rows[:, None] * (onehot - logp.exp())
@@ -67,12 +68,13 @@ def test_torch_row_ops_flush_subnormal_gradients():
     """Peaked logits (a std of ~30, as random heads give) make exp(z - lse) underflow to subnormals, which slow
     the CPU's gradient matmuls down 10x or more: the torch path's logits gradient holds none."""
     from fastpref.ops import LogitTransform
-    from fastpref.ops.tile_ops import TorchRowOps
+    from fastpref.ops.tile_ops import LogSumExp, TorchRowOps
 
     logits = 30.0 * torch.randn(16, 4096)
     targets = torch.randint(0, 4096, (16,))
     tile = logits.clone()
-    TorchRowOps().grad_(tile, targets, torch.logsumexp(logits, -1), torch.full((16,), 0.01), 0, LogitTransform())
+    lse = LogSumExp(torch.zeros(16), torch.logsumexp(logits, -1))  # lse = 0 + logsumexp
+    TorchRowOps().grad_(tile, targets, lse, torch.full((16,), 0.01), 0, LogitTransform())
     tiny = torch.finfo(torch.float32).tiny
     assert not ((tile != 0) & (tile.abs() < tiny)).any()
     expected = 0.01 * (torch.nn.functional.one_hot(targets, 4096) - torch.softmax(logits, -1))

@@ -30,7 +30,7 @@ from .head_pass import HeadPass, accumulate_mm, gather, grad_buffer, in_layout, 
 from .layout import TokenLayout, segment_sum
 from .linear_logps import TokenStats, finalize_stats
 from .plan import MAX_GROUPS_DIRECT_DW, PairGroups
-from .tile_ops import RowStats, row_ops
+from .tile_ops import LogSumExp, RowStats, row_ops
 
 # pair_loss(chosen_logps [g], rejected_logps [g], pairs: slice) -> per-pair losses [g] whose mean over all
 # num_pairs pairs is the loss; pure per pair for the pairs in the slice.
@@ -110,7 +110,7 @@ class _PendingGrads:
     last_tile: torch.Tensor | None = None  # the last group's logits gradient G [t, V] (cublas), raw logits (fused)
     last_rows: torch.Tensor | None = None  # the last group's hidden rows h [t, H]
     # fused: what forms G in the GEMM's prologue (targets, lse, c per row) and the logit transform
-    last_grad: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    last_grad: tuple[torch.Tensor, LogSumExp, torch.Tensor] | None = None
     transform: dict | None = None
     key: gemm_path.Key | None = None
 
@@ -136,7 +136,7 @@ class _PendingGrads:
                 try:
                     from ..kernels import fused_gemm
 
-                    fused_gemm.linear_grad_weight(self.last_tile, targets, lse, c_tok * scale, self.last_rows,
+                    fused_gemm.linear_grad_weight(self.last_tile, targets, *lse, c_tok * scale, self.last_rows,
                                                   d_weight, self.d_bias, vocab_start=0, accumulate=earlier is not None,
                                                   **self.transform)
                 except gemm_path.fused_errors() as e:  # form G with the row kernel, then cuBLAS
@@ -225,7 +225,7 @@ class _GroupedHead:
                 self.ops.fold(tile[:, v0:v1], targets, group_stats, v0, self.cfg.transform)
         lse = group_stats.lse()
         seg = self.layout.offsets[2 * p0 : 2 * p1 + 1] - t0
-        return tile, h, lse, segment_sum(group_stats.target_logit - lse, seg), seg
+        return tile, h, lse, segment_sum(lse.log_probs(group_stats.target_logit), seg), seg
 
 
 @torch.no_grad()
@@ -316,8 +316,8 @@ def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                 w = weight[v0:v1].to(cd)
                 if fused:
                     w = kernel_operand(w)
-                    fused_gemm.linear_grad_input(tile[:, v0:v1], *grad, w, dh, vocab_start=v0, accumulate=v0 > 0,
-                                                 **grad_kwargs)
+                    fused_gemm.linear_grad_input(tile[:, v0:v1], targets, *lse, c_tok, w, dh, vocab_start=v0,
+                                                 accumulate=v0 > 0, **grad_kwargs)
                 else:
                     accumulate_mm(dh, tile[:, v0:v1], w, first=v0 == 0)
             pending.d_source.index_copy_(0, layout.index[t0:t1], dh.to(source.dtype))
@@ -333,8 +333,8 @@ def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                 if first:
                     pending.d_weight = grad_buffer(weight, dw_dtype, unit_cols=fused)
                 if fused:  # dW and the bias gradient from G's prologue, the whole vocabulary in one GEMM
-                    fused_gemm.linear_grad_weight(tile, *grad, h, pending.d_weight, pending.d_bias, vocab_start=0,
-                                                  accumulate=not first, **grad_kwargs)
+                    fused_gemm.linear_grad_weight(tile, targets, *lse, c_tok, h, pending.d_weight, pending.d_bias,
+                                                  vocab_start=0, accumulate=not first, **grad_kwargs)
                 else:
                     accumulate_mm(pending.d_weight, tile.t(), h, first=first)
     _, _, token_stats = finalize_stats(stats, vocab)

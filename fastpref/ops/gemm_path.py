@@ -151,7 +151,7 @@ def time_paths(device: torch.device, dtype: torch.dtype, hidden: int, vocab: int
     w = (torch.randn(cols, hidden, device=device, generator=gen) / hidden**0.5).to(dtype)
     targets = torch.randint(0, cols, (rows,), device=device, generator=gen)
     grad_rows = torch.full((rows,), 1e-3, device=device)
-    lse = torch.zeros(rows, device=device)
+    zeros = torch.zeros(rows, device=device)  # the row max and log-sum-exp: any values time alike
     transform = dict(logit_scale=1.0, softcap=None, inv_temperature=1.0)
     tile = fused_gemm.logits_buffer(rows, cols, dtype, device)
     dh = torch.empty(rows, hidden, device=device, dtype=torch.float32)
@@ -162,7 +162,7 @@ def time_paths(device: torch.device, dtype: torch.dtype, hidden: int, vocab: int
         head_pass.project(tile, h, w, None)
         row_kernels.fold_logsumexp(tile, targets, s.row_max, s.row_sumexp, s.target_logit, s.logit_sum, None, None,
                                    vocab_start=0, **transform)
-        row_kernels.logit_grad_(tile, targets, lse, grad_rows, vocab_start=0, **transform)
+        row_kernels.logit_grad_(tile, targets, zeros, zeros, grad_rows, vocab_start=0, **transform)
         head_pass.accumulate_mm(dh, tile, w, first=True)
         head_pass.accumulate_mm(dw, tile.t(), h, first=True)
 
@@ -170,9 +170,9 @@ def time_paths(device: torch.device, dtype: torch.dtype, hidden: int, vocab: int
         s = RowStats.empty(rows, device)
         fused_gemm.linear_fold(h, w, None, targets, s.row_max, s.row_sumexp, s.target_logit, s.logit_sum, None,
                                None, vocab_start=0, logits_out=tile, **transform)
-        fused_gemm.linear_grad_input(tile, targets, lse, grad_rows, w, dh, vocab_start=0, accumulate=False,
+        fused_gemm.linear_grad_input(tile, targets, zeros, zeros, grad_rows, w, dh, vocab_start=0, accumulate=False,
                                      **transform)
-        fused_gemm.linear_grad_weight(tile, targets, lse, grad_rows, h, dw, vocab_start=0, accumulate=False,
+        fused_gemm.linear_grad_weight(tile, targets, zeros, zeros, grad_rows, h, dw, vocab_start=0, accumulate=False,
                                       **transform)
 
     def median_ms(fn: Callable[[], None]) -> float:

@@ -23,7 +23,7 @@ import torch
 from . import gemm_path
 from .backend import compute_dtype, resolve_backend
 from .plan import TilePlan, default_tile_bytes, plan_tiles
-from .tile_ops import LogitTransform, RowStats, row_ops
+from .tile_ops import LogitTransform, LogSumExp, RowStats, row_ops
 
 # The accumulation rule (docs/design.md): across chunks, an accumulator of the whole dW may take at most a handful
 # of partial sums in its own dtype; beyond that, dW accumulates in fp32 one vocabulary slab at a time.
@@ -253,7 +253,7 @@ def backward(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
-    lse: torch.Tensor,
+    lse: LogSumExp,
     grad_rows: torch.Tensor,
     cfg: HeadPass,
     *,
@@ -328,7 +328,7 @@ def _backward(source, index, weight, bias, targets, lse, grad_rows, cfg: HeadPas
             h = rows if rows is not None else gather(source, index, t0, t1, cd)
             tile = project(buf[: t1 - t0, : v1 - v0], h, w, b)
             if fused:  # the gradient is formed in each GEMM's prologue from the raw logits
-                g = (targets[t0:t1], lse[t0:t1], grad_rows[t0:t1])
+                g = (targets[t0:t1], *lse.rows(t0, t1), grad_rows[t0:t1])
                 if need_hidden:
                     fused_gemm.linear_grad_input(tile, *g, w, dh_acc[t0:t1], vocab_start=v0, accumulate=v0 > 0,
                                                  **grad_kwargs)
@@ -336,7 +336,7 @@ def _backward(source, index, weight, bias, targets, lse, grad_rows, cfg: HeadPas
                     fused_gemm.linear_grad_weight(tile, *g, h, dw_slab, None if d_bias is None else db_slab,
                                                   vocab_start=v0, accumulate=t0 > 0, **grad_kwargs)
                 continue
-            ops.grad_(tile, targets[t0:t1], lse[t0:t1], grad_rows[t0:t1], v0, cfg.transform)
+            ops.grad_(tile, targets[t0:t1], lse.rows(t0, t1), grad_rows[t0:t1], v0, cfg.transform)
             if need_hidden:
                 accumulate_mm(dh_acc[t0:t1], tile, w, first=v0 == 0)
             if need_weight:

@@ -16,7 +16,7 @@ from . import head_pass
 from .backend import autocast_off
 from .head_pass import HeadPass
 from .layout import TokenLayout, build_layout
-from .tile_ops import RowStats
+from .tile_ops import LogSumExp, RowStats
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,11 @@ class TokenStats:
     is_top1: torch.Tensor | None = None
 
 
-def finalize_stats(stats: RowStats, vocab: int) -> tuple[torch.Tensor, torch.Tensor, TokenStats]:
-    """``(lse, logps, token statistics)`` from the folded running statistics."""
+def finalize_stats(stats: RowStats, vocab: int) -> tuple[LogSumExp, torch.Tensor, TokenStats]:
+    """``(lse in two parts, logps, token statistics)`` from the folded running statistics."""
     lse = stats.lse()
-    logps = stats.target_logit - lse
-    entropy = None if stats.entropy_acc is None else lse - stats.entropy_acc / stats.row_sumexp
+    logps = lse.log_probs(stats.target_logit)
+    entropy = None if stats.entropy_acc is None else lse.total() - stats.entropy_acc / stats.row_sumexp
     is_top1 = None
     if stats.max_before_target is not None:
         is_top1 = (stats.target_logit >= stats.row_max) & (stats.target_logit > stats.max_before_target)
@@ -50,20 +50,21 @@ class LinearLogProbs(torch.autograd.Function):
         with autocast_off(source.device.type):
             stats = head_pass.forward_stats(source, layout.index, weight, bias, layout.targets, cfg)
         lse, logps, token_stats = finalize_stats(stats, weight.shape[0])
-        ctx.save_for_backward(source, weight, bias, lse)
+        ctx.save_for_backward(source, weight, bias, *lse)
         ctx.layout, ctx.cfg = layout, cfg
         return logps, token_stats
 
     @staticmethod
     def backward(ctx, grad_logps, _token_stats):  # type: ignore[override]
-        source, weight, bias, lse = ctx.saved_tensors
+        source, weight, bias, row_max, log_sumexp = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if grad_logps is None:
             return None, None, None, None, None
         layout = ctx.layout
         with autocast_off(source.device.type):
             d_source, d_weight, d_bias = head_pass.backward(
-                source, layout.index, weight, bias, layout.targets, lse, grad_logps.float().contiguous(), ctx.cfg,
+                source, layout.index, weight, bias, layout.targets, LogSumExp(row_max, log_sumexp),
+                grad_logps.float().contiguous(), ctx.cfg,
                 need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
             )
         return d_source, d_weight, d_bias, None, None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -27,6 +27,26 @@ class LogitTransform:
     @property
     def inv_temperature(self) -> float:
         return 1.0 / self.temperature
+
+
+class LogSumExp(NamedTuple):
+    """Per-row log-sum-exp in two fp32 parts, ``lse = row_max + log_sumexp`` with ``log_sumexp = log Σ exp(z -
+    row_max)`` in [0, log V]. The softmax's exponent is formed as ``(z - row_max) - log_sumexp``, exact where the
+    logits are large (one fp32 lse would be rounded at |z|·2⁻²⁴: 0.03 at |z| ≈ 1e6); ``log_probs`` likewise."""
+
+    row_max: torch.Tensor
+    log_sumexp: torch.Tensor
+
+    def rows(self, start: int, end: int) -> LogSumExp:
+        return LogSumExp(self.row_max[start:end], self.log_sumexp[start:end])
+
+    def total(self) -> torch.Tensor:
+        """``row_max + log_sumexp`` as one fp32 tensor (rounded; for statistics, not exponents)."""
+        return self.row_max + self.log_sumexp
+
+    def log_probs(self, z: torch.Tensor) -> torch.Tensor:
+        """``z - lse`` of per-row logits ``z`` [rows]: ``(z - row_max) - log_sumexp``."""
+        return (z - self.row_max) - self.log_sumexp
 
 
 @dataclass
@@ -59,8 +79,8 @@ class RowStats:
         return RowStats(*(cut(t) for t in (self.row_max, self.row_sumexp, self.target_logit, self.logit_sum,
                                            self.entropy_acc, self.max_before_target)))
 
-    def lse(self) -> torch.Tensor:
-        return self.row_max + torch.log(self.row_sumexp)
+    def lse(self) -> LogSumExp:
+        return LogSumExp(self.row_max, torch.log(self.row_sumexp))
 
 
 class RowOps(Protocol):
@@ -73,7 +93,7 @@ class RowOps(Protocol):
         """Fold the tile into the running statistics ``stats`` (in place); the tile is left unchanged."""
         ...
 
-    def grad_(self, tile: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
+    def grad_(self, tile: torch.Tensor, targets: torch.Tensor, lse: LogSumExp, grad_rows: torch.Tensor,
               vocab_start: int, transform: LogitTransform) -> torch.Tensor:
         """Overwrite the tile with the gradient of ``sum_r grad_rows[r] * logp_r`` w.r.t. its raw logits."""
         ...
@@ -82,8 +102,9 @@ class RowOps(Protocol):
 class TorchRowOps:
     """The row kernels as whole-tile torch ops (CPU, or any device without Triton).
 
-    Few passes over the tile: ``logsumexp`` folds a chunk in one fused op, and the gradient is written in place
-    when the tile is already fp32 (the CPU path's usual case), so no tile-sized temporaries are allocated.
+    Few passes over the tile: ``logsumexp`` folds a chunk in one fused op on the logits shifted by the row max (in
+    place on the fp32 working copy; one temporary when the tile itself is the fp32 logits, which the fold must leave
+    intact), and the gradient is written in place when the tile is already fp32 (the CPU path's usual case).
     """
 
     name = "torch"
@@ -129,15 +150,18 @@ class TorchRowOps:
         # row_max stays the largest logit (the top-1 test reads it), as in the Triton kernel
         new_max = torch.maximum(stats.row_max, z.amax(1))
         rescale = torch.exp(stats.row_max - new_max)
-        chunk_sum = torch.exp(torch.logsumexp(z, 1) - new_max)  # this chunk's sum of exp(z - new_max)
+        # z - new_max before the exp (exact where |z| is large; logsumexp(z) - new_max would lose |z|·2⁻²⁴): in
+        # place on the working copy, a temporary when z is the caller's tile
+        shifted = z.sub_(new_max.unsqueeze(1)) if z is not tile else z - new_max.unsqueeze(1)
+        chunk_sum = torch.logsumexp(shifted, 1).exp_()  # this chunk's sum of exp(z - new_max)
         if stats.entropy_acc is not None:
-            # sum(e * z) with e = exp(z - new_max) = softmax_chunk(z) * chunk_sum
-            chunk_ent = (torch.softmax(z, 1) * z).sum(1) * chunk_sum
+            # sum(e * z) with e = exp(z - new_max) = softmax_chunk(z) * chunk_sum, z = shifted + new_max
+            chunk_ent = ((torch.softmax(shifted, 1) * shifted).sum(1) + new_max) * chunk_sum
             stats.entropy_acc.mul_(rescale).add_(chunk_ent)
         stats.row_sumexp.mul_(rescale).add_(chunk_sum)
         stats.row_max.copy_(new_max)
 
-    def grad_(self, tile: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
+    def grad_(self, tile: torch.Tensor, targets: torch.Tensor, lse: LogSumExp, grad_rows: torch.Tensor,
               vocab_start: int, transform: LogitTransform) -> torch.Tensor:
         n_rows, n_cols = tile.shape
         if n_rows == 0 or n_cols == 0:
@@ -145,8 +169,9 @@ class TorchRowOps:
         z = tile if tile.dtype == torch.float32 else tile.to(torch.float32)
         tanh = self._transform(z, transform)
         scale = transform.inv_temperature * transform.logit_scale
-        # -g * softmax * dz/dy, then + g * dz/dy at the target
-        g = z.sub_(lse.unsqueeze(1)).exp_().mul_(grad_rows.unsqueeze(1) * -scale)
+        # -g * softmax * dz/dy (softmax = exp((z - row_max) - log_sumexp)), then + g * dz/dy at the target
+        g = z.sub_(lse.row_max.unsqueeze(1)).sub_(lse.log_sumexp.unsqueeze(1)).exp_()
+        g.mul_(grad_rows.unsqueeze(1) * -scale)
         local = targets - vocab_start
         in_chunk = (local >= 0) & (local < n_cols)
         # + g·scale at the target (0 where the target is in another chunk): no boolean indexing, so no host sync
@@ -182,11 +207,11 @@ class TritonRowOps:
             logit_scale=transform.logit_scale, softcap=transform.softcap, inv_temperature=transform.inv_temperature,
         )
 
-    def grad_(self, tile: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
+    def grad_(self, tile: torch.Tensor, targets: torch.Tensor, lse: LogSumExp, grad_rows: torch.Tensor,
               vocab_start: int, transform: LogitTransform) -> torch.Tensor:
         return self._k.logit_grad_(
-            tile, targets, lse, grad_rows, vocab_start=vocab_start, logit_scale=transform.logit_scale,
-            softcap=transform.softcap, inv_temperature=transform.inv_temperature,
+            tile, targets, lse.row_max, lse.log_sumexp, grad_rows, vocab_start=vocab_start,
+            logit_scale=transform.logit_scale, softcap=transform.softcap, inv_temperature=transform.inv_temperature,
         )
 
 
