@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from fastpref.kernels.aot import Compiled, loop_sizes
+
 from fastpref.testing import sass_table
 
 # nvdisasm -c layout: an outer loop (.L_x_1) around an inner one (.L_x_2) with a forward branch inside it, a second
