@@ -34,7 +34,9 @@ bit-identical reruns, so no float atomics, so one program must own each output b
 H = 4096 does not fit one program's registers. Every [BM, BK] logits block would then be recomputed (2·BM·BK·H
 FLOPs) by each of the H / BLOCK_N programs that need it: H / BLOCK_N (16 at H = 4096) times the forward's GEMM,
 against one read of the kept logits (n·Vs·2 bytes) per gradient GEMM here. What is repeated per H block is the
-prologue's exp per logit; a wide BLOCK_N keeps it under the MMA time.
+prologue's exp per logit (with a softcap two and a reciprocal); a wide BLOCK_N keeps its share small. It does not
+overlap its own warpgroup's MMA on sm_90 (each gradient wgmma is waited for right after it: see the configs), only
+the other warpgroup's.
 
 Parallelism and determinism. ``linear_fold`` runs row blocks x vocabulary *splits*: each program walks its
 contiguous range of BLOCK_N column blocks keeping the row statistics in registers, writes per-split partials
@@ -135,28 +137,31 @@ class GemmConfig:
 #
 # fold, 128x128x32, 8 warps (two warpgroups, each a 64x128 wgmma), 4 stages: 4·(128 + 128)·32·2 = 64 KiB; 64 FLOP/B;
 # up to 255 registers with every feature on and no spill on either target (BK = 64 spilled 8-56 B on sm_80 under
-# Triton 3.6: its mma.sync operand fragments scale with BK). The epilogue is ~12 ALU ops and one exp per logit once
-# per BN block, against 2·H FLOPs of MMA per logit: a few % at H >= 2048. 4 stages keep three 256-cycle K steps of
-# loads in flight.
+# Triton 3.6: its mma.sync operand fragments scale with BK). The epilogue (sm_90, Triton 3.9, no softcap) is 1387
+# SASS instructions per block outside the K loop for 64 logits per thread, ~22 per logit, with one MUFU.EX2 per logit
+# (a softcap adds one more and a MUFU.RCP), against 2·H FLOPs of MMA per logit. Its K loop keeps one step's two
+# wgmmas in flight (async) while the next step's loads land; 4 stages keep three K steps of loads in flight.
 #
 # grad_input / grad_weight, sm_80: 64x256x32, 8 warps (mma.sync), 4 stages: 4·(64 + 256)·32·2 = 80 KiB; 51 FLOP/B;
 # 180-210 registers, no spill. The prologue's work is per logit and repeated once per BN-wide H block, while the MMA
 # does 2·BN FLOPs per logit: BN = 256 keeps the prologue's share at half of 128x128's at the same accumulator size.
 #
-# grad_input / grad_weight, sm_90: 128x256x16, 8 warps (two warpgroups, each a 64x256 wgmma), 4 stages:
-# 4·(128 + 256)·16·2 = 48 KiB; 85 FLOP/B; 190-255 registers, no spill. BK = 16, one wgmma per K step: with BK = 32
-# (two k16 wgmmas per step, their A operand G written to registers between them) ptxas serialises the warpgroup
-# MMAs (C7515, "wgmma.mma_async instructions are serialized ..."): grad_weight for every tile and flag set tried
-# (64x64 to 256x128, 4 or 8 warps, Triton 3.6 and 3.9), grad_input at 64x256x32 under Triton 3.6. Every BK = 16
-# tile tried compiled without it; 128x256 is the widest without a spill. tests/test_fused_gemm_aot.py fails on C7515.
+# grad_input / grad_weight, sm_90: 64x256x16, 8 warps (two warpgroups side by side along H, each a 64x128 wgmma),
+# 4 stages: 4·(64 + 256)·16·2 = 40 KiB; 51 FLOP/B; 120-180 registers, no spill. BK = 16, one wgmma per K step: with
+# BK = 32 (two k16 wgmmas per step, Triton issuing them async) ptxas serialises the warpgroup MMAs (C7515,
+# "wgmma.mma_async instructions are serialized ..."): grad_weight for every tile and flag set tried (64x64 to
+# 256x128, 4 or 8 warps, Triton 3.6 and 3.9), grad_input at 64x256x32 under Triton 3.6. Every BK = 16 tile tried
+# compiled without it; 128x256x16 (85 FLOP/B) spills under Triton 3.6 (grad_input at 255 registers). At BK = 16
+# Triton waits for each wgmma right after issuing it (pendings = 0), so a K step's prologue overlaps only the other
+# warpgroup's MMA, not its own. tests/test_fused_gemm_aot.py fails on C7515.
 #
 # GROUP_M: the programs resident at once (one per SM: the register use allows no second) share operand blocks
 # through L2, so the swizzle decides how often the big operand streams from HBM. At llama3-8b-1k (n = 6144, H = 4096,
 # V = 128256, 132 SMs): the fold (48 row blocks x 8 splits) with GROUP_M = 8 runs ~16 row blocks x 8 splits at once:
 # W streams 48/16 = 3 times (3.2 GB) while those rows' hidden states (16 MiB) stay in L2. The gradient GEMMs
-# (sm_80: 96 row / 2004 vocabulary blocks x 16 H blocks) with GROUP_M = 16 run 16 blocks x ~8 H blocks at once:
+# (96 row / 2004 vocabulary blocks x 16 H blocks) with GROUP_M = 16 run 16 blocks x ~8 H blocks at once:
 # the logits stream twice (3.2 GB) and W (or h) 6 times (6.3 GB), ~9.5 GB in all; GROUP_M = 8 would read the logits
-# once but W 12 times (~14 GB); 32 is as good as 16. sm_90's 128-row blocks take GROUP_M = 8: the same rows.
+# once but W 12 times (~14 GB); 32 is as good as 16.
 #
 # fp32 inputs: tl.dot(input_precision="ieee") is an FMA loop on the CUDA cores (no tensor cores, as torch's fp32
 # matmul) whose operands sit in registers, each thread holding its rows of A and columns of B for the whole BK, so a
@@ -165,7 +170,7 @@ class GemmConfig:
 # ---------------------------------------------------------------------------------------------------------------
 _FOLD_16 = GemmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=4)
 _GRAD_16 = {80: GemmConfig(64, 256, 32, group_m=16, num_warps=8, num_stages=4),
-            90: GemmConfig(128, 256, 16, group_m=8, num_warps=8, num_stages=4)}
+            90: GemmConfig(64, 256, 16, group_m=16, num_warps=8, num_stages=4)}
 _FOLD_32 = GemmConfig(64, 64, 16, group_m=8, num_warps=8, num_stages=3)
 _GRAD_32 = GemmConfig(128, 64, 16, group_m=8, num_warps=8, num_stages=3)
 # Targets: 90 (Hopper: wgmma) and 80 (every other: mma.sync on sm_80 / 86 / 89; untested on newer ones).
@@ -206,8 +211,8 @@ _TUNE_GRAD_16 = {
     ),
     90: (  # BK = 16 only: see the default's note
         _GRAD_16[90],
-        GemmConfig(128, 256, 16, group_m=8, num_warps=8, num_stages=3),
-        GemmConfig(64, 256, 16, group_m=16, num_warps=8, num_stages=4),
+        GemmConfig(64, 256, 16, group_m=8, num_warps=8, num_stages=4),
+        GemmConfig(64, 256, 16, group_m=16, num_warps=8, num_stages=3),
         GemmConfig(128, 128, 16, group_m=16, num_warps=8, num_stages=4),
     ),
 }

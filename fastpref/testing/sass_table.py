@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def update_requested() -> bool:
 def _locked(path: Path) -> Iterator[dict]:
     """The table, read under an exclusive lock (the two compile tests may update it at once under xdist)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    with open(Path(tempfile.gettempdir()) / f"fastpref-{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         table = json.loads(path.read_text()) if path.exists() else {}
         yield table
