@@ -71,7 +71,7 @@ def test_update_mode_rewrites_only_its_section_and_version(tmp_path, monkeypatch
     assert table == {"fused_gemm": {"3.9.0": {"sm_90": {"g": [9]}}},
                      "row_kernels": {"3.6.0": {"sm_80": {"k": [5]}}, "3.9.0": {"sm_80": {"k": [6]}}}}
     assert sass_table.committed("row_kernels", "3.10.0", path) is None
-    monkeypatch.setattr(sass_table, "TABLE", path)
+    monkeypatch.setattr(sass_table, "TABLE", path)  # check() reads and writes this file, not the committed one
     monkeypatch.setenv(sass_table.UPDATE_ENV, "1")
     assert sass_table.check("row_kernels", "3.9.0", {"sm_80": {"k": [60]}}) is None  # rewritten, not judged
     monkeypatch.delenv(sass_table.UPDATE_ENV)
@@ -79,3 +79,4 @@ def test_update_mode_rewrites_only_its_section_and_version(tmp_path, monkeypatch
     assert "+20%" in sass_table.check("row_kernels", "3.9.0", {"sm_80": {"k": [72]}})
     with pytest.raises(LookupError, match=r"3\.10\.0"):
         sass_table.check("row_kernels", "3.10.0", {"sm_80": {"k": [1]}})
+    assert json.loads(path.read_text())["row_kernels"]["3.9.0"] == {"sm_80": {"k": [60]}}

@@ -45,16 +45,18 @@ def _locked(path: Path) -> Iterator[dict]:
         yield table
 
 
-def update(section: str, version: str, measured: dict[str, dict[str, list[int]]], path: Path = TABLE) -> None:
+def update(section: str, version: str, measured: dict[str, dict[str, list[int]]], path: Path | None = None) -> None:
     """Replace ``section``'s entries for Triton ``version`` with ``measured`` ({arch: {specialisation: loops}})."""
+    path = TABLE if path is None else path
     with _locked(path) as table:
         table.setdefault(section, {})[version] = {arch: dict(sorted(m.items())) for arch, m in sorted(measured.items())}
         table[section] = dict(sorted(table[section].items()))
         path.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
 
 
-def committed(section: str, version: str, path: Path = TABLE) -> dict[str, dict[str, list[int]]] | None:
+def committed(section: str, version: str, path: Path | None = None) -> dict[str, dict[str, list[int]]] | None:
     """``section``'s entries for Triton ``version``, or None when the table has none for it."""
+    path = TABLE if path is None else path
     if not path.exists():
         return None
     return json.loads(path.read_text()).get(section, {}).get(version)
