@@ -150,8 +150,8 @@ class GemmConfig:
 # grad_input / grad_weight, sm_90: 64x256x16, 8 warps (two warpgroups side by side along H, each a 64x128 wgmma),
 # 4 stages: 4·(64 + 256)·16·2 = 40 KiB; 51 FLOP/B; 110-200 registers (Triton 3.9), no spill. BK = 16, one wgmma
 # per K step: with BK = 32 (two k16 wgmmas per step, Triton issuing them async) ptxas serialises the warpgroup
-# MMAs (C7515, "wgmma.mma_async instructions are serialized ..."): grad_weight for every tile and flag set tried (64x64 to
-# 256x128, 4 or 8 warps, Triton 3.6 and 3.9), grad_input at 64x256x32 under Triton 3.6. Every BK = 16 tile tried
+# MMAs (C7515, "wgmma.mma_async instructions are serialized ..."): grad_weight for every tile and flag set tried
+# (64x64 to 256x128, 4 or 8 warps, Triton 3.6 and 3.9), grad_input at 64x256x32 under Triton 3.6. Every BK = 16 tile tried
 # compiled without it; 128x256x16 (85 FLOP/B) spills under Triton 3.6 (grad_input at 255 registers). At BK = 16
 # Triton waits for each wgmma right after issuing it (pendings = 0), so a K step's prologue overlaps only the other
 # warpgroup's MMA, not its own. The price: a K step is half as long, so the loop's fixed work is paid twice as
