@@ -151,13 +151,13 @@ class GemmConfig:
 # 4 stages: 4·(64 + 256)·16·2 = 40 KiB; 51 FLOP/B; 110-200 registers (Triton 3.9), no spill. BK = 16, one wgmma
 # per K step: with BK = 32 (two k16 wgmmas per step, Triton issuing them async) ptxas serialises the warpgroup
 # MMAs (C7515, "wgmma.mma_async instructions are serialized ..."): grad_weight for every tile and flag set tried
-# (64x64 to 256x128, 4 or 8 warps, Triton 3.6 and 3.9), grad_input at 64x256x32 under Triton 3.6. Every BK = 16 tile tried
-# compiled without it; 128x256x16 (85 FLOP/B) spills under Triton 3.6 (grad_input at 255 registers). At BK = 16
+# (64x64 to 256x128, 4 or 8 warps, Triton 3.6 and 3.9), grad_input at 64x256x32 under Triton 3.6. Every BK = 16 tile
+# tried compiled without it; 128x256x16 (85 FLOP/B) spills under Triton 3.6 (grad_input at 255 registers). At BK = 16
 # Triton waits for each wgmma right after issuing it (pendings = 0), so a K step's prologue overlaps only the other
-# warpgroup's MMA, not its own. The price: a K step is half as long, so the loop's fixed work is paid twice as
-# often: 127 / 163 SASS instructions per 1024-logit step (Triton 3.6; grad_input accumulating, grad_weight plain)
-# against 188 / 236 per 2048-logit step at BK = 32, ~35 % more per logit. Whether that beats serialised MMAs is
-# for a GPU run to say. tests/test_fused_gemm_aot.py fails on C7515.
+# warpgroup's MMA, not its own. The price: a K step is half as long, so the loop's fixed work is paid twice as often:
+# 127 / 163 SASS instructions per 1024-logit step (Triton 3.6; grad_input accumulating, grad_weight plain) against 188 /
+# 236 per 2048-logit step at BK = 32, ~35 % more per logit. Whether that beats serialised MMAs is for a GPU run to say.
+# tests/test_fused_gemm_aot.py fails on C7515.
 #
 # GROUP_M: the programs resident at once (one per SM: the register use allows no second) share operand blocks
 # through L2, so the swizzle decides how often the big operand streams from HBM. At llama3-8b-1k (n = 6144, H = 4096,
