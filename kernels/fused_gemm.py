@@ -42,7 +42,9 @@ bit-identical reruns, so no float atomics, so one program must own each output b
 H = 4096 does not fit one program's registers. Every [BM, BK] logits block would then be recomputed (2·BM·BK·H
 FLOPs) by each of the H / BLOCK_N programs that need it: H / BLOCK_N (16 at H = 4096) times the forward's GEMM,
 against one read of the kept logits (n·Vs·2 bytes) per gradient GEMM here. What is repeated per H block is the
-prologue's exp per logit; a wide BLOCK_N keeps it under the MMA time.
+prologue's exp per logit (with a softcap two and a reciprocal); a wide BLOCK_N keeps its share small. It does not
+overlap its own warpgroup's MMA on sm_90 (each gradient wgmma is waited for right after it: see the configs), only
+the other warpgroup's.
 
 Parallelism and determinism. ``linear_fold`` runs row blocks x vocabulary *splits*: each program walks its
 contiguous range of BLOCK_N column blocks keeping the row statistics in registers, writes per-split partials
@@ -58,9 +60,12 @@ Under ``TRITON_INTERPRET=1`` (CPU tensors) bf16 takes two emulated steps the int
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,22 +146,34 @@ class GemmConfig:
 #
 # fold, 128x128x32, 8 warps (two warpgroups, each a 64x128 wgmma), 4 stages: 4·(128 + 128)·32·2 = 64 KiB; 64 FLOP/B;
 # up to 255 registers with every feature on and no spill on either target (BK = 64 spilled 8-56 B on sm_80 under
-# Triton 3.6: its mma.sync operand fragments scale with BK). The epilogue is ~12 ALU ops and one exp per logit once
-# per BN block, against 2·H FLOPs of MMA per logit: a few % at H >= 2048. 4 stages keep three 256-cycle K steps of
-# loads in flight.
+# Triton 3.6: its mma.sync operand fragments scale with BK). The epilogue (sm_90, Triton 3.9, no softcap) is 1387
+# SASS instructions per block outside the K loop for 64 logits per thread, ~22 per logit, with one MUFU.EX2 per logit
+# (a softcap adds one more and a MUFU.RCP), against 2·H FLOPs of MMA per logit. Its K loop keeps one step's two
+# wgmmas in flight (async) while the next step's loads land; 4 stages keep three K steps of loads in flight.
 #
-# grad_input / grad_weight, 64x256x32, 8 warps (two warpgroups side by side along H, each a 64x128 wgmma), 4 stages:
-# 4·(64 + 256)·32·2 = 80 KiB; 51 FLOP/B; 180-250 registers, no spill. The prologue's work is per logit and repeated
-# once per BN-wide H block, while the MMA does 2·BN FLOPs per logit: per K step 64·32 = 2048 logits (one ex2 each:
-# 128 SM-cycles of MUFU, ~5 ALU ops each) against 2·64·256·32 FLOPs (256 cycles of wgmma). BN = 256 keeps the
-# prologue at half the MMA time (128x128 would make them equal) at the same accumulator size as 128x128.
+# grad_input / grad_weight, sm_80: 64x256x32, 8 warps (mma.sync), 4 stages: 4·(64 + 256)·32·2 = 80 KiB; 51 FLOP/B;
+# up to 220 registers (Triton 3.9), no spill. The prologue's work is per logit and repeated once per BN-wide H
+# block, while the MMA does 2·BN FLOPs per logit: BN = 256 keeps the prologue's share at half of 128x128's at the
+# same accumulator size.
+#
+# grad_input / grad_weight, sm_90: 64x256x16, 8 warps (two warpgroups side by side along H, each a 64x128 wgmma),
+# 4 stages: 4·(64 + 256)·16·2 = 40 KiB; 51 FLOP/B; 110-200 registers (Triton 3.9), no spill. BK = 16, one wgmma
+# per K step: with BK = 32 (two k16 wgmmas per step, Triton issuing them async) ptxas serialises the warpgroup
+# MMAs (C7515, "wgmma.mma_async instructions are serialized ..."): grad_weight for every tile and flag set tried
+# (64x64 to 256x128, 4 or 8 warps, Triton 3.6 and 3.9), grad_input at 64x256x32 under Triton 3.6. Every BK = 16 tile
+# tried compiled without it; 128x256x16 (85 FLOP/B) spills under Triton 3.6 (grad_input at 255 registers). At BK = 16
+# Triton waits for each wgmma right after issuing it (pendings = 0), so a K step's prologue overlaps only the other
+# warpgroup's MMA, not its own. The price: a K step is half as long, so the loop's fixed work is paid twice as often:
+# 127 / 163 SASS instructions per 1024-logit step (Triton 3.6; grad_input accumulating, grad_weight plain) against 188 /
+# 236 per 2048-logit step at BK = 32, ~35 % more per logit. Whether that beats serialised MMAs is for a GPU run to say.
+# tests/test_fused_gemm_aot.py fails on C7515.
 #
 # GROUP_M: the programs resident at once (one per SM: the register use allows no second) share operand blocks
 # through L2, so the swizzle decides how often the big operand streams from HBM. At llama3-8b-1k (n = 6144, H = 4096,
 # V = 128256, 132 SMs): the fold (48 row blocks x 8 splits) with GROUP_M = 8 runs ~16 row blocks x 8 splits at once:
 # W streams 48/16 = 3 times (3.2 GB) while those rows' hidden states (16 MiB) stay in L2. The gradient GEMMs
-# (96 row / 2004 vocabulary blocks x 16 H blocks) with GROUP_M = 16 run 16 blocks x ~8 H blocks at once: the
-# logits stream twice (3.2 GB) and W (or h) 6 times (6.3 GB), ~9.5 GB in all; GROUP_M = 8 would read the logits
+# (96 row / 2004 vocabulary blocks x 16 H blocks) with GROUP_M = 16 run 16 blocks x ~8 H blocks at once:
+# the logits stream twice (3.2 GB) and W (or h) 6 times (6.3 GB), ~9.5 GB in all; GROUP_M = 8 would read the logits
 # once but W 12 times (~14 GB); 32 is as good as 16.
 #
 # fp32 inputs: tl.dot(input_precision="ieee") is an FMA loop on the CUDA cores (no tensor cores, as torch's fp32
@@ -165,13 +182,20 @@ class GemmConfig:
 # 8 warps, 3 stages: 16 / 32 accumulator registers per thread, 24 / 36 KiB.
 # ---------------------------------------------------------------------------------------------------------------
 _FOLD_16 = GemmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=4)
-_GRAD_16 = GemmConfig(64, 256, 32, group_m=16, num_warps=8, num_stages=4)
+_GRAD_16 = {80: GemmConfig(64, 256, 32, group_m=16, num_warps=8, num_stages=4),
+            90: GemmConfig(64, 256, 16, group_m=16, num_warps=8, num_stages=4)}
 _FOLD_32 = GemmConfig(64, 64, 16, group_m=8, num_warps=8, num_stages=3)
 _GRAD_32 = GemmConfig(128, 64, 16, group_m=8, num_warps=8, num_stages=3)
-DEFAULT_CONFIGS: dict[str, dict[torch.dtype, GemmConfig]] = {
-    kind: {torch.bfloat16: c16, torch.float16: c16, torch.float32: c32}
-    for kind, c16, c32 in (("fold", _FOLD_16, _FOLD_32), ("grad_input", _GRAD_16, _GRAD_32),
-                           ("grad_weight", _GRAD_16, _GRAD_32))
+# Targets: 90 (Hopper: wgmma) and 80 (every other: mma.sync on sm_80 / 86 / 89; untested on newer ones).
+ARCHS = (80, 90)
+# The target whose configs a launch on a non-CUDA device records (meta tensors, the interpreter): H100 / H200, as
+# DEFAULT_NUM_SMS; ``target_arch`` changes it (the ahead-of-time compile records each target's launches).
+DEFAULT_ARCH = 90
+DEFAULT_CONFIGS: dict[int, dict[str, dict[torch.dtype, GemmConfig]]] = {
+    arch: {kind: {torch.bfloat16: c16, torch.float16: c16, torch.float32: c32}
+           for kind, c16, c32 in (("fold", _FOLD_16, _FOLD_32), ("grad_input", _GRAD_16[arch], _GRAD_32),
+                                  ("grad_weight", _GRAD_16[arch], _GRAD_32))}
+    for arch in ARCHS
 }
 # A fold that stores the logits of a slab whose width is not a multiple of 16 (an odd vocabulary's last slab): Triton
 # cannot prove the ragged block's stores aligned, so each element gets its own 64-bit address, and the 128x128 fold
@@ -182,8 +206,8 @@ RAGGED_STORE_CONFIGS: dict[torch.dtype, GemmConfig] = {
     torch.float16: GemmConfig(128, 64, 64, group_m=8, num_warps=8, num_stages=4),
     torch.float32: _FOLD_32,
 }
-# Opt-in autotune candidates (FASTPREF_AUTOTUNE=1), the default first; each compiles without spills for sm_80 and
-# sm_90 (tests/test_fused_gemm_aot.py), also with masked K loops and ragged shapes.
+# Opt-in autotune candidates (FASTPREF_AUTOTUNE=1), the default first; each compiles without spills (and on sm_90
+# without serialised wgmma) for its target (tests/test_fused_gemm_aot.py), also with masked K loops and ragged shapes.
 _TUNE_FOLD_16 = (
     _FOLD_16,
     GemmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=3),
@@ -191,12 +215,20 @@ _TUNE_FOLD_16 = (
     GemmConfig(128, 64, 64, group_m=8, num_warps=8, num_stages=4),
     GemmConfig(64, 128, 32, group_m=8, num_warps=8, num_stages=4),
 )
-_TUNE_GRAD_16 = (
-    _GRAD_16,
-    GemmConfig(64, 256, 32, group_m=8, num_warps=8, num_stages=4),
-    GemmConfig(64, 256, 32, group_m=16, num_warps=8, num_stages=3),
-    GemmConfig(128, 128, 32, group_m=16, num_warps=8, num_stages=4),
-)
+_TUNE_GRAD_16 = {
+    80: (
+        _GRAD_16[80],
+        GemmConfig(64, 256, 32, group_m=8, num_warps=8, num_stages=4),
+        GemmConfig(64, 256, 32, group_m=16, num_warps=8, num_stages=3),
+        GemmConfig(128, 128, 32, group_m=16, num_warps=8, num_stages=4),
+    ),
+    90: (  # BK = 16 only: see the default's note
+        _GRAD_16[90],
+        GemmConfig(64, 256, 16, group_m=8, num_warps=8, num_stages=4),
+        GemmConfig(64, 256, 16, group_m=16, num_warps=8, num_stages=3),
+        GemmConfig(128, 128, 16, group_m=16, num_warps=8, num_stages=4),
+    ),
+}
 _TUNE_FOLD_32 = (
     _FOLD_32,
     GemmConfig(32, 64, 16, group_m=8, num_warps=4, num_stages=3),
@@ -206,12 +238,50 @@ _TUNE_GRAD_32 = (
     GemmConfig(64, 64, 16, group_m=8, num_warps=8, num_stages=3),
     GemmConfig(32, 64, 16, group_m=8, num_warps=4, num_stages=3),
 )
-AUTOTUNE_CONFIGS: dict[str, dict[torch.dtype, tuple[GemmConfig, ...]]] = {
-    kind: {torch.bfloat16: t16, torch.float16: t16, torch.float32: t32}
-    for kind, t16, t32 in (("fold", _TUNE_FOLD_16, _TUNE_FOLD_32), ("grad_input", _TUNE_GRAD_16, _TUNE_GRAD_32),
-                           ("grad_weight", _TUNE_GRAD_16, _TUNE_GRAD_32))
+AUTOTUNE_CONFIGS: dict[int, dict[str, dict[torch.dtype, tuple[GemmConfig, ...]]]] = {
+    arch: {kind: {torch.bfloat16: t16, torch.float16: t16, torch.float32: t32}
+           for kind, t16, t32 in (("fold", _TUNE_FOLD_16, _TUNE_FOLD_32),
+                                  ("grad_input", _TUNE_GRAD_16[arch], _TUNE_GRAD_32),
+                                  ("grad_weight", _TUNE_GRAD_16[arch], _TUNE_GRAD_32))}
+    for arch in ARCHS
 }
 _AUTOTUNE_KEY = ["n_rows_bin", "n_cols", "hidden_size"]
+
+
+_target = threading.local()
+
+
+def config_arch(arch: int) -> int:
+    """The config table a compute capability ``arch`` (``major·10 + minor``) takes: 90 for Hopper, 80 otherwise."""
+    return 90 if arch // 10 == 9 else 80
+
+
+@contextlib.contextmanager
+def target_arch(arch: int) -> Iterator[None]:
+    """Launches on non-CUDA tensors (``meta``: recording for the ahead-of-time compile) take ``sm_<arch>``'s configs
+    instead of ``DEFAULT_ARCH``'s; CUDA launches always take their device's."""
+    if isinstance(arch, bool) or not isinstance(arch, int) or arch < 10:
+        raise ValueError(f"arch: expected a compute capability such as 80 or 90, got {arch!r}")
+    old = getattr(_target, "arch", None)
+    _target.arch = arch
+    try:
+        yield
+    finally:
+        _target.arch = old
+
+
+def device_arch(device: torch.device) -> int:
+    """The config table of ``device``: its compute capability on CUDA, else ``target_arch``'s or ``DEFAULT_ARCH``."""
+    if device.type == "cuda":
+        return config_arch(_cuda_arch(device.index if device.index is not None else torch.cuda.current_device()))
+    arch = getattr(_target, "arch", None)
+    return config_arch(DEFAULT_ARCH if arch is None else arch)
+
+
+@functools.cache
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 def autotune_enabled() -> bool:
@@ -696,32 +766,35 @@ _KERNELS: dict[str, Any] = {
 
 
 @functools.cache
-def _autotuned(kind: str, dtype: torch.dtype, restore: tuple[str, ...]) -> Any:
-    """The ``triton.autotune`` wrapper of one kernel for one compute dtype (built once). ``restore`` names the
-    outputs an accumulating launch reads (each benchmark run must start from their original values)."""
-    configs = [c.triton_config() for c in AUTOTUNE_CONFIGS[kind][dtype]]
+def _autotuned(kind: str, dtype: torch.dtype, restore: tuple[str, ...], arch: int = DEFAULT_ARCH) -> Any:
+    """The ``triton.autotune`` wrapper of one kernel for one compute dtype and target (built once). ``restore``
+    names the outputs an accumulating launch reads (each benchmark run must start from their original values)."""
+    configs = [c.triton_config() for c in AUTOTUNE_CONFIGS[config_arch(arch)][kind][dtype]]
     return triton.autotune(configs=configs, key=_AUTOTUNE_KEY, restore_value=list(restore))(_KERNELS[kind])
 
 
-def default_config(kind: str, dtype: torch.dtype, *, ragged_store: bool = False) -> GemmConfig:
-    """The fixed config of ``kind`` ("fold", "grad_input", "grad_weight") for ``dtype``; ``ragged_store``: a fold that
-    stores logits of a slab whose width is not a multiple of 16 (see ``RAGGED_STORE_CONFIGS``)."""
+def default_config(kind: str, dtype: torch.dtype, *, ragged_store: bool = False, arch: int = DEFAULT_ARCH
+                   ) -> GemmConfig:
+    """The fixed config of ``kind`` ("fold", "grad_input", "grad_weight") for ``dtype`` on ``sm_<arch>``;
+    ``ragged_store``: a fold that stores logits of a slab whose width is not a multiple of 16 (see
+    ``RAGGED_STORE_CONFIGS``)."""
     if ragged_store and kind == "fold":
         return RAGGED_STORE_CONFIGS[dtype]
-    return DEFAULT_CONFIGS[kind][dtype]
+    return DEFAULT_CONFIGS[config_arch(arch)][kind][dtype]
 
 
 def _select(kind: str, dtype: torch.dtype, config: GemmConfig | None, restore: tuple[str, ...] = (), *,
-            ragged_store: bool = False) -> tuple[Any, dict[str, int], tuple[GemmConfig, ...]]:
+            ragged_store: bool = False, arch: int = DEFAULT_ARCH) -> tuple[Any, dict[str, int], tuple[GemmConfig, ...]]:
     """(kernel, launch meta-parameters, the configs it may run with): a forced ``config``, else the autotuner
-    when ``FASTPREF_AUTOTUNE=1``, else the fixed default."""
+    when ``FASTPREF_AUTOTUNE=1``, else the fixed default of ``sm_<arch>``."""
     if config is not None:
         if not isinstance(config, GemmConfig):
             raise TypeError(f"config: expected a GemmConfig or None, got {type(config).__name__}")
         return _KERNELS[kind], config.meta(), (config,)
     if autotune_enabled():
-        return _autotuned(kind, dtype, restore), {}, AUTOTUNE_CONFIGS[kind][dtype]
-    default = default_config(kind, dtype, ragged_store=ragged_store)
+        arch = config_arch(arch)
+        return _autotuned(kind, dtype, restore, arch), {}, AUTOTUNE_CONFIGS[arch][kind][dtype]
+    default = default_config(kind, dtype, ragged_store=ragged_store, arch=arch)
     return _KERNELS[kind], default.meta(), (default,)
 
 
@@ -912,7 +985,8 @@ def linear_fold(
     if n == 0 or vs == 0:
         return
     kernel, meta, candidates = _select("fold", dtype, config,
-                                       ragged_store=logits_out is not None and vs % ROW_STRIDE_MULTIPLE != 0)
+                                       ragged_store=logits_out is not None and vs % ROW_STRIDE_MULTIPLE != 0,
+                                       arch=device_arch(dev))
     # split boundaries fall on whole blocks of every config the launch may run with
     align = math.lcm(*(c.block_n for c in candidates))
     block_m = candidates[0].block_m
@@ -999,7 +1073,8 @@ def linear_grad_input(
         raise TypeError(f"accumulate: expected a bool, got {type(accumulate).__name__}")
     if n == 0 or h_size == 0:
         return out
-    kernel, meta, _ = _select("grad_input", dtype, config, restore=("p_out",) if accumulate else ())
+    kernel, meta, _ = _select("grad_input", dtype, config, restore=("p_out",) if accumulate else (),
+                              arch=device_arch(dev))
 
     def grid(m: dict[str, Any]) -> tuple[int]:
         return (triton.cdiv(n, m["BLOCK_M"]) * triton.cdiv(h_size, m["BLOCK_N"]),)
@@ -1052,7 +1127,7 @@ def linear_grad_weight(
     if vs == 0:
         return out
     restore = (("p_out", "p_dbias") if d_bias is not None else ("p_out",)) if accumulate else ()
-    kernel, meta, _ = _select("grad_weight", dtype, config, restore=restore)
+    kernel, meta, _ = _select("grad_weight", dtype, config, restore=restore, arch=device_arch(dev))
 
     def grid(m: dict[str, Any]) -> tuple[int]:
         # at least one H block, so d_bias is written even when H = 0
@@ -1070,16 +1145,21 @@ def linear_grad_weight(
 
 
 __all__ = [
+    "ARCHS",
     "AUTOTUNE_CONFIGS",
     "AUTOTUNE_ENV",
+    "DEFAULT_ARCH",
     "DEFAULT_CONFIGS",
     "RAGGED_STORE_CONFIGS",
     "GemmConfig",
     "autotune_enabled",
+    "config_arch",
     "default_config",
+    "device_arch",
     "fold_splits",
     "linear_fold",
     "linear_grad_input",
     "linear_grad_weight",
     "logits_buffer",
+    "target_arch",
 ]

@@ -416,7 +416,9 @@ def _config_cases():
     for kind in ("fold", "grad_input", "grad_weight"):
         for dtype in (torch.bfloat16, torch.float32):
             ragged = [fg.RAGGED_STORE_CONFIGS[dtype]] if kind == "fold" else []
-            for c in _unique([fg.DEFAULT_CONFIGS[kind][dtype], *fg.AUTOTUNE_CONFIGS[kind][dtype], *ragged]):
+            shipped = [c for arch in fg.ARCHS
+                       for c in (fg.DEFAULT_CONFIGS[arch][kind][dtype], *fg.AUTOTUNE_CONFIGS[arch][kind][dtype])]
+            for c in _unique([*shipped, *ragged]):
                 cases.append(pytest.param(kind, dtype, c, id=f"{kind}-{str(dtype)[6:]}-{c.block_m}x{c.block_n}x"
                                                              f"{c.block_k}w{c.num_warps}s{c.num_stages}g{c.group_m}"))
     return cases
@@ -480,12 +482,13 @@ def test_autotune_runs_only_when_asked(monkeypatch):
     monkeypatch.delenv(fg.AUTOTUNE_ENV, raising=False)
     for kind in ("fold", "grad_input", "grad_weight"):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            kernel, meta, candidates = fg._select(kind, dtype, None)
-            assert kernel is fg._KERNELS[kind] and meta == fg.DEFAULT_CONFIGS[kind][dtype].meta()
-            assert candidates == (fg.DEFAULT_CONFIGS[kind][dtype],)
+            for arch in fg.ARCHS:
+                kernel, meta, candidates = fg._select(kind, dtype, None, arch=arch)
+                assert kernel is fg._KERNELS[kind] and meta == fg.DEFAULT_CONFIGS[arch][kind][dtype].meta()
+                assert candidates == (fg.DEFAULT_CONFIGS[arch][kind][dtype],)
     monkeypatch.setenv(fg.AUTOTUNE_ENV, "1")
     kernel, meta, candidates = fg._select("grad_weight", torch.bfloat16, None, restore=("p_out", "p_dbias"))
-    assert meta == {} and candidates == fg.AUTOTUNE_CONFIGS["grad_weight"][torch.bfloat16]
+    assert meta == {} and candidates == fg.AUTOTUNE_CONFIGS[fg.DEFAULT_ARCH]["grad_weight"][torch.bfloat16]
     assert kernel.keys == ["n_rows_bin", "n_cols", "hidden_size"] and kernel.restore_value == ["p_out", "p_dbias"]
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
             for c in kernel.configs] == [(c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages)
@@ -508,12 +511,41 @@ def test_ragged_stored_slab_takes_the_light_config(monkeypatch):
         st = _stats(8)
         out = fg.logits_buffer(8, width, torch.bfloat16) if store else None
         fg.linear_fold(h, w[:width], b[:width], targets, **st, vocab_start=0, **PLAIN.kwargs(), logits_out=out)
-    ragged, default = fg.RAGGED_STORE_CONFIGS[torch.bfloat16], fg.DEFAULT_CONFIGS["fold"][torch.bfloat16]
+    ragged, default = fg.RAGGED_STORE_CONFIGS[torch.bfloat16], fg.DEFAULT_CONFIGS[fg.DEFAULT_ARCH]["fold"][
+        torch.bfloat16]
     gemm = [kw["BLOCK_N"] for kw in launched if "BLOCK_M" in kw]
     assert gemm == [ragged.block_n, default.block_n, default.block_n]
     assert fg.default_config("fold", torch.float32, ragged_store=True) == fg.RAGGED_STORE_CONFIGS[torch.float32]
-    assert fg.default_config("grad_input", torch.float32, ragged_store=True) == fg.DEFAULT_CONFIGS["grad_input"][
-        torch.float32]
+    assert fg.default_config("grad_input", torch.float32, ragged_store=True) == fg.DEFAULT_CONFIGS[fg.DEFAULT_ARCH][
+        "grad_input"][torch.float32]
+
+
+def test_configs_follow_the_target_arch(monkeypatch):
+    """Each target launches its own table: sm_90 (and any Hopper) the wgmma configs, everything else sm_80's; a
+    non-CUDA launch the DEFAULT_ARCH's unless target_arch says otherwise (the ahead-of-time compile's recording)."""
+    monkeypatch.delenv(fg.AUTOTUNE_ENV, raising=False)
+    assert [fg.config_arch(a) for a in (80, 86, 89, 90, 100, 120)] == [80, 80, 80, 90, 80, 80]
+    meta = torch.device("meta")
+    assert fg.device_arch(meta) == fg.DEFAULT_ARCH
+    launched = []
+    monkeypatch.setattr(fg, "launch", lambda kernel, grid, *args, **kw: launched.append(kw))
+    n, vs, hidden = 8, 32, 16
+    logits, w = fg.logits_buffer(n, vs, torch.bfloat16, "meta"), torch.empty(vs, hidden, dtype=torch.bfloat16,
+                                                                               device="meta")
+    vec = dict(device="meta", dtype=torch.float32)
+    for arch in (80, 90):
+        with fg.target_arch(arch):
+            assert fg.device_arch(meta) == arch
+            fg.linear_grad_input(logits, torch.empty(n, dtype=torch.int64, device="meta"), torch.empty(n, **vec),
+                                 torch.empty(n, **vec), w, torch.empty(n, hidden, **vec), vocab_start=0,
+                                 logit_scale=1.0, softcap=None, inv_temperature=1.0, accumulate=False)
+    assert fg.device_arch(meta) == fg.DEFAULT_ARCH
+    assert [kw["BLOCK_K"] for kw in launched] == [fg.DEFAULT_CONFIGS[a]["grad_input"][torch.bfloat16].block_k
+                                                  for a in (80, 90)]
+    assert fg.DEFAULT_CONFIGS[80]["grad_input"][torch.bfloat16] != fg.DEFAULT_CONFIGS[90]["grad_input"][torch.bfloat16]
+    with pytest.raises(ValueError, match="arch"):
+        with fg.target_arch("sm_90"):
+            pass
 
 
 def test_empty_and_degenerate_sizes():

@@ -5,8 +5,11 @@ scored rows, H = 4096 / 3584 / 2048, slab widths 10752 / 8192 / 32000 / 128256; 
 softcap, entropy, top-1, bias, stored logits, d_bias, fp32 / compute-dtype outputs, accumulation; plus an odd row
 count and an odd slab width for the masked K loops), plus every opt-in autotune candidate, dedupes them by
 ``LaunchRecord.key()`` (integer sizes enter a binary only through Triton's divisibility specialisation, so the shapes
-collapse) and compiles each with ``kernels/aot.py``: it must compile, with no spills, <= 255 registers and shared
-memory within the SM's per-block limit.
+collapse) and compiles each with ``kernels/aot.py`` for the target it was recorded for (the launchers pick configs per
+target: ``fused_gemm.target_arch``): it must compile, with no spills, <= 255 registers, shared memory within the SM's
+per-block limit and, on sm_90, its warpgroup MMAs not serialised by ptxas (C7515); and the SASS instructions per
+iteration of each loop must stay within 10 % of the committed table (``fastpref/testing/sass_table.py``; its
+docstring has the command that regenerates it).
 
 Recording needs the real ``@triton.jit`` functions, not the interpreter's stand-ins (tests/conftest.py sets
 TRITON_INTERPRET=1 on CPU-only machines), so the recording and compiling run in a child process without it:
@@ -84,8 +87,22 @@ def _launch_all(fg, dtype, n: int, h_size: int, vs: int, fold_flags, grad_flags,
                               vec(out_dtype, vs) if f["d_bias"] else None, **common)
 
 
-def record_all() -> tuple[list, dict[str, int]]:
-    """(the deduplicated launch records, counts of what was recorded); runs without TRITON_INTERPRET."""
+def record_all() -> tuple[list[tuple[object, int]], dict[str, int]]:
+    """(the deduplicated (launch record, target arch) pairs, counts of what was recorded); runs without
+    TRITON_INTERPRET. Each target's launches are recorded with its configs."""
+    from fastpref.kernels import fused_gemm as fg
+
+    unique: dict = {}
+    counts: dict[str, int] = {}
+    for arch in ARCHS:
+        with fg.target_arch(arch):
+            records, counts = _record_target(arch)
+        for r in records:
+            unique.setdefault((arch, r.key()), (r, arch))
+    return list(unique.values()), counts
+
+
+def _record_target(arch: int) -> tuple[list, dict[str, int]]:
     import torch
     from fastpref.kernels import fused_gemm as fg
     from fastpref.kernels.launch import jit_function, record_launches
@@ -113,7 +130,7 @@ def record_all() -> tuple[list, dict[str, int]]:
             kw = dict(r.kwargs)
             dtype = args["p_hidden" if r.name != "_linear_grad_input_kernel" else "p_weight"].dtype
             ragged = kw.get("STORE_LOGITS", False) and args["n_cols"] % 16 != 0
-            want = fg.default_config(kinds[r.name], dtype, ragged_store=ragged)
+            want = fg.default_config(kinds[r.name], dtype, ragged_store=ragged, arch=arch)
             assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], kw["num_warps"], kw["num_stages"]) == (
                 *_blocks(want), want.group_m, want.num_warps, want.num_stages), r.name
     os.environ[fg.AUTOTUNE_ENV] = "1"
@@ -126,10 +143,7 @@ def record_all() -> tuple[list, dict[str, int]]:
     finally:
         os.environ.pop(fg.AUTOTUNE_ENV, None)
     counts["autotune"] = len(tuned)
-    unique: dict = {}
-    for r in [*records, *tuned]:
-        unique.setdefault(r.key(), r)
-    return list(unique.values()), counts
+    return [*records, *tuned], counts
 
 
 def _blocks(c) -> tuple[int, int, int]:
@@ -139,41 +153,47 @@ def _blocks(c) -> tuple[int, int, int]:
 _RECORDS: list = []
 
 
-def _compile(job: tuple[int, int]) -> dict:
+def _compile(index: int) -> dict:
     from fastpref.kernels.aot import compile_launch
 
-    index, arch = job
-    r = _RECORDS[index]
+    r, arch = _RECORDS[index]
     c = compile_launch(r, arch)
     kw = dict(r.kwargs)
     dtypes = sorted({str(a.dtype).replace("torch.", "") for a in r.args if hasattr(a, "dtype")})
     flags = sorted(k for k, v in kw.items() if k.isupper() and v is True)
+    blocks = [kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("BLOCK_K")]
+    spec = " ".join([c.name, "/".join(dtypes), "x".join(map(str, blocks)) if blocks[0] else f"block{kw.get('BLOCK')}",
+                     f"w{c.num_warps}s{kw.get('num_stages')}g{kw.get('GROUP_M')}", "+".join(flags) or "-"])
     return dict(name=c.name, arch=arch, registers=c.registers, spills=c.spills, local=c.local_bytes,
                 stack=c.stack_bytes, shared=c.shared_bytes, num_warps=c.num_warps, num_stages=kw.get("num_stages"),
-                blocks=[kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("BLOCK_K")], group_m=kw.get("GROUP_M"),
-                dtypes=dtypes, flags=flags)
+                blocks=blocks, group_m=kw.get("GROUP_M"), dtypes=dtypes, flags=flags, spec=spec,
+                loops=list(c.sass_loops), ptxas_warnings=c.ptxas_warnings, wgmma_serialized=c.wgmma_serialized)
 
 
 def main(argv: list[str]) -> int:
-    """Worker: record, dedupe, compile every record for every arch (2 processes), print one JSON line each."""
+    """Worker: record each target's launches, dedupe, compile (2 processes), print one JSON line each."""
     import concurrent.futures
     import multiprocessing
 
+    import triton
+
     records, counts = record_all()
     _RECORDS[:] = records
-    print(json.dumps({"counts": counts, "unique": len(records)}), flush=True)
-    jobs = [(i, arch) for i in range(len(records)) for arch in ARCHS]
+    print(json.dumps({"counts": counts, "unique": len(records), "triton": triton.__version__}), flush=True)
     workers = max(1, min(2, os.cpu_count() or 1))
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        results = list(pool.map(_compile, jobs))
+        results = list(pool.map(_compile, range(len(records))))
     for res in results:
         print(json.dumps(res), flush=True)
     if "--table" in argv:
-        print("| kernel | dtypes | flags | blocks | warps | stages | sm | regs | spill B | smem B |", file=sys.stderr)
+        print("| kernel | dtypes | flags | blocks | warps | stages | sm | regs | spill B | smem B | wgmma "
+              "| SASS/iter |", file=sys.stderr)
         for res in sorted(results, key=lambda r: (r["name"], r["dtypes"], r["blocks"], r["flags"], r["arch"])):
             print(f"| {res['name']} | {'/'.join(res['dtypes'])} | {' '.join(res['flags'])} | "
                   f"{'x'.join(map(str, res['blocks']))} | {res['num_warps']} | {res['num_stages']} | {res['arch']} | "
-                  f"{res['registers']} | {res['local'] + res['stack']} | {res['shared']} |", file=sys.stderr)
+                  f"{res['registers']} | {res['local'] + res['stack']} | {res['shared']} | "
+                  f"{'serialised' if res['wgmma_serialized'] else '-'} | {'/'.join(map(str, res['loops']))} |",
+                  file=sys.stderr)
     return 0
 
 
@@ -196,6 +216,36 @@ def test_every_specialisation_compiles_without_spills(compiled):
     assert not bad, "over the limits:\n" + "\n".join(json.dumps(r) for r in bad)
 
 
+def test_no_serialised_warpgroup_mma(compiled):
+    """ptxas's C7515 ("wgmma.mma_async instructions are serialized"): each warpgroup MMA waits for the previous
+    one, so nothing overlaps the MMAs; the sm_90 configs must avoid it (BK = 16 for the gradient GEMMs)."""
+    _, results = compiled
+    bad = [f"{r['spec']} sm_{r['arch']}: {r['ptxas_warnings']}" for r in results if r["wgmma_serialized"]]
+    assert not bad, "serialised wgmma:\n" + "\n".join(bad)
+
+
+def test_no_ptxas_warnings(compiled):
+    _, results = compiled
+    bad = [f"{r['spec']} sm_{r['arch']}: {w}" for r in results for w in r["ptxas_warnings"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_sass_per_iteration_within_10pc_of_the_table(compiled):
+    """Static SASS instructions per iteration of each loop, per specialisation and target, against
+    tests/data/sass_per_iteration.json (FASTPREF_UPDATE_SASS=1 rewrites it: fastpref/testing/sass_table.py)."""
+    from fastpref.testing import sass_table
+
+    meta, results = compiled
+    now: dict[str, dict[str, list[int]]] = {}
+    for r in results:
+        now.setdefault(f"sm_{r['arch']}", {})[r["spec"]] = r["loops"]
+    try:
+        failure = sass_table.check("fused_gemm", meta["triton"], now)
+    except LookupError as e:
+        pytest.skip(str(e))
+    assert failure is None, failure
+
+
 def test_records_cover_kernels_configs_and_features(compiled):
     """Every kernel, every shipped config (default and autotune candidates) for both targets, every feature flag."""
     import torch
@@ -206,26 +256,32 @@ def test_records_cover_kernels_configs_and_features(compiled):
                                             "_linear_grad_input_kernel", "_linear_grad_weight_kernel"}
     names = {"fold": "_linear_fold_kernel", "grad_input": "_linear_grad_input_kernel",
              "grad_weight": "_linear_grad_weight_kernel"}
-    def compiled_for(name, config, dtype=None):
-        return all(any(r["name"] == name and r["arch"] == arch and r["blocks"] == list(_blocks(config))
-                       and r["num_warps"] == config.num_warps and r["num_stages"] == config.num_stages
-                       and r["group_m"] == config.group_m
-                       and (dtype is None or str(dtype).replace("torch.", "") in r["dtypes"]) for r in results)
-                   for arch in ARCHS)
+    def compiled_for(name, config, arch, dtype=None):
+        return any(r["name"] == name and r["arch"] == arch and r["blocks"] == list(_blocks(config))
+                   and r["num_warps"] == config.num_warps and r["num_stages"] == config.num_stages
+                   and r["group_m"] == config.group_m
+                   and (dtype is None or str(dtype).replace("torch.", "") in r["dtypes"]) for r in results)
 
-    for kind, name in names.items():
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            assert compiled_for(name, fg.DEFAULT_CONFIGS[kind][dtype], dtype), (kind, dtype)
-            for c in fg.AUTOTUNE_CONFIGS[kind][dtype]:  # fp16 shares bf16's candidates: compiled for bf16
-                assert compiled_for(name, c), (kind, dtype, c)
-    for dtype in (torch.bfloat16, torch.float32):
-        assert compiled_for(names["fold"], fg.RAGGED_STORE_CONFIGS[dtype], dtype), dtype
+    for arch in ARCHS:
+        for kind, name in names.items():
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                assert compiled_for(name, fg.DEFAULT_CONFIGS[arch][kind][dtype], arch, dtype), (arch, kind, dtype)
+                for c in fg.AUTOTUNE_CONFIGS[arch][kind][dtype]:  # fp16 shares bf16's candidates
+                    assert compiled_for(name, c, arch), (arch, kind, dtype, c)
+        for dtype in (torch.bfloat16, torch.float32):
+            assert compiled_for(names["fold"], fg.RAGGED_STORE_CONFIGS[dtype], arch, dtype), (arch, dtype)
+    # each target compiles its own gradient configs: sm_90's never reach sm_80 and the other way round
+    for r in results:
+        if r["name"] in (names["grad_input"], names["grad_weight"]) and {"bfloat16", "float16"} & set(r["dtypes"]):
+            own = [*fg.AUTOTUNE_CONFIGS[r["arch"]]["grad_input"][torch.bfloat16]]
+            assert any(r["blocks"] == list(_blocks(c)) and r["num_stages"] == c.num_stages for c in own), r
     flags = {f for r in results for f in r["flags"]}
     assert {"HAS_BIAS", "HAS_SOFTCAP", "HAS_ENTROPY", "HAS_TOP1", "STORE_LOGITS", "HAS_DBIAS", "ACCUMULATE",
             "EVEN_K"} <= flags
     assert not any("INTERPRET_BF16" in r["flags"] for r in results), "GPU binaries never take the interpreter path"
     # the autotuned launches expand to every candidate: 3 GEMMs x candidates + combine, per flag set and dtype
-    per_dtype = {d: sum(len(fg.AUTOTUNE_CONFIGS[k][d]) for k in names) + 1 for d in (torch.bfloat16, torch.float32)}
+    per_dtype = {d: sum(len(fg.AUTOTUNE_CONFIGS[ARCHS[-1]][k][d]) for k in names) + 1
+                 for d in (torch.bfloat16, torch.float32)}
     assert meta["counts"]["autotune"] == sum(per_dtype.values())
 
 

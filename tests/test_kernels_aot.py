@@ -13,7 +13,10 @@ Bounds, per compiled kernel:
   program, so 64 registers x 256 threads x 4 programs fill the 64K-register file of an SM exactly: at most 64
   keeps at least 4 programs (1024 threads, 50 % occupancy) resident to hide the memory latency;
 - shared memory within the SM's per-block limit (sm_80: 163 KiB, sm_90: 227 KiB);
-- the fold kernel reduces across the block once per chunk, after its loop (no ``tt.reduce`` inside it).
+- the fold kernel reduces across the block once per chunk, after its loop (no ``tt.reduce`` inside it);
+- no ptxas warning or advisory (C7515, serialised warpgroup MMAs on sm_90, among them);
+- the row kernels' SASS instructions per loop iteration within 10 % of ``tests/data/sass_per_iteration.json``
+  (``fastpref/testing/sass_table.py``; the fused GEMMs' are checked by ``tests/test_fused_gemm_aot.py``).
 """
 
 from __future__ import annotations
@@ -89,3 +92,25 @@ def test_shared_memory_within_the_sm_limit(compiled):
 def test_fold_kernel_reduces_once_after_its_loop(compiled):
     folds = [e for e in compiled if e["name"] == "_fold_logsumexp_kernel"]
     assert folds and all(e["no_reduce_in_loop"] for e in folds)
+
+
+def test_no_ptxas_warnings_or_serialised_wgmma(compiled):
+    bad = [f"{e['spec']} sm_{e['arch']}: {w}" for e in compiled for w in e["ptxas_warnings"]]
+    assert not bad, "\n".join(bad)
+    assert not any(e["wgmma_serialized"] for e in compiled)
+
+
+def test_row_kernel_sass_per_iteration_within_10pc_of_the_table(compiled):
+    """FASTPREF_UPDATE_SASS=1 rewrites the table (fastpref/testing/sass_table.py has the command)."""
+    from fastpref.testing import sass_table
+
+    now: dict[str, dict[str, list[int]]] = {}
+    for e in compiled:
+        if e["name"] in ROW_KERNELS:
+            now.setdefault(f"sm_{e['arch']}", {})[e["spec"]] = list(e["sass_loops"])
+    assert now
+    try:
+        failure = sass_table.check("row_kernels", compiled[0]["triton"], now)
+    except LookupError as e:
+        pytest.skip(str(e))
+    assert failure is None, failure

@@ -1,5 +1,6 @@
 """The kernel launches the ops really make at the benchmark shapes, recorded on ``meta`` tensors, and their
-ahead-of-time compilation for sm_80 / sm_90 (``tests/test_kernels_aot.py``).
+ahead-of-time compilation for sm_80 / sm_90 (``tests/test_kernels_aot.py``), each target's launches recorded with
+its own configs (``fused_gemm.target_arch``).
 
 Every pass over the head runs as in training — the forward statistics and the lean backward
 (``ops.head_pass``), the fast path with its pair groups and its backward (``ops.fused_pair_loss``), the grouped
@@ -25,6 +26,7 @@ from .. import losses as L
 from ..benchmark.cost_model import fast_groups
 from ..benchmark.workload import BENCH_SHAPES, IGNORE_INDEX, SHAPES, Shape
 from ..inputs import pair_layout
+from ..kernels import fused_gemm
 from ..kernels.launch import LaunchRecord, record_launches
 from ..ops import HeadPass, LogitTransform, PairProblem, TokenLayout, grouped_sequence_logps
 from ..ops import head_pass as passes
@@ -72,10 +74,16 @@ def record_shape(shape: Shape, dtype: torch.dtype, *, token_metrics: bool, softc
 
 
 def benchmark_launches(shapes: Iterable[str] = BENCH_SHAPES,
-                       dtypes: Iterable[torch.dtype] = (torch.bfloat16, torch.float16)) -> list[LaunchRecord]:
-    """The distinct specialisations (``LaunchRecord.key``) launched at the benchmark shapes on both GEMM paths:
-    bf16 (the benchmark) and fp16, with and without the token statistics of the trainers' metrics, with and
-    without a softcap (Gemma's heads)."""
+                       dtypes: Iterable[torch.dtype] = (torch.bfloat16, torch.float16), *,
+                       arch: int = fused_gemm.DEFAULT_ARCH) -> list[LaunchRecord]:
+    """The distinct specialisations (``LaunchRecord.key``) launched at the benchmark shapes on both GEMM paths for
+    target ``sm_<arch>`` (the fused GEMMs' configs depend on it): bf16 (the benchmark) and fp16, with and without the
+    token statistics of the trainers' metrics, with and without a softcap (Gemma's heads)."""
+    with fused_gemm.target_arch(arch):
+        return _benchmark_launches(shapes, dtypes)
+
+
+def _benchmark_launches(shapes: Iterable[str], dtypes: Iterable[torch.dtype]) -> list[LaunchRecord]:
     unique: dict[tuple, LaunchRecord] = {}
     for name in shapes:
         for dtype in dtypes:
@@ -95,16 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(BENCH_SHAPES))
     p.add_argument("--archs", nargs="+", type=int, default=[80, 90])
     args = p.parse_args(argv)
+    import triton
+
     report = []
-    for record in benchmark_launches(args.shapes):
-        for arch in args.archs:
+    for arch in args.archs:
+        for record in benchmark_launches(args.shapes, arch=arch):
             compiled = compile_launch(record, arch)
             entry = asdict(compiled)
             entry["spills"] = compiled.spills
             entry["no_reduce_in_loop"] = compiled.no_reduce_in_loop
+            entry["ptxas_warnings"] = compiled.ptxas_warnings
+            entry["wgmma_serialized"] = compiled.wgmma_serialized
             entry["meta"] = {k: v for k, v in record.kwargs}
             entry["dtypes"] = [str(a.dtype).replace("torch.", "") for a in record.args if hasattr(a, "dtype")]
-            del entry["ttir"]
+            entry["spec"] = " ".join([compiled.name, "/".join(sorted(set(entry["dtypes"]))),
+                                      *(f"{k}={v}" for k, v in sorted(entry["meta"].items()))])
+            entry["triton"] = triton.__version__
+            del entry["ttir"], entry["ptxas_log"]
             report.append(entry)
     json.dump(report, sys.stdout)
     return 0
