@@ -51,8 +51,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="logit regimes (docs/benchmarks.md); default: both on CUDA, 'peaked' on the CPU (both "
                         "there: about twice the time)")
     p.add_argument("--impls", nargs="+", choices=[*IMPL_NAMES, *GEMM_IMPLS], default=list(IMPL_NAMES),
-                   help="implementations (the GEMM_IMPLS force one GEMM path; the GPU suite adds them; on the CPU "
-                        "the '-fused' ones run under TRITON_INTERPRET=1 only, minutes per row at the 'cpu' shape)")
+                   help="implementations (the GEMM_IMPLS force one GEMM path; the GPU suite adds them; on the CPU the "
+                        "'-fused' kernels run only with FASTPREF_BACKEND=triton TRITON_INTERPRET=1, in the Triton "
+                        "interpreter: minutes per row at the 'cpu' shape, about 2 CPU-minutes for the forward-only "
+                        "one)")
     p.add_argument("--tasks", nargs="+", choices=("step", "logps"), default=["step", "logps"],
                    help="step: full DPO step; logps: forward-only policy log-probs")
     p.add_argument("--device", type=_device, default=None, help="cpu | cuda[:i]; default: cuda when available")
