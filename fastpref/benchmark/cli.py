@@ -63,8 +63,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the float64 check")
     liger = p.add_mutually_exclusive_group()
     liger.add_argument("--liger-compile", action="store_true",
-                       help="run Liger as its default does, under torch.compile (the default on CUDA; on the CPU it "
-                            "adds about 2 minutes of compilation on 2 cores the first time, cached after)")
+                       help="run Liger as its default does, under torch.compile (the default on CUDA; on the CPU its "
+                            "first compile took 107 s on a busy 2-core machine, cached after)")
     liger.add_argument("--liger-eager", action="store_true",
                        help="run Liger with compiled=False (the default on the CPU, labelled '(eager)')")
     p.add_argument("--csv", metavar="PATH", help="write every row to this CSV")
