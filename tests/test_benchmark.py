@@ -233,6 +233,91 @@ def test_gpu_suite_stops_at_once_when_fastpref_is_not_installed():
     assert "fastpref is not installed" in out.stderr and "--no-build-isolation --no-index -e ." in out.stderr
 
 
+def _readme_setup_commands() -> list[str]:
+    """The commands of the README's set-up block (the first ```bash block of "## Set up"), comments stripped."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Set up"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    block = block[:block.index("```")]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_setup_is_two_complete_commands():
+    """Two commands, each complete from a fresh clone: one installs and runs the main job (``fastpref bench``),
+    one installs and runs the test suite; torch's CPU build is a footnote, not a step."""
+    commands = _readme_setup_commands()
+    assert len(commands) == 2, commands
+    bench, tests = commands
+    assert bench.startswith("pip install -e ") and bench.endswith("&& fastpref bench"), bench
+    assert tests.startswith("pip install -e \".[dev]\" && ") and "python -m pytest" in tests, tests
+    assert not any(c.startswith("pip install torch") for c in commands)
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """.ci/run runs the README's test command as written (in a subshell, so that `set -e` stops on a failure
+    inside its `&&` list), not a variant of it."""
+    test_command = next(c for c in _readme_setup_commands() if "pytest" in c)
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert f"({test_command})" in lines, (test_command, lines)
+
+
+def test_bench_cli_liger_eager_on_the_cpu_compiled_on_cuda():
+    """The CPU default runs Liger eager (its compile is an opt-in flag there); both regimes everywhere; CUDA keeps
+    Liger's torch.compile (the GPU suite's semantics)."""
+    import argparse
+
+    from fastpref.benchmark import add_bench_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    cpu = config_from_args(parser.parse_args(["--device", "cpu"]))
+    assert list(cpu.regimes) == ["uniform", "peaked"] and not cpu.liger_compiled and cpu.repeats == 3 and cpu.check
+    assert [s.name for s in cpu.shapes] == ["cpu"]
+    assert config_from_args(parser.parse_args(["--device", "cpu", "--liger-compile"])).liger_compiled
+    assert not config_from_args(parser.parse_args(["--device", "cpu", "--dry"])).liger_compiled
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--liger-compile", "--liger-eager"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA defaults (CPU twin: the test above)")
+def test_bench_cli_cuda_defaults_unchanged():
+    import argparse
+
+    from fastpref.benchmark import BENCH_SHAPES, REGIMES, add_bench_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--device", "cuda"]))
+    assert tuple(cfg.regimes) == REGIMES and cfg.liger_compiled and [s.name for s in cfg.shapes] == list(BENCH_SHAPES)
+
+
+def test_progress_bar_counts_every_run(monkeypatch):
+    """The bar ticks for the float64 truth, each checked run and each timed run, and ends full: the timing, most
+    of a CPU run, is not a silent stretch."""
+    from fastpref.benchmark import BenchConfig, harness, run_bench
+    from fastpref.benchmark.workload import SHAPES
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix_str(self, s): ...
+
+        def close(self): ...
+
+    monkeypatch.setattr(harness, "_progress", lambda total, enabled, desc: Bar(total))
+    run_bench(BenchConfig(shapes=[SHAPES["tiny"]], regimes=["uniform"], impls=["fastpref-fast", "reference"],
+                          tasks=["step", "logps"], repeats=2))
+    (bar,) = bars
+    assert bar.total == 1 + 4 * (1 + 2) and bar.n == bar.total  # truth + 4 (impl, task) x (check + 2 timed)
+
+
 def test_harness_times_every_device_with_one_code_path():
     """The harness differs between devices only by its clock: with a clock that records its marks, the fast
     mode's step is timed from fresh graphs (one forward, one backward each) like every other implementation."""

@@ -37,3 +37,45 @@ def test_import_is_light_and_kernels_is_namespaced():
     assert out == "[] True"
     out = _run("import fastpref.kernels as k; print(k.__name__, hasattr(k, 'fold_logsumexp'))")
     assert out == "fastpref.kernels True"
+
+
+def test_first_call_outside_a_compile_does_not_import_dynamo():
+    """The ops' graph break for torch.compile (``utils.compile.eager_op``) imports torch._dynamo only under a
+    compile: an eager first call would otherwise pay the import (2-3 s on a 2-core CPU, more when busy)."""
+    out = _run(
+        "import sys, torch, fastpref\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "h = torch.randn(4, 5, 8, generator=g, requires_grad=True); w = torch.randn(11, 8, generator=g)\n"
+        "y = torch.randint(0, 11, (4, 5), generator=g)\n"
+        "fastpref.DPOLoss()(h, w, y, ref_logps=torch.zeros(4)).loss.backward()\n"
+        "fastpref.sequence_logps(h, w, y)\n"
+        "print('torch._dynamo' in sys.modules)"
+    )
+    assert out == "False"
+
+
+def test_compiled_caller_still_breaks_the_graph_at_the_op():
+    """Under torch.compile the op is still the disabled function, on the first call and after: Dynamo breaks the
+    graph there instead of tracing the chunk loops (their host sync and data-dependent chunking), so no captured
+    graph holds their matmuls, and the result is eager's."""
+    import torch
+
+    import fastpref
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(4, 5, 8, generator=g), torch.randn(11, 8, generator=g)
+    y = torch.randint(0, 11, (4, 5), generator=g)
+    loss_fn = fastpref.DPOLoss(backend="torch")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    def step(x):
+        return loss_fn(x * 2.0, w, y, ref_logps=torch.zeros(4)).loss
+
+    compiled = torch.compile(step, backend=backend)
+    for x in (h, h + 1.0):
+        torch.testing.assert_close(compiled(x), step(x))
+    assert graphs and not any(op in code for code in graphs for op in ("mm(", "matmul", "linear", "logsumexp")), graphs

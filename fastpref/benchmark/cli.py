@@ -54,9 +54,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"shape names ({', '.join(SHAPES)}) or PAIRSxTxHxV; default: 'cpu' on the CPU, the benchmark "
                         "shapes on CUDA")
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES),
-                   help="logit regimes (docs/benchmarks.md)")
+                   help="logit regimes (docs/benchmarks.md: always report both; one halves a run's time)")
     p.add_argument("--impls", nargs="+", choices=[*IMPL_NAMES, *GEMM_IMPLS], default=list(IMPL_NAMES),
-                   help="implementations (the GEMM_IMPLS force one GEMM path; the GPU suite adds them)")
+                   help="implementations (the GEMM_IMPLS force one GEMM path; the GPU suite adds them; on the CPU the "
+                        "'-fused' kernels run only with FASTPREF_BACKEND=triton TRITON_INTERPRET=1, in the Triton "
+                        "interpreter: minutes per row at the 'cpu' shape, about 2 CPU-minutes for the forward-only "
+                        "one)")
     p.add_argument("--tasks", nargs="+", choices=("step", "logps"), default=["step", "logps"],
                    help="step: full DPO step; logps: forward-only policy log-probs")
     p.add_argument("--device", type=_device, default=None, help="cpu | cuda[:i]; default: cuda when available")
@@ -64,8 +67,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed runs per measurement (median); default 3")
     p.add_argument("--no-check", action="store_true", help="skip the float64 check")
-    p.add_argument("--liger-eager", action="store_true",
-                   help="run Liger with compiled=False (its default compiles with torch.compile)")
+    liger = p.add_mutually_exclusive_group()
+    liger.add_argument("--liger-compile", action="store_true",
+                       help="run Liger as its default does, under torch.compile (the default on CUDA; on the CPU its "
+                            "first compile took 107 s on a busy 2-core machine, cached after)")
+    liger.add_argument("--liger-eager", action="store_true",
+                       help="run Liger with compiled=False (the default on the CPU, labelled '(eager)')")
     p.add_argument("--csv", metavar="PATH", help="write every row to this CSV")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time and peak memory")
     p.add_argument("--dry", action="store_true", help="tiny sizes, one timed run: checks that everything runs")
@@ -78,18 +85,20 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
+    cuda = dev.type == "cuda"
     if args.dry:
         shapes = args.shapes or [SHAPES["tiny"]]
         repeats = args.repeats or 1
     else:
-        shapes = args.shapes or ([SHAPES[n] for n in BENCH_SHAPES] if dev.type == "cuda" else [SHAPES["cpu"]])
+        shapes = args.shapes or ([SHAPES[n] for n in BENCH_SHAPES] if cuda else [SHAPES["cpu"]])
         repeats = args.repeats or 3
+    # Liger eager on the CPU by default: its torch.compile there costs more than the rest of the run the first time
+    # (about 2 minutes on a busy 2-core CPU). CUDA keeps Liger's default, compiled.
+    liger_compiled = args.liger_compile or (cuda and not (args.liger_eager or args.dry))
     return BenchConfig(
         shapes=shapes, regimes=args.regimes, impls=args.impls, tasks=args.tasks, device=device,
-        dtype=_DTYPES[args.dtype], repeats=max(1, repeats), warmup=1,
-        # Dry runs must stay seconds long: Liger's torch.compile costs ~20 s of compilation on a 2-core CPU.
-        liger_compiled=not (args.liger_eager or args.dry), check=not args.no_check,
-        progress=not args.no_progress, seed=args.seed,
+        dtype=_DTYPES[args.dtype], repeats=max(1, repeats), warmup=1, liger_compiled=liger_compiled,
+        check=not args.no_check, progress=not args.no_progress, seed=args.seed,
     )
 
 

@@ -275,7 +275,9 @@ def run_bench(cfg: BenchConfig, on_row: Callable[[Row], None] | None = None) -> 
     meta = dict(hardware=hardware_name(device), versions=versions_string(), commit=git_commit())
     runnable = [i for i in impls if skips[i.name] is None]
     per_block = sum(("step" in cfg.tasks) + ("logps" in cfg.tasks and i.has_logps) for i in runnable)
-    bar = _progress(len(cfg.shapes) * len(cfg.regimes) * (per_block + cfg.check), cfg.progress, "fastpref bench")
+    # One tick per run: the float64 truth, each checked run, then each timed run (the bulk of a CPU run's time).
+    runs = per_block * (1 + (cfg.repeats if cfg.measure else 0)) + cfg.check
+    bar = _progress(len(cfg.shapes) * len(cfg.regimes) * runs, cfg.progress, "fastpref bench")
     rows: list[Row] = []
     try:
         for shape in cfg.shapes:
@@ -337,12 +339,13 @@ def _run_block(cfg: BenchConfig, w: Workload, impls: list[Impl], skips: dict[str
             except Exception as e:  # a peer that breaks here is a result, not a crash of the whole run
                 row.status, row.note = "error", f"{type(e).__name__}: {e}"[:200]
                 w.zero_grad()
+                bar.update(cfg.repeats if cfg.measure else 0)  # the timed runs it will not have
             bar.update()
         _ratios_and_bounds(rows, check is not None)  # FAIL marks before timing
         bar.set_postfix_str(f"{w.shape.name}/{w.regime}: timing {task}")
         if not cfg.measure:
             continue
-        _timed_rounds(cfg, task, live, w, floors[task], mm_rate, clock)
+        _timed_rounds(cfg, task, live, w, floors[task], mm_rate, clock, bar)
         for impl, row in live:
             _mark_fallback(row, impl, w)
     _ratios_and_bounds(rows, check is not None)
@@ -404,26 +407,25 @@ def _record_errors(row: Row, task: str, out: Any, w: Workload, truth: Truth) -> 
 
 
 def _timed_rounds(cfg: BenchConfig, task: str, live: list[tuple[Impl, Row]], w: Workload, floor: float,
-                  mm_rate: float, clock: Clock) -> None:
+                  mm_rate: float, clock: Clock, bar: Any) -> None:
     """``repeats`` rounds, each timing every implementation once (load drift, on a shared CPU or a GPU changing
     clocks, hits all alike); the same code on every device, only the ``clock`` differs."""
     fwd: dict[str, list[float]] = {impl.name: [] for impl, _ in live}
     bwd: dict[str, list[float]] = {impl.name: [] for impl, _ in live}
     for _ in range(cfg.repeats):
         for impl, row in live:
-            if row.status == "error":
-                continue
-            try:
-                if task == "step":
-                    f, b = time_split(impl, w, 1, clock)
-                else:
-                    f, b = time_call(lambda impl=impl: impl.logps(w), w.device, 1, clock), 0.0
-            except Exception as e:
-                row.status, row.note = "error", f"{type(e).__name__}: {e}"[:200]
-                w.zero_grad()
-                continue
-            fwd[impl.name].append(f)
-            bwd[impl.name].append(b)
+            if row.status != "error":
+                try:
+                    if task == "step":
+                        f, b = time_split(impl, w, 1, clock)
+                    else:
+                        f, b = time_call(lambda impl=impl: impl.logps(w), w.device, 1, clock), 0.0
+                    fwd[impl.name].append(f)
+                    bwd[impl.name].append(b)
+                except Exception as e:
+                    row.status, row.note = "error", f"{type(e).__name__}: {e}"[:200]
+                    w.zero_grad()
+            bar.update()
     for impl, row in live:
         if row.status == "error" or not fwd[impl.name]:
             continue

@@ -159,8 +159,9 @@ class AllocationTracker(TorchDispatchMode):
 
 
 def track_peak(fn: Callable[[], T], device: str | torch.device | None = None) -> tuple[T, AllocationTracker]:
-    """Run ``fn()`` under an ``AllocationTracker``; returns (fn's result, the tracker)."""
-    gc.collect()
+    """Run ``fn()`` under an ``AllocationTracker``; returns (fn's result, the tracker). No ``gc.collect()`` first:
+    garbage made before the call is not counted whenever it dies, and a full collection costs 0.2-1 s in a process
+    that has imported transformers (``fastpref bench`` runs this once per implementation and task)."""
     with AllocationTracker(device) as tracker:
         result = fn()
     return result, tracker
