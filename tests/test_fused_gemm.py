@@ -537,7 +537,8 @@ def test_configs_follow_the_target_arch(monkeypatch):
         with fg.target_arch(arch):
             assert fg.device_arch(meta) == arch
             fg.linear_grad_input(logits, torch.empty(n, dtype=torch.int64, device="meta"), torch.empty(n, **vec),
-                                 torch.empty(n, **vec), w, torch.empty(n, hidden, **vec), vocab_start=0,
+                                 torch.empty(n, **vec), torch.empty(n, **vec), w, torch.empty(n, hidden, **vec),
+                                 vocab_start=0,
                                  logit_scale=1.0, softcap=None, inv_temperature=1.0, accumulate=False)
     assert fg.device_arch(meta) == fg.DEFAULT_ARCH
     assert [kw["BLOCK_K"] for kw in launched] == [fg.DEFAULT_CONFIGS[a]["grad_input"][torch.bfloat16].block_k
