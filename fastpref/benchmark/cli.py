@@ -14,6 +14,7 @@ import torch
 
 from ..ops.backend import resolve_backend
 from ..ops.gemm_path import requested
+from ..utils.validation import data_device
 from .cost_model import cost_table
 from .harness import BenchConfig, Row, run_bench
 from .peers import GEMM_IMPLS, IMPL_NAMES
@@ -37,14 +38,9 @@ def _positive_int(text: str) -> int:
 def _device(text: str) -> str:
     """``cpu`` or ``cuda[:i]`` (an available one): the benchmark runs real work on real tensors."""
     try:
-        device = torch.device(text)
-    except RuntimeError as e:
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:i], got {text!r} ({e})") from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:i], got {text!r} (the benchmark measures real "
-                                         "work; meta and other devices hold no data)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"expected an available device, got {text!r}: CUDA is not available here")
+        data_device(text, cpu_or_cuda=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

@@ -183,20 +183,12 @@ def _run_counterfactual_generate(args: argparse.Namespace) -> int:
 def _device(text: str) -> str:
     """A device that holds data and is available here (a meta model would sample nothing: refused, as by
     ``fastpref bench``)."""
-    import torch
+    from ..utils.validation import data_device  # imports torch: only when a --device is given
 
     try:
-        device = torch.device(text)
-    except RuntimeError as e:
-        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda[:i], got {text!r} ({e})") \
-            from None
-    if device.type == "meta":
-        raise argparse.ArgumentTypeError(f"expected a device that holds data (cpu, cuda[:i], ...), got {text!r} "
-                                         "(meta tensors have no values to sample from)")
-    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
-    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
-        raise argparse.ArgumentTypeError(f"expected an available device, got {text!r}: {device.type} is not "
-                                         "available here")
+        data_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ..data.recipes import SR_DPO_PROMPT
 from ..ops.backend import BACKENDS
-from ..ops.gemm_path import GEMM_PATHS
+from ..ops.gemm_path import check_gemm
 from ..preference import MODES
 from ..utils.validation import check_choice
 from .fused_head import head_transform
@@ -50,8 +50,7 @@ def check_fastpref_fields(args: Any) -> None:
     builds its loss, or not at all with ``use_fastpref=False``)."""
     check_choice("fastpref_mode", args.fastpref_mode, MODES)
     check_choice("fastpref_backend", args.fastpref_backend, BACKENDS)
-    if args.fastpref_gemm is not None:  # None: $FASTPREF_GEMM, else the default path
-        check_choice("fastpref_gemm", args.fastpref_gemm, GEMM_PATHS)
+    check_gemm(args.fastpref_gemm, "fastpref_gemm")  # None: $FASTPREF_GEMM, else the default path
     budget = args.fastpref_memory_budget
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
         raise ValueError(f"fastpref_memory_budget: expected a positive int (bytes) or None, got {budget!r}")

@@ -37,10 +37,11 @@ _UNUSABLE: dict[Key, str] = {}
 _CHOICE: dict[Key, str] = {}
 
 
-def check_gemm(gemm: str | None) -> str | None:
-    """Validate a ``gemm=`` argument: None (the default) or one of ``GEMM_PATHS``."""
+def check_gemm(gemm: str | None, name: str = "gemm") -> str | None:
+    """Validate a ``gemm=`` argument (``name``: what the caller calls it): None (the default) or one of
+    ``GEMM_PATHS``."""
     if gemm is not None and gemm not in GEMM_PATHS:
-        raise ValueError(f"gemm: expected one of {list(GEMM_PATHS)} or None (${GEMM_ENV}, else "
+        raise ValueError(f"{name}: expected one of {list(GEMM_PATHS)} or None (${GEMM_ENV}, else "
                          f"{DEFAULT_GEMM!r}), got {gemm!r}")
     return gemm
 

@@ -173,6 +173,25 @@ def check_transform(temperature: object, logit_scale: object, softcap: object) -
     check_number("softcap", softcap, POSITIVE_FP32, allow_none=True)
 
 
+def data_device(text: str, *, cpu_or_cuda: bool = False) -> torch.device:
+    """A command line's ``--device``: a torch device that holds data (not meta) and is available here;
+    ``cpu_or_cuda`` admits those two types only. ``ValueError`` saying what was expected."""
+    kind = "cpu or cuda[:i]" if cpu_or_cuda else "a torch device such as cpu or cuda[:i]"
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise ValueError(f"expected {kind}, got {text!r} ({e})") from None
+    if cpu_or_cuda and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"expected cpu or cuda[:i], got {text!r} (meta and other devices hold no data)")
+    if device.type == "meta":
+        raise ValueError(f"expected a device that holds data (cpu, cuda[:i], ...), got {text!r} (meta tensors have "
+                         "no values)")
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise ValueError(f"expected an available device, got {text!r}: {device.type} is not available here")
+    return device
+
+
 def check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
