@@ -4,7 +4,7 @@ Knows nothing of the loss formulas: the fused preference op receives the per-pai
 """
 
 from .backend import compute_dtype, resolve_backend
-from .fused_pair_loss import FusedResult, PairProblem, fused_pair_loss, grouped_sequence_logps
+from .fast_pair_loss import FastResult, PairProblem, fast_pair_loss, grouped_sequence_logps
 from .head_pass import HeadPass
 from .layout import TokenLayout, build_layout, interleave_pairs, segment_sum, sum_by_id
 from .linear_logps import (
@@ -18,15 +18,16 @@ from .linear_logps import (
     score_tokens,
 )
 from .plan import PairGroups, plan_pair_groups
-from .tile_ops import LogitTransform, RowOps, RowStats
+from .tile_ops import LogitTransform, RowGrad, RowOps, RowStats
 
 __all__ = [
-    "FusedResult",
+    "FastResult",
     "HeadPass",
     "LinearLogProbs",
     "LogitTransform",
     "PairGroups",
     "PairProblem",
+    "RowGrad",
     "RowOps",
     "RowStats",
     "ScoredTokens",
@@ -34,9 +35,9 @@ __all__ = [
     "TokenStats",
     "build_layout",
     "compute_dtype",
+    "fast_pair_loss",
     "finalize_stats",
     "flat_rows",
-    "fused_pair_loss",
     "grouped_sequence_logps",
     "interleave_pairs",
     "plan_pair_groups",
