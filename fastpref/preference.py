@@ -7,7 +7,7 @@ returns a ``PreferenceOutput`` (``fastpref.outputs``). Paths (``mode``):
 - ``forward``: grad disabled (or nothing requires grad): 2·n·H·V FLOPs, O(tokens) memory.
 - ``fast``: pair-separable loss and one pair group's logits fit ``memory_budget``: gradients are formed during
   the forward (``fastpref.ops.fast_pair_loss``), 6·n·H·V FLOPs, at most ``memory_budget`` bytes of logits.
-- ``lean``: recompute in backward (``fastpref.ops.linear_logps``), 8·n·H·V FLOPs, O(tokens + one tile) memory.
+- ``lean``: recompute in backward (``fastpref.ops.head_pass``), 8·n·H·V FLOPs, O(tokens + one tile) memory.
 """
 
 from __future__ import annotations

@@ -30,9 +30,8 @@ import torch
 from . import gemm_path
 from .backend import autocast_off
 from .gemm_path import GemmPath
-from .head_pass import HeadPass, gather, in_layout
+from .head_pass import HeadPass, TokenStats, finalize_stats, gather, in_layout
 from .layout import TokenLayout, segment_sum
-from .linear_logps import TokenStats, finalize_stats
 from .plan import MAX_GROUPS_DIRECT_DW, PairGroups
 from .tile_ops import RowGrad, RowStats
 

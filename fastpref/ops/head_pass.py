@@ -8,6 +8,10 @@ cuBLAS GEMM and feeds it to the two gradient GEMMs (6·n·H·V FLOPs): ``GemmPat
 gradient in place (cublas) or leaves it for the GEMMs' prologue (fused). The scored rows are gathered chunk by
 chunk from ``source`` (no [n, H] copy is saved for backward) and dH is written straight into the rows of a [N, H]
 gradient. Nothing of size tokens x vocabulary is allocated. The loops never ask which path runs.
+
+``LinearLogProbs`` is lean mode's autograd op over the two: ``logps = log_softmax(T(h @ W.T + b).float(),
+-1).gather(-1, targets)`` of the scored rows; saved for backward: the hidden states (no copy), the layout of the
+scored rows, the weight and the per-row log-sum-exp (O(tokens)); 8·n·H·V FLOPs in all.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from . import gemm_path
-from .backend import compute_dtype, resolve_backend
+from .backend import autocast_off, compute_dtype, resolve_backend
 from .gemm_path import GemmPath, project
 from .gemm_path import accumulate_mm as accumulate_mm  # re-exported: the GEMM helpers' former home
 from .gemm_path import fp32_out_matmul as fp32_out_matmul
 from .gemm_path import probe_fp32_out_matmul as probe_fp32_out_matmul
+from .layout import TokenLayout
 from .plan import TilePlan, default_tile_bytes, plan_tiles
 from .tile_ops import LogitTransform, LogSumExp, RowGrad, RowStats
 
@@ -205,3 +210,54 @@ def _backward(source, index, weight, bias, targets, lse, grad_rows, cfg: HeadPas
             t1 = min(t0 + plan.rows, n)
             d_source.index_copy_(0, index[t0:t1], dh_acc[t0:t1].to(source.dtype))
     return d_source, d_weight, d_bias
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per scored row, fp32 ``[n]`` and detached: the mean logit (TRL's ``logits/*``), and the entropy and the
+    top-1 hit (``mean_token_accuracy``) when the pass asked for them."""
+
+    mean_logits: torch.Tensor
+    entropy: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+
+
+def finalize_stats(stats: RowStats, vocab: int) -> tuple[LogSumExp, torch.Tensor, TokenStats]:
+    """``(lse in two parts, logps, token statistics)`` from the folded running statistics."""
+    lse = stats.lse()
+    logps = lse.log_probs(stats.target_logit)
+    entropy = None if stats.entropy_acc is None else lse.total() - stats.entropy_acc / stats.row_sumexp
+    is_top1 = None
+    if stats.max_before_target is not None:
+        is_top1 = (stats.target_logit >= stats.row_max) & (stats.target_logit > stats.max_before_target)
+    return lse, logps, TokenStats(stats.logit_sum / max(vocab, 1), entropy, is_top1)
+
+
+class LinearLogProbs(torch.autograd.Function):
+    """``source`` [N, H], ``weight`` [V, H], ``bias`` [V] | None, the scored rows ``layout`` (``layout.index``,
+    ``layout.targets``) and the pass parameters -> ``(logps [n], TokenStats)``. The gradient of ``source`` is 0
+    outside ``layout.index``."""
+
+    @staticmethod
+    def forward(ctx, source, weight, bias, layout: TokenLayout, cfg: HeadPass):  # type: ignore[override]
+        with autocast_off(source.device.type):
+            stats = forward_stats(source, layout.index, weight, bias, layout.targets, cfg)
+        lse, logps, token_stats = finalize_stats(stats, weight.shape[0])
+        ctx.save_for_backward(source, weight, bias, *lse)
+        ctx.layout, ctx.cfg = layout, cfg
+        return logps, token_stats
+
+    @staticmethod
+    def backward(ctx, grad_logps, _token_stats):  # type: ignore[override]
+        source, weight, bias, row_max, log_sumexp = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if grad_logps is None:
+            return None, None, None, None, None
+        layout = ctx.layout
+        with autocast_off(source.device.type):
+            d_source, d_weight, d_bias = backward(
+                source, layout.index, weight, bias, layout.targets, LogSumExp(row_max, log_sumexp),
+                grad_logps.float().contiguous(), ctx.cfg,
+                need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+            )
+        return d_source, d_weight, d_bias, None, None
