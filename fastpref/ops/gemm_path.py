@@ -264,6 +264,8 @@ class GemmPath(Protocol):
 
     def grad_(self, tile: torch.Tensor, grad: RowGrad, *, vocab_start: int = 0, d_bias: torch.Tensor | None = None,
               cols: int | None = None) -> bool:
+        """Turn a row block's kept raw logits into what the gradient GEMMs read (G in place and the bias gradient,
+        on a path that forms them so); returns whether the tile now holds G. ``cols``: column chunk of a row op."""
         ...
 
     def grad_input(self, tile: torch.Tensor, grad: RowGrad, weight: torch.Tensor, out: torch.Tensor, *,
@@ -452,7 +454,7 @@ class PassParams(Protocol):
 def implementation(cfg: PassParams, *, bias_without_weight: bool = False) -> GemmPath:
     """The path a pass runs: the fused GEMMs where ``cfg.gemm`` resolved to them, they have not failed for its key,
     and they can form what the pass needs (the bias gradient comes with dW there); else cublas."""
-    fused = cfg.gemm == "fused" and usable(cfg.gemm_key) and not (bias_without_weight and FusedPath.bias_with_weight)
+    fused = cfg.gemm == "fused" and usable(cfg.gemm_key) and not bias_without_weight  # FusedPath.bias_with_weight
     return (FusedPath if fused else CublasPath)(cfg.transform, cfg.compute_dtype, cfg.backend)
 
 
