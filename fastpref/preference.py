@@ -6,8 +6,8 @@ returns a ``PreferenceOutput`` (``fastpref.outputs``). Paths (``mode``):
 
 - ``forward``: grad disabled (or nothing requires grad): 2·n·H·V FLOPs, O(tokens) memory.
 - ``fast``: pair-separable loss and one pair group's logits fit ``memory_budget``: gradients are formed during
-  the forward (``fastpref.ops.fused_pair_loss``), 6·n·H·V FLOPs, at most ``memory_budget`` bytes of logits.
-- ``lean``: recompute in backward (``fastpref.ops.linear_logps``), 8·n·H·V FLOPs, O(tokens + one tile) memory.
+  the forward (``fastpref.ops.fast_pair_loss``), 6·n·H·V FLOPs, at most ``memory_budget`` bytes of logits.
+- ``lean``: recompute in backward (``fastpref.ops.head_pass``), 8·n·H·V FLOPs, O(tokens + one tile) memory.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .ops import (
     LogitTransform,
     PairGroups,
     PairProblem,
-    fused_pair_loss,
+    fast_pair_loss,
     plan_pair_groups,
     segment_sum,
 )
@@ -134,9 +134,9 @@ def preference_loss(
         return out
 
     if mode == "fast":
-        loss, fused = fused_pair_loss(batch.source, weight, bias, PairProblem(batch.layout, groups, pair_loss,
-                                                                              batch.head))
-        seq, per_pair, stats = fused.seq_logps, fused.losses.detach(), fused.stats
+        loss, fast = fast_pair_loss(batch.source, weight, bias, PairProblem(batch.layout, groups, pair_loss,
+                                                                             batch.head))
+        seq, per_pair, stats = fast.seq_logps, fast.losses.detach(), fast.stats
     elif mode == "lean":
         tok, stats = LinearLogProbs.apply(batch.source, weight, bias, batch.layout, batch.head)
         seq = segment_sum(tok, batch.layout.offsets)

@@ -119,7 +119,7 @@ def _leaf_grads(fn, stored, views, dtype=None):
     return loss.detach(), torch.autograd.grad(loss, leaves)
 
 
-# The three autograd ops (token_logps: LinearLogProbs; DPO fast: FusedPairLoss; DPO lean) meet every layout; the
+# The three autograd ops (token_logps: LinearLogProbs; DPO fast: FastPairLoss; DPO lean) meet every layout; the
 # thin entry points over them (sequence sums, cross-entropy, the Liger drop-in) the transposed heads.
 CASES = [(entry, layout) for entry in ("token_logps", "dpo-fast", "dpo-lean") for layout in LAYOUTS] + [
     (entry, layout) for entry in ("sequence_logps", "linear_cross_entropy", "compat") for layout in LAYOUTS[:2]]

@@ -1,32 +1,24 @@
 """Autograd ops over the Triton kernels, with the exact chunked PyTorch path beside them.
 
-Knows nothing of the loss formulas: the fused preference op receives the per-pair loss as a callable.
+Knows nothing of the loss formulas: fast mode's op receives the per-pair loss as a callable.
 """
 
 from .backend import compute_dtype, resolve_backend
-from .fused_pair_loss import FusedResult, PairProblem, fused_pair_loss, grouped_sequence_logps
-from .head_pass import HeadPass
+from .fast_pair_loss import FastResult, PairProblem, fast_pair_loss, grouped_sequence_logps
+from .head_pass import HeadPass, LinearLogProbs, TokenStats, finalize_stats
 from .layout import TokenLayout, build_layout, interleave_pairs, segment_sum, sum_by_id
-from .linear_logps import (
-    LinearLogProbs,
-    ScoredTokens,
-    TokenStats,
-    finalize_stats,
-    flat_rows,
-    scatter_tokens,
-    score_labels,
-    score_tokens,
-)
+from .linear_logps import ScoredTokens, flat_rows, scatter_tokens, score_labels, score_tokens
 from .plan import PairGroups, plan_pair_groups
-from .tile_ops import LogitTransform, RowOps, RowStats
+from .tile_ops import LogitTransform, RowGrad, RowOps, RowStats
 
 __all__ = [
-    "FusedResult",
+    "FastResult",
     "HeadPass",
     "LinearLogProbs",
     "LogitTransform",
     "PairGroups",
     "PairProblem",
+    "RowGrad",
     "RowOps",
     "RowStats",
     "ScoredTokens",
@@ -34,9 +26,9 @@ __all__ = [
     "TokenStats",
     "build_layout",
     "compute_dtype",
+    "fast_pair_loss",
     "finalize_stats",
     "flat_rows",
-    "fused_pair_loss",
     "grouped_sequence_logps",
     "interleave_pairs",
     "plan_pair_groups",

@@ -1,9 +1,5 @@
-"""Autograd op for per-token log-probs of the scored rows, straight from hidden states and the LM head.
-
-``logps = log_softmax(T(h @ W.T + b).float(), -1).gather(-1, targets)`` for the n scored rows, computed by
-``fastpref.ops.head_pass`` in bounded tiles. Saved for backward: the hidden states (no copy), the layout of
-the scored rows, the weight and the per-row log-sum-exp (O(tokens)); the backward recomputes the logits tile
-by tile (lean path, 8·n·H·V FLOPs in all).
+"""The scored tokens of a batch and their per-token log-probs, through ``head_pass.LinearLogProbs`` (lean mode's
+op: forward statistics only, the logits recomputed tile by tile in backward).
 """
 
 from __future__ import annotations
@@ -12,62 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import head_pass
-from .backend import autocast_off
-from .head_pass import HeadPass
+from .head_pass import HeadPass, LinearLogProbs, TokenStats
 from .layout import TokenLayout, build_layout
-from .tile_ops import LogSumExp, RowStats
-
-
-@dataclass(frozen=True)
-class TokenStats:
-    """Per scored row, fp32 ``[n]`` and detached: the mean logit (TRL's ``logits/*``), and the entropy and the
-    top-1 hit (``mean_token_accuracy``) when the pass asked for them."""
-
-    mean_logits: torch.Tensor
-    entropy: torch.Tensor | None = None
-    is_top1: torch.Tensor | None = None
-
-
-def finalize_stats(stats: RowStats, vocab: int) -> tuple[LogSumExp, torch.Tensor, TokenStats]:
-    """``(lse in two parts, logps, token statistics)`` from the folded running statistics."""
-    lse = stats.lse()
-    logps = lse.log_probs(stats.target_logit)
-    entropy = None if stats.entropy_acc is None else lse.total() - stats.entropy_acc / stats.row_sumexp
-    is_top1 = None
-    if stats.max_before_target is not None:
-        is_top1 = (stats.target_logit >= stats.row_max) & (stats.target_logit > stats.max_before_target)
-    return lse, logps, TokenStats(stats.logit_sum / max(vocab, 1), entropy, is_top1)
-
-
-class LinearLogProbs(torch.autograd.Function):
-    """``source`` [N, H], ``weight`` [V, H], ``bias`` [V] | None, the scored rows ``layout`` (``layout.index``,
-    ``layout.targets``) and the pass parameters -> ``(logps [n], TokenStats)``. The gradient of ``source`` is 0
-    outside ``layout.index``."""
-
-    @staticmethod
-    def forward(ctx, source, weight, bias, layout: TokenLayout, cfg: HeadPass):  # type: ignore[override]
-        with autocast_off(source.device.type):
-            stats = head_pass.forward_stats(source, layout.index, weight, bias, layout.targets, cfg)
-        lse, logps, token_stats = finalize_stats(stats, weight.shape[0])
-        ctx.save_for_backward(source, weight, bias, *lse)
-        ctx.layout, ctx.cfg = layout, cfg
-        return logps, token_stats
-
-    @staticmethod
-    def backward(ctx, grad_logps, _token_stats):  # type: ignore[override]
-        source, weight, bias, row_max, log_sumexp = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if grad_logps is None:
-            return None, None, None, None, None
-        layout = ctx.layout
-        with autocast_off(source.device.type):
-            d_source, d_weight, d_bias = head_pass.backward(
-                source, layout.index, weight, bias, layout.targets, LogSumExp(row_max, log_sumexp),
-                grad_logps.float().contiguous(), ctx.cfg,
-                need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
-            )
-        return d_source, d_weight, d_bias, None, None
 
 
 @dataclass(frozen=True)

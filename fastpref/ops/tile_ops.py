@@ -3,7 +3,12 @@
 Both implement the ``RowOps`` protocol (see ``fastpref.kernels.row_kernels`` for the math as torch code):
 ``fold`` folds a tile of raw logits into per-row online log-sum-exp statistics, and ``grad_`` overwrites a
 tile with ``g * (onehot(target) - softmax) * dz/dy``. The chunk loops of ``fastpref.ops.head_pass`` and
-``fastpref.ops.fused_pair_loss`` do not care which one runs.
+``fastpref.ops.fast_pair_loss`` do not care which one runs.
+
+The kernels' argument forms live here too, each converted once: ``LogitTransform`` (the user's triple;
+``kwargs()`` is the launchers' ``logit_scale, softcap, inv_temperature``), ``RowStats`` (the six running
+statistics, in the launchers' order: pass ``*stats``), ``LogSumExp`` (``*lse``) and ``RowGrad`` (what forms a row
+block's logits gradient).
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ class LogitTransform:
     def inv_temperature(self) -> float:
         return 1.0 / self.temperature
 
+    def kwargs(self) -> dict[str, float | None]:
+        """The keywords every kernel launcher takes for the transform (the one conversion to the kernels' form)."""
+        return {"logit_scale": self.logit_scale, "softcap": self.softcap, "inv_temperature": self.inv_temperature}
+
 
 class LogSumExp(NamedTuple):
     """Per-row log-sum-exp in two fp32 parts, ``lse = row_max + log_sumexp`` with ``log_sumexp = log Σ exp(z -
@@ -49,9 +58,9 @@ class LogSumExp(NamedTuple):
         return (z - self.row_max) - self.log_sumexp
 
 
-@dataclass
-class RowStats:
-    """fp32 per-row running statistics of the online log-sum-exp (O(tokens), never O(tokens x vocab))."""
+class RowStats(NamedTuple):
+    """fp32 per-row running statistics of the online log-sum-exp (O(tokens), never O(tokens x vocab)), in the order
+    the kernel launchers take them (``fold_logsumexp(tile, targets, *stats, ...)``)."""
 
     row_max: torch.Tensor
     row_sumexp: torch.Tensor
@@ -73,14 +82,23 @@ class RowStats:
         )
 
     def rows(self, start: int, end: int) -> RowStats:
-        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[start:end]
-
-        return RowStats(*(cut(t) for t in (self.row_max, self.row_sumexp, self.target_logit, self.logit_sum,
-                                           self.entropy_acc, self.max_before_target)))
+        return RowStats(*(None if t is None else t[start:end] for t in self))
 
     def lse(self) -> LogSumExp:
         return LogSumExp(self.row_max, torch.log(self.row_sumexp))
+
+
+class RowGrad(NamedTuple):
+    """What forms the gradient of ``sum_r grad_rows[r] * logp_r`` w.r.t. a row block's raw logits,
+    ``G = grad_rows·(onehot(targets) - softmax(z))·dz/dy`` (``targets``: global vocabulary ids)."""
+
+    targets: torch.Tensor
+    lse: LogSumExp
+    grad_rows: torch.Tensor
+
+    def scaled(self, scale: torch.Tensor) -> RowGrad:
+        """The same gradient times an upstream scale (folded into the per-row factor)."""
+        return self._replace(grad_rows=self.grad_rows * scale)
 
 
 class RowOps(Protocol):
@@ -201,18 +219,11 @@ class TritonRowOps:
 
     def fold(self, tile: torch.Tensor, targets: torch.Tensor, stats: RowStats, vocab_start: int,
              transform: LogitTransform) -> None:
-        self._k.fold_logsumexp(
-            tile, targets, stats.row_max, stats.row_sumexp, stats.target_logit, stats.logit_sum,
-            stats.entropy_acc, stats.max_before_target, vocab_start=vocab_start,
-            logit_scale=transform.logit_scale, softcap=transform.softcap, inv_temperature=transform.inv_temperature,
-        )
+        self._k.fold_logsumexp(tile, targets, *stats, vocab_start=vocab_start, **transform.kwargs())
 
     def grad_(self, tile: torch.Tensor, targets: torch.Tensor, lse: LogSumExp, grad_rows: torch.Tensor,
               vocab_start: int, transform: LogitTransform) -> torch.Tensor:
-        return self._k.logit_grad_(
-            tile, targets, lse.row_max, lse.log_sumexp, grad_rows, vocab_start=vocab_start,
-            logit_scale=transform.logit_scale, softcap=transform.softcap, inv_temperature=transform.inv_temperature,
-        )
+        return self._k.logit_grad_(tile, targets, *lse, grad_rows, vocab_start=vocab_start, **transform.kwargs())
 
 
 @functools.cache

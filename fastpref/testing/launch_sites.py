@@ -3,7 +3,7 @@ ahead-of-time compilation for sm_80 / sm_90 (``tests/test_kernels_aot.py``), eac
 its own configs (``fused_gemm.target_arch``).
 
 Every pass over the head runs as in training — the forward statistics and the lean backward
-(``ops.head_pass``), the fast path with its pair groups and its backward (``ops.fused_pair_loss``), the grouped
+(``ops.head_pass``), the fast path with its pair groups and its backward (``ops.fast_pair_loss``), the grouped
 reference scoring — with ``fastpref.kernels.launch.record_launches`` on, so each launch is recorded instead of
 run: nothing is hand-listed, and no GPU (nor any memory: the tensors are ``meta``) is needed. The layout of the
 scored tokens is built on the CPU from the benchmark workload's labels, as the one host sync would.
@@ -30,7 +30,7 @@ from ..kernels import fused_gemm
 from ..kernels.launch import LaunchRecord, record_launches
 from ..ops import HeadPass, LogitTransform, PairProblem, TokenLayout, grouped_sequence_logps
 from ..ops import head_pass as passes
-from ..ops.fused_pair_loss import _fused_forward
+from ..ops.fast_pair_loss import fast_forward
 from ..ops.gemm_path import key_of
 from ..ops.plan import CUDA_TILE_BYTES
 
@@ -67,8 +67,8 @@ def record_shape(shape: Shape, dtype: torch.dtype, *, token_metrics: bool, softc
         passes.backward(source, layout.index, weight, None, layout.targets, stats.lse(),
                         torch.empty(n, device="meta"), cfg, need_hidden=True, need_weight=True, need_bias=False)
         grouped_sequence_logps(source, weight, None, layout, groups, cfg)  # the reference of a fast step
-        _, _, pending = _fused_forward(source, weight, None, PairProblem(layout, groups, pair_loss, cfg),
-                                       (True, True, False))
+        _, _, pending = fast_forward(source, weight, None, PairProblem(layout, groups, pair_loss, cfg),
+                                      (True, True, False))
         pending.finish(torch.ones((), device="meta"))
     return records
 
