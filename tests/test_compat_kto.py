@@ -159,6 +159,22 @@ def test_functional_api_matches_liger(entry):
         torch.testing.assert_close(a, t, rtol=1e-4, atol=1e-6)
 
 
+@needs_liger
+def test_signatures_are_liger_0_8_5():
+    import inspect
+
+    import liger_kernel.chunked_loss as lk
+    from liger_kernel.chunked_loss import functional as lf
+
+    def params(fn):
+        return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert params(compat.LigerFusedLinearKTOLoss.__init__) == params(lk.LigerFusedLinearKTOLoss.__init__)
+    assert params(compat.LigerFusedLinearKTOLoss.forward) == params(lk.LigerFusedLinearKTOLoss.forward)
+    assert params(compat.liger_fused_linear_kto) == params(lf.liger_fused_linear_kto.__self__.forward)[1:]
+    assert compat.LigerFusedLinearKTOFunction.apply is compat.liger_fused_linear_kto
+
+
 def test_bad_input_names_liger_arguments():
     inputs = make(SHAPES[1], torch.float32, bias=False, ref_bias=False, ignore_index=-100, seed=1)
     loss = compat.LigerFusedLinearKTOLoss(use_ref_model=True)

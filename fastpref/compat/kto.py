@@ -87,8 +87,6 @@ def liger_fused_linear_kto(
     use_ref_model: bool = True,
     average_log_prob: bool = False,
     chunk_size: int = 1,
-    *,
-    _weight_name: str = "weight",
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Liger 0.8.5's ``liger_fused_linear_kto`` (= ``LigerFusedLinearKTOFunction.apply``): the same arguments in
     the same order, and what ``LigerFusedLinearKTOLoss.forward`` returns (see the module docstring).
@@ -97,6 +95,15 @@ def liger_fused_linear_kto(
     positions), ``preference_labels`` [B] bool, ``bias`` [V]; ``ref_input`` [B, T, H'] with ``ref_weight`` /
     ``ref_bias`` the reference model's (read when ``use_ref_model``); ``kl`` a detached scalar or None.
     """
+    return _run(_input, weight, target, preference_labels, bias, ref_input, ref_weight, ref_bias, kl, ignore_index,
+                beta, use_ref_model, average_log_prob, "weight")
+
+
+def _run(_input: Tensor, weight: Tensor, target: Tensor, preference_labels: Tensor, bias: Tensor | None,
+         ref_input: Tensor | None, ref_weight: Tensor | None, ref_bias: Tensor | None, kl: Tensor | None,
+         ignore_index: int, beta: float, use_ref_model: bool, average_log_prob: bool,
+         _weight_name: str) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The call under Liger's argument names (``_weight_name``: ``lin_weight`` for the module)."""
     beta = check_hparam("beta", beta)
     ignore_index = check_int("ignore_index", ignore_index)
     use_ref = bool(use_ref_model)
@@ -172,9 +179,8 @@ class LigerFusedLinearKTOLoss(nn.Module):
                 preference_labels: Tensor | None = None, ref_input: Tensor | None = None,
                 ref_weight: Tensor | None = None, ref_bias: Tensor | None = None,
                 kl: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
-        return liger_fused_linear_kto(_input, lin_weight, target, preference_labels, bias, ref_input, ref_weight,
-                                      ref_bias, kl, self.ignore_index, self.beta, self.compiled, self.use_ref_model,
-                                      self.average_log_prob, self.chunk_size, _weight_name="lin_weight")
+        return _run(_input, lin_weight, target, preference_labels, bias, ref_input, ref_weight, ref_bias, kl,
+                    self.ignore_index, self.beta, self.use_ref_model, self.average_log_prob, "lin_weight")
 
 
 LigerFusedLinearKTOLoss.__doc__ = (f"{LigerFusedLinearKTOLoss.__doc__.rstrip()}\n\n    Differences from Liger 0.8.5 "
