@@ -242,3 +242,31 @@ def test_bad_call_arguments():
         fn(x["h"].reshape(-1, x["h"].shape[-1]), x["w"], x["y"].reshape(-1), x["d"], ref_hidden=x["ref_h"], kl=0.1)
     with pytest.raises(ValueError, match="kl_ref"):
         fn(x["h"], x["w"], x["y"], x["d"], ref_hidden=x["ref_h"], kl_hidden=x["kl_h"], kl_labels=x["kl_y"])
+
+
+@pytest.mark.parametrize("mode", ["fast", "lean"])
+def test_memory_nothing_tokens_by_vocab(mode):
+    """A KTO step with its KL pass and reference allocates nothing of size tokens x vocabulary beyond fast mode's
+    buffer (within ``memory_budget``): lean O(tokens·H + one tile), fast the budget on top."""
+    from fastpref.ops.plan import CPU_TILE_BYTES, MiB
+    from fastpref.utils.memory import AllocationTracker
+
+    batch, seq_len, hidden_size, vocab = 5, 160, 16, 65536
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(batch, seq_len, hidden_size, generator=g).requires_grad_()
+    w = (torch.randn(vocab, hidden_size, generator=g) / 4).requires_grad_()
+    y, kl_y = (make_labels(batch, seq_len, vocab, generator=g) for _ in range(2))
+    ref_h, kl_h, kl_ref_h = (torch.randn(batch, seq_len, hidden_size, generator=g) for _ in range(3))
+    logits_bytes = int((y != -100).sum()) * vocab * 4
+    assert logits_bytes > 100 * MiB
+    budget = 64 * MiB
+    fn = fastpref.KTOLoss("kto", mode=mode, memory_budget=budget, backend="torch")
+    with AllocationTracker(device="cpu") as mem:
+        out = fn(h, w, y, torch.tensor([True, False, True, True, False]), ref_hidden=ref_h, kl_hidden=kl_h,
+                 kl_labels=kl_y, kl_ref_hidden=kl_ref_h)
+        out.loss.backward()
+    assert out.mode == mode
+    grads = 2 * (h.numel() + w.numel()) * 4
+    buffer = budget if mode == "fast" else 0
+    assert mem.largest_bytes <= max(buffer, CPU_TILE_BYTES, w.numel() * 4), mem.largest
+    assert mem.peak_bytes <= buffer + CPU_TILE_BYTES + grads < logits_bytes, mem.summary()
