@@ -129,6 +129,29 @@ def test_bf16_mixed_precision_matches_stock_trl(tok, dataset):
     assert_logs_close(got, want)
 
 
+def test_gradient_checkpointing_and_evaluate_match_stock_trl(tok, dataset):
+    """KTOConfig's default gradient checkpointing on, then ``evaluate()`` (the loss under no-grad: forward only)."""
+    results = []
+    for cls, cfg_cls, kw in ((KTOTrainer, KTOConfig, {}), (FastPrefKTOTrainer, FastPrefKTOConfig,
+                                                            {"use_fastpref": True})):
+        cfg = config(cfg_cls, max_steps=2, gradient_checkpointing=True, **kw)
+        model = toy_llama(tok, hidden_size=32, num_layers=2)
+        ref = toy_llama(tok, hidden_size=32, num_layers=2, seed=1, initializer_range=0.1)
+        trainer = cls(model, ref_model=ref, args=cfg, train_dataset=dataset, eval_dataset=dataset,
+                      processing_class=tok)
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        results.append((logs, trainer.evaluate()))
+    (want, want_eval), (got, got_eval) = results
+    for step, (g, w) in enumerate(zip(got, want)):
+        for key in METRICS:
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (step, key)
+    timing = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+    assert sorted(got_eval) == sorted(want_eval)
+    for key in set(want_eval) - set(timing):
+        assert got_eval[key] == pytest.approx(want_eval[key], rel=1e-5, abs=1e-6), key
+
+
 def test_flag_off_is_trl(tok, dataset):
     want, _ = run(KTOTrainer, config(KTOConfig, max_steps=2), tok, dataset)
     got, _ = run(FastPrefKTOTrainer, config(FastPrefKTOConfig, max_steps=2), tok, dataset)
