@@ -44,9 +44,10 @@ def config(cls, loss_type="kto", **kw):
     kw.setdefault("per_device_train_batch_size", 4)
     kw.setdefault("max_steps", 4)
     kw.setdefault("bf16", False)
+    kw.setdefault("gradient_checkpointing", False)
     return cls(output_dir="/tmp/fastpref-test-trl-kto", logging_steps=1, report_to=[], learning_rate=0.5, optim="sgd",
                lr_scheduler_type="constant", save_strategy="no", use_cpu=True, seed=0, data_seed=0,
-               gradient_checkpointing=False, loss_type=loss_type, desirable_weight=1.2, undesirable_weight=0.9,
+               loss_type=loss_type, desirable_weight=1.2, undesirable_weight=0.9,
                beta=0.2, **kw)
 
 
