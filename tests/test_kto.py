@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fastpref
 from fastpref import reference as R
 from fastpref.testing import assert_within_torch_error, make_labels
+from tests.helpers import PATH_IDS, PATHS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -270,3 +271,16 @@ def test_memory_nothing_tokens_by_vocab(mode):
     buffer = budget if mode == "fast" else 0
     assert mem.largest_bytes <= max(buffer, CPU_TILE_BYTES, w.numel() * 4), mem.largest
     assert mem.peak_bytes <= buffer + CPU_TILE_BYTES + grads < logits_bytes, mem.summary()
+
+
+@pytest.mark.parametrize(("backend", "gemm"), PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("mode", ["fast", "lean"])
+def test_every_gemm_path_matches_float64(backend, gemm, mode):
+    """The Triton row kernels and the fused GEMMs (interpreted on the CPU) run the same KTO step."""
+    x = make(batch=3, seq_len=6, hidden_size=8, vocab=40, scale=2.0, seed=11)
+    out, grads = ours(x, "kto", mode, backend=backend, gemm=gemm)
+    assert out.mode == mode
+    loss64, _, g64, _, _ = truth(x, "kto")
+    assert out.loss.item() == pytest.approx(loss64.item(), rel=1e-5, abs=1e-7)
+    for name, g, t in zip(("d_hidden", "d_weight", "d_bias"), grads, g64):
+        torch.testing.assert_close(g.double(), t, rtol=1e-4, atol=1e-7, msg=name)
