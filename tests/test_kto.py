@@ -284,3 +284,20 @@ def test_every_gemm_path_matches_float64(backend, gemm, mode):
     assert out.loss.item() == pytest.approx(loss64.item(), rel=1e-5, abs=1e-7)
     for name, g, t in zip(("d_hidden", "d_weight", "d_bias"), grads, g64):
         torch.testing.assert_close(g.double(), t, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_fast_mode_over_several_groups():
+    """A budget of a few sequences' logits: fast mode runs group by group (odd batch: the empty sequence closes
+    the last pair) and equals the float64 truth."""
+    x = make(batch=7, seq_len=11, vocab=97, scale=2.0, seed=4)
+    budget = 24 * 97 * 4  # about two sequences' logits in fp32
+    out, grads = ours(x, "kto", "fast", memory_budget=budget)
+    assert out.mode == "fast"
+    groups = fastpref.kto._groups(fastpref.kto.KTOLoss("kto", memory_budget=budget).config,
+                                  fastpref.kto._policy(fastpref.kto.KTOConfig(), x["h"], x["w"], x["y"], x["b"], {},
+                                                       token_metrics=False))[0]
+    assert groups is not None and len(groups) > 2
+    loss64, _, g64, _, _ = truth(x, "kto")
+    assert out.loss.item() == pytest.approx(loss64.item(), rel=1e-5)
+    for name, g, t in zip(("d_hidden", "d_weight", "d_bias"), grads, g64):
+        torch.testing.assert_close(g.double(), t, rtol=1e-4, atol=1e-7, msg=name)
