@@ -12,6 +12,7 @@ from typing import Any
 
 from . import losses
 from .functional import linear_cross_entropy, sequence_logps, token_logps
+from .kto import KTOLoss, KTOOutput
 from .modules import DPOLoss, IPOLoss, PreferenceLoss, SrDPOLoss, SrIPOLoss
 from .outputs import PreferenceOutput
 
@@ -22,6 +23,8 @@ _LAZY_SUBMODULES = ("compat", "data", "integrations", "reference", "benchmark", 
 __all__ = [
     "DPOLoss",
     "IPOLoss",
+    "KTOLoss",
+    "KTOOutput",
     "PreferenceLoss",
     "PreferenceOutput",
     "SrDPOLoss",

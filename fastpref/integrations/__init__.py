@@ -4,6 +4,7 @@
 - ``fastpref.integrations.hf``: ``FastPrefTrainer``, ``FastPrefTrainingArguments``, ``PreferenceCollator``
   (needs the ``hf`` extra: transformers, accelerate, peft).
 - ``fastpref.integrations.trl``: ``FastPrefDPOConfig``, ``FastPrefDPOTrainer`` (needs the ``trl`` extra).
+- ``fastpref.integrations.trl_kto``: ``FastPrefKTOConfig``, ``FastPrefKTOTrainer`` (needs the ``trl`` extra).
 - ``fastpref.integrations.trainer_common``: what both trainers share.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("collator", "fused_head", "hf", "trainer_common", "trl")
+_SUBMODULES = ("collator", "fused_head", "hf", "trainer_common", "trl", "trl_kto")
 
 __all__ = list(_SUBMODULES)
 

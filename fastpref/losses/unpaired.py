@@ -27,6 +27,8 @@ UNPAIRED_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
 # The KL estimate z₀ is read by these types only (TRL skips the KL pass for apo_zero_unpaired).
 NEEDS_KL: frozenset[str] = frozenset({"kto"})
 WEIGHT = Interval(0.0, FP32_MAX, high_closed=True, note="finite in fp32, the precision of the fused kernels")
+# z0 given as a number: TRL clamps the estimate at 0, so a negative one is a caller's mistake
+KL_RANGE = Interval(0.0, FP32_MAX, high_closed=True)
 
 
 def _sequence_vector(name: str, t: object, like: Tensor | None = None) -> Tensor:
@@ -78,7 +80,7 @@ def kto(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, kl: Tensor |
         if kl is None:
             raise ValueError("kl: loss_type 'kto' needs the KL estimate z0 (fastpref.losses.kl_estimate), got None")
         if not isinstance(kl, Tensor):
-            kl = torch.tensor(check_number("kl", kl, Interval(0.0, FP32_MAX, high_closed=True)))
+            kl = torch.tensor(check_number("kl", kl, KL_RANGE))
         elif kl.numel() != 1:
             raise ValueError(f"kl: expected a scalar (0-dim or one element), got shape {tuple(kl.shape)}")
         z0 = kl.detach().reshape(()).to(rho)
@@ -92,4 +94,4 @@ def kto(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, kl: Tensor |
     return losses, beta * rho.detach()
 
 
-__all__ = ["NEEDS_KL", "UNPAIRED_LOSS_TYPES", "kl_estimate", "kto"]
+__all__ = ["KL_RANGE", "NEEDS_KL", "UNPAIRED_LOSS_TYPES", "WEIGHT", "kl_estimate", "kto"]
