@@ -1,4 +1,4 @@
-"""KTO fused: trl 1.16's ``KTOTrainer`` losses from hidden states and the LM head, without the logits.
+"""KTO on the LM head: trl 1.16's ``KTOTrainer`` losses from hidden states and the LM head, without the logits.
 
 ``kto_loss`` scores a batch of B completions (each labelled desirable or undesirable), its reference and, for
 ``loss_type="kto"``, the KL estimate z₀ from the mismatched (prompt, completion) pairs, and evaluates
@@ -33,7 +33,7 @@ from .ops import (
     TokenLayout,
     TokenStats,
     build_layout,
-    fused_pair_loss,
+    fast_pair_loss,
     plan_pair_groups,
     segment_sum,
 )
@@ -339,8 +339,8 @@ def kto_loss(
             per_seq = per_sequence(lp, slice(2 * pairs.start, 2 * pairs.stop))
             return (per_seq[0::2] + per_seq[1::2]) * scale
 
-        loss, fused = fused_pair_loss(b.source, weight, bias, PairProblem(b.layout, groups, pair_loss, b.head))
-        seq, stats = fused.seq_logps, fused.stats
+        loss, fast = fast_pair_loss(b.source, weight, bias, PairProblem(b.layout, groups, pair_loss, b.head))
+        seq, stats = fast.seq_logps, fast.stats
         with torch.no_grad():
             losses = per_sequence(seq, slice(0, size))
     elif mode == "lean":
