@@ -12,6 +12,7 @@ from typing import Any
 
 from . import losses
 from .functional import linear_cross_entropy, sequence_logps, token_logps
+from .inputs import ReferenceInputs, RefinementInputs
 from .modules import DPOLoss, IPOLoss, PreferenceLoss, SrDPOLoss, SrIPOLoss
 from .outputs import PreferenceOutput
 
@@ -24,6 +25,8 @@ __all__ = [
     "IPOLoss",
     "PreferenceLoss",
     "PreferenceOutput",
+    "ReferenceInputs",
+    "RefinementInputs",
     "SrDPOLoss",
     "SrIPOLoss",
     "__version__",

@@ -110,11 +110,6 @@ class PolicyBatch:
     def device(self) -> torch.device:
         return self.hidden.device
 
-    def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scored tokens of the chosen and of the rejected responses, fp32 [P] each."""
-        lengths = self.layout.lengths.float()
-        return lengths[0::2], lengths[1::2]
-
 
 @dataclass(frozen=True)
 class ReferenceInputs:
