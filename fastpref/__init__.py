@@ -12,6 +12,7 @@ from typing import Any
 
 from . import losses
 from .functional import linear_cross_entropy, sequence_logps, token_logps
+from .inputs import ReferenceInputs, RefinementInputs
 from .kto import KTOLoss, KTOOutput
 from .modules import DPOLoss, IPOLoss, PreferenceLoss, SrDPOLoss, SrIPOLoss
 from .outputs import PreferenceOutput
@@ -27,6 +28,8 @@ __all__ = [
     "KTOOutput",
     "PreferenceLoss",
     "PreferenceOutput",
+    "ReferenceInputs",
+    "RefinementInputs",
     "SrDPOLoss",
     "SrIPOLoss",
     "__version__",

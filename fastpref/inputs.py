@@ -110,11 +110,6 @@ class PolicyBatch:
     def device(self) -> torch.device:
         return self.hidden.device
 
-    def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scored tokens of the chosen and of the rejected responses, fp32 [P] each."""
-        lengths = self.layout.lengths.float()
-        return lengths[0::2], lengths[1::2]
-
 
 @dataclass(frozen=True)
 class ReferenceInputs:
@@ -129,6 +124,10 @@ class ReferenceInputs:
     @property
     def given(self) -> bool:
         return self.logps is not None or self.hidden is not None
+
+    def named(self) -> dict[str, torch.Tensor | None]:
+        """The tensors under the call's keyword names (``ref_logps``, ...), for error messages and checks."""
+        return {name: getattr(self, attr) for name, attr in REFERENCE_KEYWORDS.items()}
 
     def head_for(self, batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The reference head (weight, bias), detached: its own, or the policy's frozen head."""
@@ -172,6 +171,10 @@ class RefinementInputs:
     def augmented(self) -> bool:
         return any(t is not None for t in (self.hidden, self.labels, self.ref_hidden, self.ref_logps))
 
+    def named(self) -> dict[str, torch.Tensor | None]:
+        """The tensors under the call's keyword names (``refinement``, ``refine_hidden``, ...)."""
+        return {name: getattr(self, attr) for name, attr in REFINEMENT_KEYWORDS.items()}
+
     def check(self, batch: PolicyBatch, loss_types: tuple[str, ...], needs_refinement: bool) -> None:
         if not needs_refinement:
             if self.given or self.augmented:
@@ -201,5 +204,41 @@ class RefinementInputs:
             check_same_shape("refine_ref_hidden", self.ref_hidden, self.hidden, "refine_hidden")
 
 
-__all__ = ["PolicyBatch", "ReferenceInputs", "RefinementInputs", "check_batch_vector", "check_device", "pair_layout",
-           "pair_order"]
+#: The flat keyword arguments of a preference call (``PreferenceLoss.forward(..., ref_hidden=...)``) and the
+#: fields of ``ReferenceInputs`` / ``RefinementInputs`` they fill.
+REFERENCE_KEYWORDS = {"ref_logps": "logps", "ref_hidden": "hidden", "ref_weight": "weight", "ref_bias": "bias"}
+REFINEMENT_KEYWORDS = {"refinement": "refinement", "refine_hidden": "hidden", "refine_labels": "labels",
+                       "refine_ref_hidden": "ref_hidden", "refine_ref_logps": "ref_logps"}
+
+
+def call_inputs(reference: ReferenceInputs | torch.Tensor | None = None,
+                refinement: RefinementInputs | torch.Tensor | None = None,
+                **flat: torch.Tensor | None) -> tuple[ReferenceInputs, RefinementInputs]:
+    """The reference and refinement of one call, from the frozen dataclasses, from a tensor of sums
+    (``reference``: ``ref_logps`` [B]; ``refinement``: Δ [B/2]) or from the flat keywords of
+    ``REFERENCE_KEYWORDS`` / ``REFINEMENT_KEYWORDS`` (the README's ``ref_hidden=``, ``refine_labels=``, ...)."""
+    unknown = sorted(set(flat) - set(REFERENCE_KEYWORDS) - set(REFINEMENT_KEYWORDS))
+    if unknown:
+        raise TypeError(f"{unknown[0]}: unexpected keyword argument; expected the reference / refinement as "
+                        f"ReferenceInputs / RefinementInputs or one of {[*REFERENCE_KEYWORDS, *REFINEMENT_KEYWORDS]}")
+    return (_dataclass_of(ReferenceInputs, REFERENCE_KEYWORDS, "ref_logps", reference, flat),
+            _dataclass_of(RefinementInputs, REFINEMENT_KEYWORDS, "refinement", refinement, flat))
+
+
+def _dataclass_of(cls: type, keywords: dict[str, str], tensor_name: str, given: object,
+                  flat: dict[str, torch.Tensor | None]) -> ReferenceInputs | RefinementInputs:
+    fields = {attr: flat[name] for name, attr in keywords.items() if flat.get(name) is not None}
+    if isinstance(given, cls):
+        if fields:
+            raise ValueError(f"{sorted(k for k in keywords if flat.get(k) is not None)}: already given in the "
+                             f"{cls.__name__} passed; give one or the other")
+        return given
+    if given is not None:  # a tensor of sums (checked, with its name, where it is read)
+        if flat.get(tensor_name) is not None:
+            raise TypeError(f"{tensor_name}: given twice (positionally and by keyword)")
+        fields[keywords[tensor_name]] = given
+    return cls(**fields)
+
+
+__all__ = ["REFERENCE_KEYWORDS", "REFINEMENT_KEYWORDS", "PolicyBatch", "ReferenceInputs", "RefinementInputs",
+           "call_inputs", "check_batch_vector", "check_device", "pair_layout", "pair_order"]

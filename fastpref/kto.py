@@ -23,7 +23,6 @@ from torch import nn
 
 from . import losses as L
 from .inputs import check_batch_vector, check_device
-from .modules import _memory_budget
 from .ops import (
     HeadPass,
     LinearLogProbs,
@@ -44,7 +43,14 @@ from .outputs import token_sums
 from .preference import MODES
 from .scoring import score_sequences
 from .utils.compile import eager_op
-from .utils.validation import check_choice, check_head_inputs, check_int, check_number, check_transform
+from .utils.validation import (
+    check_choice,
+    check_head_inputs,
+    check_int,
+    check_memory_budget,
+    check_number,
+    check_transform,
+)
 
 #: trl 1.16 ``KTOTrainer``'s logged loss metrics (besides ``loss``, ``grad_norm``, ``num_tokens``).
 KTO_METRICS = ("kl", "rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected", "rewards/margins",
@@ -409,7 +415,7 @@ class KTOLoss(nn.Module):
         self.config = KTOConfig(
             loss_type=loss_type, beta=beta, desirable_weight=w_d, undesirable_weight=w_u,
             ignore_index=check_int("ignore_index", ignore_index), mode=mode,
-            memory_budget=_memory_budget(memory_budget),
+            memory_budget=check_memory_budget(memory_budget),
             backend=backend, transform=LogitTransform(float(logit_scale), None if softcap is None else float(softcap),
                                                       float(temperature)),
             token_metrics=bool(token_metrics), check_finite=bool(check_finite), gemm=gemm)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .losses import rewards
 from .ops import TokenStats
 
 #: Keys of ``PreferenceOutput.token_sums`` (the last three only with token statistics).
@@ -66,6 +67,31 @@ def token_sums(stats: TokenStats, is_chosen: torch.Tensor,
     return sums
 
 
+#: trl 1.16's per-pair metrics, in the order of ``pair_metric_values``: TRL logs the batch mean of each.
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected")
+
+
+def pair_metric_values(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+                       rejected_logps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The per-pair values [P] behind ``PAIR_METRICS`` (a metric is the mean of its values over the pairs)."""
+    return (chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
+            chosen_rewards - rejected_rewards, chosen_logps, rejected_logps)
+
+
+def token_metrics(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """TRL's token-level metrics from the sums and counts of ``TOKEN_SUM_KEYS`` (one batch's, or the totals
+    gathered over ranks): a mean is a sum over its count, 0 where the count is 0."""
+    metrics = {
+        "logits/chosen": sums["chosen_logit_sum"] / sums["chosen_tokens"].clamp(min=1),
+        "logits/rejected": sums["rejected_logit_sum"] / sums["rejected_tokens"].clamp(min=1),
+    }
+    if "entropy_sum" in sums:
+        metrics["entropy"] = sums["entropy_sum"] / sums["scored_tokens"].clamp(min=1)
+        metrics["mean_token_accuracy"] = sums["chosen_top1"] / sums["chosen_tokens"].clamp(min=1)
+    return metrics
+
+
 def _mean(t: torch.Tensor) -> torch.Tensor:
     return t.mean() if t.numel() else t.new_zeros(())
 
@@ -76,24 +102,14 @@ def build_output(*, loss: torch.Tensor, losses: torch.Tensor, chosen_logps: torc
     """Rewards β·(logps − ref) and TRL's metrics from per-pair sums and the token sums of ``token_sums``."""
     with torch.no_grad():
         chosen, rejected = chosen_logps.detach(), rejected_logps.detach()
-        chosen_rewards = beta * (chosen - ref_chosen)
-        rejected_rewards = beta * (rejected - ref_rejected)
-        metrics = {
-            "rewards/chosen": _mean(chosen_rewards),
-            "rewards/rejected": _mean(rejected_rewards),
-            "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).float()),
-            "rewards/margins": _mean(chosen_rewards - rejected_rewards),
-            "logps/chosen": _mean(chosen),
-            "logps/rejected": _mean(rejected),
-            "logits/chosen": sums["chosen_logit_sum"] / sums["chosen_tokens"].clamp(min=1),
-            "logits/rejected": sums["rejected_logit_sum"] / sums["rejected_tokens"].clamp(min=1),
-        }
-        if "entropy_sum" in sums:
-            metrics["entropy"] = sums["entropy_sum"] / sums["scored_tokens"].clamp(min=1)
-            metrics["mean_token_accuracy"] = sums["chosen_top1"] / sums["chosen_tokens"].clamp(min=1)
+        chosen_rewards, rejected_rewards = rewards(beta, chosen, ref_chosen), rewards(beta, rejected, ref_rejected)
+        values = pair_metric_values(chosen_rewards, rejected_rewards, chosen, rejected)
+        metrics = {name: _mean(v) for name, v in zip(PAIR_METRICS, values)}
+        metrics.update(token_metrics(sums))
     return PreferenceOutput(loss=loss, losses=losses, chosen_logps=chosen, rejected_logps=rejected,
                             chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, metrics=metrics,
                             token_sums=sums, mode=mode)
 
 
-__all__ = ["TOKEN_SUM_KEYS", "PreferenceOutput", "build_output", "token_sums"]
+__all__ = ["PAIR_METRICS", "TOKEN_SUM_KEYS", "PreferenceOutput", "build_output", "pair_metric_values", "token_metrics",
+           "token_sums"]

@@ -1,6 +1,6 @@
 """The fused preference loss: path choice and the run (the modules of ``fastpref.modules`` call this).
 
-``preference_loss`` validates the call's inputs once (``fastpref.inputs``), takes the reference and refinement
+``forward`` validates the call's inputs once (``fastpref.inputs``), takes the reference and refinement
 sums (given, or scored under no-grad by ``fastpref.scoring``), evaluates the formulas of ``fastpref.losses`` and
 returns a ``PreferenceOutput`` (``fastpref.outputs``). Paths (``mode``):
 
@@ -27,9 +27,12 @@ from .ops import (
     plan_pair_groups,
     segment_sum,
 )
+from .ops.backend import BACKENDS
+from .ops.gemm_path import check_gemm
 from .ops.plan import default_memory_budget, preferred_group_rows
 from .outputs import PreferenceOutput, build_output, token_sums
-from .scoring import reference_sums, refinement_margin, score_sequences
+from .scoring import score_reference, score_refinement, score_sequences
+from .utils.validation import check_choice, check_int, check_memory_budget, check_transform
 
 MODES = ("auto", "fast", "lean")
 
@@ -47,6 +50,43 @@ class PreferenceConfig:
     token_metrics: bool = False
     check_finite: bool = False
     gemm: str | None = None  # None: $FASTPREF_GEMM, else cublas (fastpref.ops.gemm_path)
+
+    @classmethod
+    def create(
+        cls,
+        loss_type: str | list[str] | tuple[str, ...] = "sigmoid",
+        *,
+        loss_weights: list[float] | tuple[float, ...] | None = None,
+        ignore_index: int = -100,
+        mode: str = "auto",
+        memory_budget: int | None = None,
+        backend: str = "auto",
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+        token_metrics: bool = False,
+        check_finite: bool = False,
+        gemm: str | None = None,
+        **hparams: float | bool,
+    ) -> PreferenceConfig:
+        """The validated config of ``fastpref.PreferenceLoss(loss_type, **options)`` (its docstring lists the
+        options); ``hparams``: the formulas' (``beta``, ``label_smoothing``, ..., ``reference_free``: the fields
+        of ``fastpref.losses.LossConfig``, which checks them)."""
+        loss = L.LossConfig.create(loss_type, loss_weights, **hparams)
+        check_choice("mode", mode, MODES)
+        if mode == "fast" and not loss.pair_separable:
+            raise ValueError(f"mode: 'fast' needs a pair-separable loss; {list(loss.loss_types)} couples the batch "
+                             "(aot / aot_unpaired sort over it); use mode='lean' or 'auto'")
+        check_choice("backend", backend, BACKENDS)
+        check_gemm(gemm)
+        check_transform(temperature, logit_scale, softcap)
+        ignore_index = check_int("ignore_index", ignore_index)
+        check_memory_budget(memory_budget)
+        transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap),
+                                   float(temperature))
+        return cls(loss=loss, ignore_index=ignore_index, mode=mode,
+                   memory_budget=memory_budget, backend=backend, transform=transform,
+                   token_metrics=bool(token_metrics), check_finite=bool(check_finite), gemm=gemm)
 
 
 def _policy_batch(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -90,66 +130,39 @@ def _choose_mode(cfg: PreferenceConfig, batch: PolicyBatch, needs_grad: bool) ->
     return "lean", None
 
 
-def preference_loss(
-    cfg: PreferenceConfig,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ref_logps: torch.Tensor | None = None,
-    *,
-    bias: torch.Tensor | None = None,
-    ref_hidden: torch.Tensor | None = None,
-    ref_weight: torch.Tensor | None = None,
-    ref_bias: torch.Tensor | None = None,
-    seq_ids: torch.Tensor | None = None,
-    num_seqs: int | None = None,
-    refinement: torch.Tensor | None = None,
-    refine_hidden: torch.Tensor | None = None,
-    refine_labels: torch.Tensor | None = None,
-    refine_ref_hidden: torch.Tensor | None = None,
-    refine_ref_logps: torch.Tensor | None = None,
-) -> PreferenceOutput:
-    """See ``fastpref.PreferenceLoss.forward``."""
-    others = {"ref_logps": ref_logps, "ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias,
-              "refinement": refinement, "refine_hidden": refine_hidden, "refine_ref_hidden": refine_ref_hidden,
-              "refine_ref_logps": refine_ref_logps}
+def forward(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+            reference: ReferenceInputs, refine: RefinementInputs, *, bias: torch.Tensor | None = None,
+            seq_ids: torch.Tensor | None = None, num_seqs: int | None = None) -> PreferenceOutput:
+    """The fused loss of one call (``fastpref.PreferenceLoss.forward`` builds ``reference`` / ``refine``)."""
+    finite = {**reference.named(), **{k: v for k, v in refine.named().items() if k != "refine_labels"}}
     batch = _policy_batch(cfg, hidden, weight, labels, bias, seq_ids, num_seqs, token_metrics=cfg.token_metrics,
-                          others=others)
-    reference = ReferenceInputs(ref_logps, ref_hidden, ref_weight, ref_bias)
-    refine = RefinementInputs(refinement, refine_hidden, refine_labels, refine_ref_hidden, refine_ref_logps)
+                          others=finite)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     mode, groups = _choose_mode(cfg, batch, needs_grad)
-    ref = reference_sums(cfg.loss, batch, reference, groups)
-    delta = refinement_margin(cfg.loss, batch, refine, reference, ignore_index=cfg.ignore_index)
+    ref = score_reference(cfg.loss, batch, reference, groups)
+    delta = score_refinement(cfg.loss, batch, refine, reference, ignore_index=cfg.ignore_index)
     num_pairs = batch.num_pairs
-    chosen_len, rejected_len = batch.lengths()
-    nll_scale = num_pairs / chosen_len.sum().clamp(min=1.0)
-    ref_c, ref_r = ref[0::2], ref[1::2]
+    terms = L.pair_terms(cfg.loss, ref, batch.layout.lengths.float(), like=ref, pair_order=True)
 
     def pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, pairs: slice) -> torch.Tensor:
-        out, _, _ = L.pair_losses(
-            cfg.loss, chosen, rejected, ref_c[pairs], ref_r[pairs], chosen_lengths=chosen_len[pairs],
-            rejected_lengths=rejected_len[pairs], refinement=None if delta is None else delta[pairs],
-            nll_scale=nll_scale)
-        return out
+        return terms.loss(cfg.loss, chosen, rejected, pairs, None if delta is None else delta[pairs])
 
     if mode == "fast":
         loss, fast = fast_pair_loss(batch.source, weight, bias, PairProblem(batch.layout, groups, pair_loss,
                                                                              batch.head))
         seq, per_pair, stats = fast.seq_logps, fast.losses.detach(), fast.stats
-    elif mode == "lean":
-        tok, stats = LinearLogProbs.apply(batch.source, weight, bias, batch.layout, batch.head)
-        seq = segment_sum(tok, batch.layout.offsets)
-        per_pair = pair_loss(seq[0::2], seq[1::2], slice(0, num_pairs))
-        loss = per_pair.sum() / max(num_pairs, 1)
     else:
-        scored = score_sequences(hidden, weight, bias, batch.layout, batch.head)
-        seq, stats = scored.seq_logps, scored.stats
+        if mode == "lean":
+            tok, stats = LinearLogProbs.apply(batch.source, weight, bias, batch.layout, batch.head)
+            seq = segment_sum(tok, batch.layout.offsets)
+        else:
+            scored = score_sequences(hidden, weight, bias, batch.layout, batch.head)
+            seq, stats = scored.seq_logps, scored.stats
         per_pair = pair_loss(seq[0::2], seq[1::2], slice(0, num_pairs))
         loss = per_pair.sum() / max(num_pairs, 1)
     is_chosen = batch.layout.seq % 2 == 0
     return build_output(loss=loss, losses=per_pair, chosen_logps=seq[0::2], rejected_logps=seq[1::2],
-                        ref_chosen=ref_c, ref_rejected=ref_r, beta=cfg.loss.beta,
+                        ref_chosen=terms.ref_chosen, ref_rejected=terms.ref_rejected, beta=cfg.loss.beta,
                         sums=token_sums(stats, is_chosen), mode=mode)
 
 
@@ -157,7 +170,7 @@ def preference_loss(
 def score(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
           bias: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
           num_seqs: int | None = None) -> torch.Tensor:
-    """Sequence log-prob sums ``[B]`` (batch layout), forward-only, scored exactly as ``preference_loss`` scores
+    """Sequence log-prob sums ``[B]`` (batch layout), forward-only, scored exactly as ``forward`` scores
     the policy in training: with the fast path's pair groups when it would run fast, else tile by tile. A
     reference model scored this way gives bit-identical sums when it equals the policy (rewards exactly 0)."""
     batch = _policy_batch(cfg, hidden, weight, labels, bias, seq_ids, num_seqs, token_metrics=False)
@@ -166,4 +179,4 @@ def score(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, lab
     return torch.cat([seq[0::2], seq[1::2]])
 
 
-__all__ = ["MODES", "PreferenceConfig", "PreferenceOutput", "preference_loss", "score"]
+__all__ = ["MODES", "PreferenceConfig", "PreferenceOutput", "forward", "score"]

@@ -165,13 +165,8 @@ def preference_loss(
                 ref_weight, ref_bias = weight.detach(), bias if ref_bias is None else ref_bias
             ref_logps = sequence_logps(ref_hidden, ref_weight, labels, bias=ref_bias, ignore_index=ignore_index,
                                        **transform)
-    if ref_logps is None or cfg.reference_free or cfg.reference_free_only:
-        ref_logps = torch.zeros_like(logps)
-    ref_logps = ref_logps.detach().to(logps.dtype)
     lengths = (labels != ignore_index).sum(-1).to(logps.dtype)
+    terms = losses.pair_terms(cfg, ref_logps, lengths, like=logps)
     pairs = labels.shape[0] // 2
-    nll_scale = pairs / lengths[:pairs].sum().clamp(min=1)
-    per_pair, _, _ = losses.pair_losses(
-        cfg, logps[:pairs], logps[pairs:], ref_logps[:pairs], ref_logps[pairs:], chosen_lengths=lengths[:pairs],
-        rejected_lengths=lengths[pairs:], refinement=refinement, nll_scale=nll_scale)
+    per_pair = terms.loss(cfg, logps[:pairs], logps[pairs:], refinement=refinement)
     return per_pair.mean(), per_pair, logps[:pairs], logps[pairs:]

@@ -1,7 +1,8 @@
 """Forward-only scoring: the one function that turns hidden states into sequence log-prob sums without a graph.
 
-``score_sequences`` serves the policy's forward-only path (evaluation), the reference model, the
-prompt-augmented batch of Sr-DPO / Sr-IPO and ``PreferenceLoss.score``. With the fast path's pair groups it
+``score_sequences`` serves the policy's forward-only path (evaluation), the reference model
+(``score_reference``), the prompt-augmented batch of Sr-DPO / Sr-IPO (``score_refinement``, whose margin formula
+is ``fastpref.losses.refinement_margin``) and ``PreferenceLoss.score``. With the fast path's pair groups it
 scores exactly as the fast path scores the policy (same GEMM shapes, column chunks and sums), so a reference
 equal to the policy gives bit-identical sums — rewards of exactly 0, as in TRL; without groups it scores tile
 by tile as lean mode does. 2·n·H·V FLOPs, O(tokens) memory beyond one tile (or one pair group's buffer).
@@ -57,7 +58,7 @@ def _sums_only(head: HeadPass) -> HeadPass:
     return replace(head, with_entropy=False, with_top1=False)
 
 
-def reference_sums(loss: L.LossConfig, batch: PolicyBatch, ref: ReferenceInputs,
+def score_reference(loss: L.LossConfig, batch: PolicyBatch, ref: ReferenceInputs,
                    groups: PairGroups | None) -> torch.Tensor:
     """Reference sums in pair order ([2P]); zeros with ``reference_free=True``. Reference-free loss types do not
     need them, but when given they are used for the logged rewards (β·(lp − ref), as TRL logs them). With the
@@ -77,7 +78,7 @@ def reference_sums(loss: L.LossConfig, batch: PolicyBatch, ref: ReferenceInputs,
     return score_sequences(ref.hidden, weight, bias, batch.layout, _sums_only(batch.head), groups).seq_logps
 
 
-def refinement_margin(loss: L.LossConfig, batch: PolicyBatch, refine: RefinementInputs, ref: ReferenceInputs,
+def score_refinement(loss: L.LossConfig, batch: PolicyBatch, refine: RefinementInputs, ref: ReferenceInputs,
                       *, ignore_index: int) -> torch.Tensor | None:
     """Δ of Sr-DPO (β × margin) or Δ̄ of Sr-IPO (β × length-normalised margin), [P], stop-gradient: given, or
     scored here on the p ⊕ x batch (policy and reference, forward-only)."""
@@ -106,4 +107,4 @@ def refinement_margin(loss: L.LossConfig, batch: PolicyBatch, refine: Refinement
                                rejected_lengths=lengths[1::2])
 
 
-__all__ = ["ScoredSequences", "reference_sums", "refinement_margin", "score_sequences"]
+__all__ = ["ScoredSequences", "score_reference", "score_refinement", "score_sequences"]

@@ -79,3 +79,51 @@ def test_compiled_caller_still_breaks_the_graph_at_the_op():
     for x in (h, h + 1.0):
         torch.testing.assert_close(compiled(x), step(x))
     assert graphs and not any(op in code for code in graphs for op in ("mm(", "matmul", "linear", "logsumexp")), graphs
+
+
+# The layers of docs/design.md, lowest first: a module may import its own layer and the ones ranked below it.
+# ``core`` is the top-level modules of fastpref (and compat, the Liger drop-ins over them); data sits beside it.
+LAYER_RANKS = {"utils": 0, "kernels": 1, "ops": 2, "losses": 3, "core": 4, "data": 4, "integrations": 5,
+               "benchmark": 5, "testing": 6, "cli": 7}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    if parts[1:2] == ["cli"] or len(parts) == 1:
+        return "cli" if parts[1:2] == ["cli"] else "core"
+    return parts[1] if parts[1] in LAYER_RANKS else "core"
+
+
+def _fastpref_imports(path: Path) -> set[str]:
+    """Every fastpref module ``path`` imports, at the top or inside a function (lazily)."""
+    import ast
+
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = ["fastpref", *rel.parts] if rel.parts[0] == "kernels" else list(rel.parts)  # fastpref.kernels
+    package = parts[:-1]  # a module's package; an __init__'s is its own folder
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            found.add(target)
+            if not node.module:  # `from . import losses`: the names are modules
+                found.update(f"{target}.{a.name}" for a in node.names)
+    return {m for m in found if m.split(".")[0] == "fastpref"}
+
+
+def test_no_module_imports_a_layer_above_it():
+    """docs/design.md's one-way layers, checked on the source (lazy imports included): no import goes to another
+    layer of the same or a higher rank (e.g. benchmark -> testing, or ops -> losses)."""
+    files = [*(ROOT / "fastpref").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]
+    upward = []
+    for path in files:
+        rel = path.relative_to(ROOT).with_suffix("")
+        own = "kernels" if rel.parts[0] == "kernels" else _layer(".".join(rel.parts))
+        for target in _fastpref_imports(path):
+            layer = _layer(target)
+            if layer != own and LAYER_RANKS[layer] >= LAYER_RANKS[own]:
+                upward.append(f"{rel} ({own}) imports {target} ({layer})")
+    assert not upward, "\n".join(sorted(upward))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..testing import rel_err
+from ..utils.numerics import rel_err
 from .peers import StepOutput, dpo_loss
 from .workload import Workload
 

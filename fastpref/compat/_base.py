@@ -15,11 +15,11 @@ and return ``(loss, (chosen_lp, rejected_lp, chosen_logits_mean, rejected_logits
 
 Two runs compute it without the ``[tokens, vocab]`` logits:
 
-- **fused**: ``fastpref.PreferenceLoss`` with the fastpref loss type that is exactly the family's formula
+- **module**: one ``fastpref.PreferenceLoss`` with the fastpref loss type that is exactly the family's formula
   (``sigmoid`` on means is ``sigmoid_norm``, CPO on means is SimPO with γ = 0, ...) mixed with ``sft`` weighted
   by ``alpha``: its fast mode forms the gradients during the forward (6·n·H·V FLOPs for n scored tokens, no
   logits recompute), lean mode otherwise.
-- **lean**: where no fastpref type matches (DPO's other types on means; ORPO without its NLL or with a separate
+- **formula**: where no fastpref type matches (DPO's other types on means; ORPO without its NLL or with a separate
   ``nll_target``): ``fastpref.sequence_logps`` (2·n·H·V forward, 6·n·H·V backward) and the formula on top.
 
 Both score the reference in the same way as the policy, so a reference equal to the policy gives rewards of
@@ -73,7 +73,7 @@ class LigerSpec:
 
 
 def _formula(spec: LigerSpec) -> tuple[str, dict[str, float | bool]]:
-    """The fastpref loss type and hyper-parameters whose formula is the family's, for the lean run: DPO's type
+    """The fastpref loss type and hyper-parameters whose formula is the family's, for the formula run: DPO's type
     applied to the logps Liger's formula sees (sums, or means with unit lengths); the others on sums + lengths."""
     hp: dict[str, float | bool] = {"beta": spec.beta}
     if spec.family == "dpo":
@@ -84,7 +84,7 @@ def _formula(spec: LigerSpec) -> tuple[str, dict[str, float | bool]]:
         hp["reference_free"] = not spec.use_ref_model
         return spec.loss_type, hp
     if spec.family == "orpo":
-        return "orpo", hp  # its NLL term is dropped in the lean run (nll_scale = 0) and added as Liger does
+        return "orpo", hp  # its NLL term is dropped in the formula run (nll_scale = 0) and added as Liger does
     hp["label_smoothing"] = spec.label_smoothing
     if spec.family == "simpo" or spec.average_log_prob:  # CPO on means is SimPO with no margin
         hp["simpo_gamma"] = spec.gamma if spec.family == "simpo" else 0.0
@@ -93,9 +93,9 @@ def _formula(spec: LigerSpec) -> tuple[str, dict[str, float | bool]]:
     return "cpo", hp
 
 
-def _fused_plan(spec: LigerSpec) -> tuple[list[str], list[float], dict[str, float | bool]] | None:
+def _module_plan(spec: LigerSpec) -> tuple[list[str], list[float], dict[str, float | bool]] | None:
     """``PreferenceLoss(types, loss_weights=weights, **hp)`` computing the whole Liger loss, or None when no
-    fastpref type is the family's formula (the lean run then)."""
+    fastpref type is the family's formula (the formula run then)."""
     name, hp = _formula(spec)
     if spec.family == "dpo" and spec.average_log_prob:
         name = _DPO_ON_MEANS.get(name)
@@ -127,7 +127,7 @@ def _liger_dpo_error(spec: LigerSpec, supported: frozenset[str]) -> str | None:
 
 
 def validate(spec: LigerSpec, supported: frozenset[str] = frozenset()) -> tuple[PreferenceLoss | None, L.LossConfig]:
-    """Check ``spec`` and build its runs: (the fused module or None, the lean formula's config).
+    """Check ``spec`` and build its runs: (the module run's loss or None, the formula run's config).
 
     Errors Liger raises start with Liger's own message (callers match on it), followed by fastpref's argument,
     value and expectation in parentheses; values Liger accepts but fastpref's formulas do not (``beta <= 0``, a
@@ -149,11 +149,11 @@ def validate(spec: LigerSpec, supported: frozenset[str] = frozenset()) -> tuple[
         check_number("alpha", spec.alpha, FP32, where=" (the weight of the NLL term with compute_nll_loss=True)")
     name, hp = _formula(spec)
     with caller_names(simpo_gamma="gamma"):  # SimPO's margin is Liger's gamma
-        lean = L.LossConfig.create(name, **hp)
-        plan = _fused_plan(spec)
-        fused = None if plan is None else PreferenceLoss(plan[0], loss_weights=plan[1],
-                                                         ignore_index=spec.ignore_index, **plan[2])
-    return fused, lean
+        formula = L.LossConfig.create(name, **hp)
+        plan = _module_plan(spec)
+        module = None if plan is None else PreferenceLoss(plan[0], loss_weights=plan[1],
+                                                          ignore_index=spec.ignore_index, **plan[2])
+    return module, formula
 
 
 def _shape(t: object) -> str:
@@ -245,7 +245,7 @@ class Inputs:
     weight_name: str = "lin_weight"
 
 
-def run(spec: LigerSpec, fused: PreferenceLoss | None, lean: L.LossConfig,
+def run(spec: LigerSpec, module: PreferenceLoss | None, formula: L.LossConfig,
         x: Inputs) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Liger's ``(loss, aux)`` for ``spec`` on the call's tensors (see the module docstring)."""
     check_batch(x._input, x.target, ref_input=x.ref_input, use_ref=spec.family == "dpo" and spec.use_ref_model,
@@ -254,17 +254,17 @@ def run(spec: LigerSpec, fused: PreferenceLoss | None, lean: L.LossConfig,
     pairs = x._input.shape[0] // 2
     lengths = (x.target != spec.ignore_index).sum(-1).float()  # [B]; the one count both runs share
     chosen_tokens = lengths[:pairs].sum().clamp(min=1.0)
-    use_fused = fused is not None and x.nll_target is None
-    ref = _reference(spec, fused if use_fused else None, x)
-    if use_fused:
+    module = module if x.nll_target is None else None  # a separate nll_target takes the formula run
+    ref = _reference(spec, module, x)
+    if module is not None:
         with caller_names(**policy_names):
-            out = fused(x._input, x.weight, x.target, ref_logps=ref, bias=x.bias)
+            out = module(x._input, x.weight, x.target, ref, bias=x.bias)
         loss, sums = out.loss, torch.cat([out.chosen_logps, out.rejected_logps])
-        nll = -sums[:pairs].sum() / chosen_tokens  # the fused loss holds it (sft / orpo) when it is computed
+        nll = -sums[:pairs].sum() / chosen_tokens  # the module's loss holds it (sft / orpo) when it is computed
     else:
         with caller_names(**policy_names):
             sums_g = sequence_logps(x._input, x.weight, x.target, bias=x.bias, ignore_index=spec.ignore_index)
-        loss = _lean_loss(spec, lean, sums_g, ref, lengths, pairs)
+        loss = _formula_loss(spec, formula, sums_g, ref, lengths, pairs)
         nll = _nll(spec, x, sums_g, chosen_tokens, pairs) if spec.compute_nll_loss else None
         if nll is not None:
             loss = loss + spec.alpha * nll
@@ -274,7 +274,7 @@ def run(spec: LigerSpec, fused: PreferenceLoss | None, lean: L.LossConfig,
     return loss, _aux(spec, x, sums, ref, lengths, nll.detach(), pairs)
 
 
-def _reference(spec: LigerSpec, fused: PreferenceLoss | None, x: Inputs) -> Tensor | None:
+def _reference(spec: LigerSpec, module: PreferenceLoss | None, x: Inputs) -> Tensor | None:
     """Reference sums [B] (DPO with ``use_ref_model``), under no-grad, scored as the run scores the policy. The
     reference head defaults to the policy's, detached (its bias too unless ``ref_bias`` is given)."""
     if spec.family != "dpo" or not spec.use_ref_model:
@@ -286,8 +286,8 @@ def _reference(spec: LigerSpec, fused: PreferenceLoss | None, x: Inputs) -> Tens
     names = {"hidden": "ref_input", "weight": "ref_weight" if x.ref_weight is not None else x.weight_name,
              "labels": "target", "bias": "ref_bias" if x.ref_bias is not None else "bias"}
     with caller_names(**names), torch.no_grad():
-        if fused is not None:
-            return fused.score(x.ref_input.detach(), ref_weight.detach(), x.target, bias=ref_bias)
+        if module is not None:
+            return module.score(x.ref_input.detach(), ref_weight.detach(), x.target, bias=ref_bias)
         return sequence_logps(x.ref_input.detach(), ref_weight.detach(), x.target, bias=ref_bias,
                               ignore_index=spec.ignore_index)
 
@@ -297,21 +297,17 @@ def _means(spec: LigerSpec) -> bool:
     return spec.average_log_prob or spec.family in ("simpo", "orpo")
 
 
-def _lean_loss(spec: LigerSpec, lean: L.LossConfig, sums: Tensor, ref: Tensor | None, lengths: Tensor,
-               pairs: int) -> Tensor:
+def _formula_loss(spec: LigerSpec, formula: L.LossConfig, sums: Tensor, ref: Tensor | None, lengths: Tensor,
+                  pairs: int) -> Tensor:
     """The preference loss (mean over the pairs) from differentiable sums, by the fastpref formula of
     ``_formula``: DPO's on what Liger's formula sees (means with unit lengths, or sums), the others on sums."""
-    n_w, n_l = lengths[:pairs], lengths[pairs:]
     if spec.family == "dpo" and spec.average_log_prob:
         denom = lengths.clamp(min=1.0)
-        lp, ref = sums / denom, None if ref is None else ref / denom
-        n_w = n_l = torch.ones_like(n_w)
+        lp, ref, lengths = sums / denom, None if ref is None else ref / denom, torch.ones_like(lengths)
     else:
         lp = sums
-    ref_w, ref_l = (None, None) if ref is None else (ref[:pairs], ref[pairs:])
-    per_pair, _, _ = L.pair_losses(lean, lp[:pairs], lp[pairs:], ref_w, ref_l, chosen_lengths=n_w,
-                                   rejected_lengths=n_l, nll_scale=0.0)  # nll_scale: ORPO's NLL added apart
-    return per_pair.mean()
+    terms = L.pair_terms(formula, ref, lengths, like=lp.detach()).with_nll_scale(0.0)  # ORPO's NLL added apart
+    return terms.loss(formula, lp[:pairs], lp[pairs:]).mean()
 
 
 def _nll(spec: LigerSpec, x: Inputs, sums: Tensor, chosen_tokens: Tensor, pairs: int) -> Tensor:
@@ -333,7 +329,7 @@ def _aux(spec: LigerSpec, x: Inputs, sums: Tensor, ref: Tensor | None, lengths: 
         lp = sums / denom if _means(spec) else sums
         ref_lp = None if ref is None else (ref / denom if _means(spec) else ref)
         chosen_logits_mean, rejected_logits_mean = _raw_logit_means(x, pairs)
-        rewards = spec.beta * (lp if ref_lp is None else lp - ref_lp)
+        rewards = L.rewards(spec.beta, lp, ref_lp)
         out = (lp[:pairs], lp[pairs:], chosen_logits_mean, rejected_logits_mean, nll.float(), rewards[:pairs],
                rewards[pairs:])
         if spec.family == "orpo":

@@ -36,8 +36,8 @@ def liger_fused_linear_cpo(
     """Liger 0.8.5's ``liger_fused_linear_cpo`` (= ``LigerFusedLinearCPOFunction.apply``): the same arguments
     in the same order, and what ``LigerFusedLinearCPOLoss.forward`` returns."""
     spec = _spec(ignore_index, beta, alpha, label_smoothing, compute_nll_loss, average_log_prob)
-    fused, lean = validate(spec)
-    return run(spec, fused, lean, Inputs(_input, weight, target, bias, weight_name="weight"))
+    module, formula = validate(spec)
+    return run(spec, module, formula, Inputs(_input, weight, target, bias, weight_name="weight"))
 
 
 class LigerFusedLinearCPOFunction:

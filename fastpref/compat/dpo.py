@@ -61,8 +61,8 @@ def liger_fused_linear_dpo(
     """
     spec = _spec(ignore_index, beta, alpha, compute_nll_loss, use_ref_model, average_log_prob, loss_type,
                  label_smoothing, discopop_tau)
-    fused, lean = validate(spec, SUPPORTED_LOSS_TYPES)
-    return run(spec, fused, lean, Inputs(_input, weight, target, bias, ref_input, ref_weight, ref_bias,
+    module, formula = validate(spec, SUPPORTED_LOSS_TYPES)
+    return run(spec, module, formula, Inputs(_input, weight, target, bias, ref_input, ref_weight, ref_bias,
                                          weight_name="weight"))
 
 

@@ -34,8 +34,8 @@ def liger_fused_linear_orpo(
     """Liger 0.8.5's ``liger_fused_linear_orpo`` (= ``LigerFusedLinearORPOFunction.apply``): the same arguments
     in the same order, and what ``LigerFusedLinearORPOLoss.forward`` returns."""
     spec = _spec(ignore_index, beta, compute_nll_loss)
-    fused, lean = validate(spec)
-    return run(spec, fused, lean, Inputs(_input, weight, target, bias, nll_target=nll_target, weight_name="weight"))
+    module, formula = validate(spec)
+    return run(spec, module, formula, Inputs(_input, weight, target, bias, nll_target=nll_target, weight_name="weight"))
 
 
 class LigerFusedLinearORPOFunction:

@@ -38,8 +38,8 @@ def liger_fused_linear_simpo(
     arguments in the same order (``compute_nll_loss`` defaults to False here, True in the module, as in Liger),
     and what ``LigerFusedLinearSimPOLoss.forward`` returns."""
     spec = _spec(ignore_index, beta, alpha, label_smoothing, compute_nll_loss, gamma)
-    fused, lean = validate(spec)
-    return run(spec, fused, lean, Inputs(_input, weight, target, bias, weight_name="weight"))
+    module, formula = validate(spec)
+    return run(spec, module, formula, Inputs(_input, weight, target, bias, weight_name="weight"))
 
 
 class LigerFusedLinearSimPOFunction:

@@ -43,6 +43,7 @@ from .trainer_common import (
     packed_kwargs,
     prepare_reference,
     reference_context,
+    trainer_loss,
     unwrap_peft,
 )
 
@@ -149,26 +150,21 @@ def materialised_preference_output(loss_fn: Any, policy: MaterialisedLogps, ref_
     cfg = loss_fn.config.loss
     num_pairs = policy.seq_logps.shape[0] // 2
     chosen, rejected = policy.seq_logps[:num_pairs], policy.seq_logps[num_pairs:]
-    c_len, r_len = policy.lengths[:num_pairs], policy.lengths[num_pairs:]
-    if ref_logps is None or cfg.reference_free or cfg.reference_free_only:
-        ref_c = ref_r = torch.zeros_like(chosen)
-    else:
-        ref_c, ref_r = ref_logps.detach().float()[:num_pairs], ref_logps.detach().float()[num_pairs:]
-    nll_scale = num_pairs / c_len.sum().clamp(min=1.0)
-    per_pair, _, _ = L.pair_losses(cfg, chosen, rejected, ref_c, ref_r, chosen_lengths=c_len,
-                                   rejected_lengths=r_len, refinement=refinement, nll_scale=nll_scale)
+    ref = None if ref_logps is None or cfg.reference_free_only else ref_logps.float()  # TRL reads none for these
+    terms = L.pair_terms(cfg, ref, policy.lengths, like=policy.seq_logps if ref is None else ref)
+    per_pair = terms.loss(cfg, chosen, rejected, refinement=refinement)
     sums = token_sums(policy.stats, policy.seq < num_pairs, policy.mask)
     return build_output(loss=per_pair.sum() / max(num_pairs, 1), losses=per_pair, chosen_logps=chosen,
-                        rejected_logps=rejected, ref_chosen=ref_c, ref_rejected=ref_r, beta=cfg.beta, sums=sums,
-                        mode="materialised")
+                        rejected_logps=rejected, ref_chosen=terms.ref_chosen, ref_rejected=terms.ref_rejected,
+                        beta=cfg.beta, sums=sums, mode="materialised")
 
 
-def sequence_logps(model: Any, batch: dict[str, Any], *, fused: bool, prefix: str = "",
-                   loss_fn: Any = None) -> torch.Tensor:
-    """Per-sequence log-prob sums ``[S]`` (batch layout) of a batch's completions under ``model``: the fused head
-    (scored exactly as ``loss_fn`` scores the policy) or the model's materialised logits. ``prefix="refine_"``
-    scores the p ⊕ x batch."""
-    if fused:
+def model_sequence_logps(model: Any, batch: dict[str, Any], *, materialise: bool, prefix: str = "",
+                         loss_fn: Any = None) -> torch.Tensor:
+    """Per-sequence log-prob sums ``[S]`` (batch layout) of a batch's completions under ``model``: through the
+    fused head (scored exactly as ``loss_fn`` scores the policy), or with ``materialise=True`` from the model's
+    own logits. ``prefix="refine_"`` scores the p ⊕ x batch."""
+    if not materialise:
         return fused_reference_logps(model, batch, loss_fn, prefix)
     labels = batch[prefix + "labels"]
     logits = model(**model_inputs(batch, prefix), use_cache=False).logits
@@ -224,11 +220,7 @@ class FastPrefTrainer(Trainer):
             add_fused_lm_head(unwrap_peft(model), backend=args.fastpref_backend, gemm=args.fastpref_gemm)
         if is_peft_model(model) and args.gradient_checkpointing:
             model.enable_input_require_grads()
-        self.loss_fn = build_preference_loss(
-            model, args.loss_type, beta=args.beta, label_smoothing=args.label_smoothing,
-            loss_weights=args.loss_weights, refinement_lambda=args.refinement_lambda, simpo_gamma=args.simpo_gamma,
-            discopop_tau=args.discopop_tau, mode=args.fastpref_mode, memory_budget=args.fastpref_memory_budget,
-            backend=args.fastpref_backend, gemm=args.fastpref_gemm)
+        self.loss_fn = trainer_loss(model, args)
         loss_cfg = self.loss_fn.config.loss
         self.reference_free = bool(loss_cfg.reference_free or loss_cfg.reference_free_only)
         if data_collator is None:
@@ -268,10 +260,6 @@ class FastPrefTrainer(Trainer):
             self.ref_model = None  # no longer needed: the sums (p ⊕ x ones included) travel with the records
 
     # -- reference -------------------------------------------------------------------------------------------
-    @property
-    def fused(self) -> bool:
-        return bool(self.args.use_fastpref)
-
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, Any], prefix: str = "") -> torch.Tensor | None:
         """Reference sums ``[S]`` (batch layout) of a batch, or of its p ⊕ x twin with ``prefix="refine_"``:
@@ -287,7 +275,8 @@ class FastPrefTrainer(Trainer):
                              "reference model; pass ref_model, or ref_chosen_logps / ref_rejected_logps columns")
         policy = self.accelerator.unwrap_model(self.model)
         with reference_context(policy, self.ref_model), self.compute_loss_context_manager():
-            return sequence_logps(model, batch, fused=self.fused, prefix=prefix, loss_fn=self.loss_fn).float()
+            return model_sequence_logps(model, batch, materialise=not self.args.use_fastpref, prefix=prefix,
+                                        loss_fn=self.loss_fn).float()
 
     def precompute_reference(self, dataset: Any, batch_size: int | None = None) -> Any:
         """``dataset`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` (and, for Sr losses, the p ⊕ x ones)
@@ -327,7 +316,7 @@ class FastPrefTrainer(Trainer):
         ref = self.reference_logps(batch)
         refine_ref = self.reference_logps(batch, "refine_") if self.refinement_prompt else None
         labels = batch["labels"]
-        if self.fused:
+        if self.args.use_fastpref:
             extra: dict[str, Any] = packed_kwargs(batch)
             if self.refinement_prompt:
                 extra.update(refine_input_ids=batch["refine_input_ids"],

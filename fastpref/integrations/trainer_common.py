@@ -14,6 +14,7 @@ import torch
 from ..data.recipes import SR_DPO_PROMPT
 from ..ops.backend import BACKENDS
 from ..ops.gemm_path import check_gemm
+from ..outputs import PAIR_METRICS, TOKEN_SUM_KEYS, pair_metric_values, token_metrics
 from ..preference import MODES
 from ..utils.validation import check_choice
 from .fused_head import head_transform
@@ -25,23 +26,29 @@ REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 REFINE_REF_KEYS = ("ref_refine_chosen_logps", "ref_refine_rejected_logps")
 # Batch keys that are not model inputs.
 _NON_MODEL_KEYS = {"completion_mask", "labels", "seq_ids", "num_seqs", *REF_KEYS, *REFINE_REF_KEYS}
-PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected")
 
 
-def build_preference_loss(model: Any, loss_type: list[str] | str, *, beta: float, label_smoothing: float = 0.0,
-                          loss_weights: list[float] | None = None, refinement_lambda: float = 0.5,
-                          simpo_gamma: float = 0.5, discopop_tau: float = 0.05, mode: str = "auto",
-                          memory_budget: int | None = None, backend: str = "auto", gemm: str | None = None,
-                          token_metrics: bool = True) -> Any:
-    """A ``fastpref.PreferenceLoss`` with the model head's logit transform (``head_transform``)."""
+def build_preference_loss(model: Any, loss_type: list[str] | str = "sigmoid", **options: Any) -> Any:
+    """A ``fastpref.PreferenceLoss(loss_type, **options)`` with the model head's logit transform
+    (``head_transform``) and, unless ``options`` say otherwise, the token statistics TRL logs."""
     from fastpref import PreferenceLoss
 
     types = list(loss_type) if not isinstance(loss_type, str) else [loss_type]
-    return PreferenceLoss(types if len(types) > 1 else types[0], beta=beta, label_smoothing=label_smoothing,
-                          loss_weights=loss_weights, refinement_lambda=refinement_lambda, simpo_gamma=simpo_gamma,
-                          discopop_tau=discopop_tau, mode=mode, memory_budget=memory_budget, backend=backend,
-                          gemm=gemm, token_metrics=token_metrics, **head_transform(model))
+    options.setdefault("token_metrics", True)
+    return PreferenceLoss(types if len(types) > 1 else types[0], **options, **head_transform(model))
+
+
+#: ``PreferenceLoss`` options read from a trainer's arguments, under the arguments' field names (shared by
+#: ``FastPrefTrainingArguments`` and ``FastPrefDPOConfig``; a field an argument class lacks keeps the default).
+TRAINER_FIELDS = {"loss_type": "loss_type", "beta": "beta", "label_smoothing": "label_smoothing",
+                  "loss_weights": "loss_weights", "refinement_lambda": "refinement_lambda",
+                  "simpo_gamma": "simpo_gamma", "discopop_tau": "discopop_tau", "mode": "fastpref_mode",
+                  "memory_budget": "fastpref_memory_budget", "backend": "fastpref_backend", "gemm": "fastpref_gemm"}
+
+
+def trainer_loss(model: Any, args: Any) -> Any:
+    """The trainer's ``PreferenceLoss``: ``build_preference_loss`` with the options of ``args``."""
+    return build_preference_loss(model, **{k: getattr(args, f) for k, f in TRAINER_FIELDS.items() if hasattr(args, f)})
 
 
 def check_fastpref_fields(args: Any) -> None:
@@ -161,28 +168,23 @@ def gather_metrics(accelerator: Any, out: Any, n_tokens: torch.Tensor, *,
                    rejected_rewards: torch.Tensor | None = None) -> tuple[dict[str, float], float]:
     """trl 1.16's metrics of one batch, aggregated across ranks as TRL does: pair metrics as means of the
     gathered per-pair values (``gather``), token metrics as gathered sums over gathered counts
-    (``gather_for_metrics``). Two gathers and one host sync in all. Returns the metrics and the gathered number of
-    input tokens. ``chosen_rewards`` / ``rejected_rewards`` replace the output's (TRL's own definition)."""
+    (``gather_for_metrics``); the formulas are ``fastpref.outputs``'s. Two gathers and one host sync in all.
+    Returns the metrics and the gathered number of input tokens. ``chosen_rewards`` / ``rejected_rewards``
+    replace the output's (TRL's own definition)."""
     chosen_rewards = out.chosen_rewards if chosen_rewards is None else chosen_rewards
     rejected_rewards = out.rejected_rewards if rejected_rewards is None else rejected_rewards
-    per_pair = torch.stack([chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
-                            chosen_rewards - rejected_rewards, out.chosen_logps, out.rejected_logps], 1).float()
+    per_pair = torch.stack(pair_metric_values(chosen_rewards, rejected_rewards, out.chosen_logps,
+                                              out.rejected_logps), 1).float()
     s = out.token_sums
-    zero = torch.zeros_like(s["chosen_tokens"])
-    sums = torch.stack([s["chosen_logit_sum"], s["chosen_tokens"], s["rejected_logit_sum"], s["rejected_tokens"],
-                        s.get("entropy_sum", zero), s.get("scored_tokens", zero), s.get("chosen_top1", zero),
-                        n_tokens.to(zero)]).float()
+    keys = [k for k in TOKEN_SUM_KEYS if k in s]
+    sums = torch.stack([*(s[k] for k in keys), n_tokens.to(s["chosen_tokens"])]).float()
     pair_means = accelerator.gather(per_pair.contiguous()).reshape(-1, per_pair.shape[1]).mean(0)
     totals = accelerator.gather_for_metrics(sums.unsqueeze(0)).reshape(-1, sums.shape[0]).sum(0)
-    values = torch.cat([pair_means, totals]).tolist()  # the one host sync
-    metrics = dict(zip(PAIR_METRICS, values[: len(PAIR_METRICS)]))
-    c_logit, c_tok, r_logit, r_tok, ent, scored, top1, n_tok = values[len(PAIR_METRICS):]
-    metrics["logits/chosen"] = c_logit / c_tok if c_tok > 0 else 0.0
-    metrics["logits/rejected"] = r_logit / r_tok if r_tok > 0 else 0.0
-    if "entropy_sum" in s:
-        metrics["entropy"] = ent / scored if scored > 0 else 0.0
-        metrics["mean_token_accuracy"] = top1 / c_tok if c_tok > 0 else 0.0
-    return metrics, n_tok
+    # float64, as the Python floats these were divided in before: the one formula, the same values
+    gathered = token_metrics(dict(zip(keys, totals.double())))
+    values = torch.cat([pair_means.double(), torch.stack(list(gathered.values())), totals[-1:].double()]).tolist()
+    metrics = dict(zip([*PAIR_METRICS, *gathered], values))  # the one host sync
+    return metrics, values[-1]
 
 
 def input_tokens(batch: dict[str, Any]) -> torch.Tensor:
@@ -198,6 +200,7 @@ __all__ = [
     "REF_KEYS",
     "SR_LOSSES",
     "SR_PROMPT",
+    "TRAINER_FIELDS",
     "build_preference_loss",
     "completion_labels",
     "disable_dropout",
@@ -209,5 +212,6 @@ __all__ = [
     "packed_kwargs",
     "prepare_reference",
     "reference_context",
+    "trainer_loss",
     "unwrap_peft",
 ]

@@ -46,13 +46,13 @@ check_trl_version()
 
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
+from ..losses import rewards  # noqa: E402
 from .collator import PreferenceCollator  # noqa: E402
 from .fused_head import FusedHeadOutput, add_fused_lm_head, is_patched  # noqa: E402
 from .trainer_common import (  # noqa: E402
     REFINE_REF_KEYS,
     SR_LOSSES,
     SR_PROMPT,
-    build_preference_loss,
     check_fastpref_fields,
     completion_labels,
     fused_reference_logps,
@@ -61,6 +61,7 @@ from .trainer_common import (  # noqa: E402
     model_inputs,
     packed_kwargs,
     reference_context,
+    trainer_loss,
     unwrap_peft,
 )
 
@@ -209,12 +210,7 @@ class FastPrefDPOTrainer(DPOTrainer):
     def _build_loss(self, policy: Any) -> Any:
         """The fused loss of ``self.args`` with ``policy``'s head transform (also used by the precompute pass that
         trl runs inside ``__init__``, before ``self.fastpref_loss`` exists)."""
-        args = self.args
-        return build_preference_loss(
-            policy, list(args.loss_type), beta=args.beta, label_smoothing=args.label_smoothing,
-            loss_weights=args.loss_weights, refinement_lambda=args.refinement_lambda,
-            discopop_tau=args.discopop_tau, mode=args.fastpref_mode, memory_budget=args.fastpref_memory_budget,
-            backend=args.fastpref_backend, gemm=args.fastpref_gemm, token_metrics=True)
+        return trainer_loss(policy, self.args)
 
     # -- data --------------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
@@ -345,8 +341,8 @@ class FastPrefDPOTrainer(DPOTrainer):
         reference-free types (``sft``), which TRL does not."""
         ref_chosen, ref_rejected = ref.float().chunk(2)
         values, n_tokens = gather_metrics(self.accelerator, out, input_tokens(inputs),
-                                          chosen_rewards=self.beta * (out.chosen_logps - ref_chosen),
-                                          rejected_rewards=self.beta * (out.rejected_logps - ref_rejected))
+                                          chosen_rewards=rewards(self.beta, out.chosen_logps, ref_chosen),
+                                          rejected_rewards=rewards(self.beta, out.rejected_logps, ref_rejected))
         metrics = self._metrics[mode]
         for name, value in values.items():
             metrics[name].append(value)

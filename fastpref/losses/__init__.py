@@ -14,7 +14,7 @@ callable the fused kernels run on each group of pairs).
 >>> losses, _, _ = fastpref.losses.sigmoid(chosen, rejected, torch.tensor([-13.0]), torch.tensor([-14.0]))
 """
 
-from .config import LossConfig, pair_losses, refinement_margin
+from .config import LossConfig, PairTerms, pair_losses, pair_terms, refinement_margin
 from .formulas import (
     LOSS_TYPES,
     NEEDS_LENGTHS,
@@ -34,6 +34,7 @@ from .formulas import (
     nca_pair,
     orpo,
     orpo_log_odds,
+    rewards,
     robust,
     sft,
     sigmoid,
@@ -53,6 +54,7 @@ __all__ = [
     "REFERENCE_FREE",
     "UNPAIRED_LOSS_TYPES",
     "LossConfig",
+    "PairTerms",
     "aot",
     "aot_unpaired",
     "apo_down",
@@ -69,7 +71,9 @@ __all__ = [
     "orpo",
     "orpo_log_odds",
     "pair_losses",
+    "pair_terms",
     "refinement_margin",
+    "rewards",
     "robust",
     "sft",
     "sigmoid",

@@ -1,12 +1,14 @@
-"""``LossConfig`` (validated hyper-parameters of a possibly mixed loss) and ``pair_losses`` (its per-pair value)."""
+"""``LossConfig`` (validated hyper-parameters of a possibly mixed loss), ``PairTerms`` (what every caller forms
+before evaluating it: the reference split, the lengths, the NLL scale) and ``pair_losses`` (its per-pair value)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from numbers import Real
 
+import torch
 from torch import Tensor
 
 from .formulas import (
@@ -22,6 +24,7 @@ from .formulas import (
     check_hparam,
     check_pair_tensors,
     evaluate,
+    rewards,
 )
 
 
@@ -141,6 +144,18 @@ def pair_losses(
     Returns:
         (losses [P], chosen_rewards [P], rejected_rewards [P]).
     """
+    total, lp_w, lp_l, ref_w, ref_l = _pair_loss(config, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                                 ref_rejected_logps, chosen_lengths=chosen_lengths,
+                                                 rejected_lengths=rejected_lengths, refinement=refinement,
+                                                 nll_scale=nll_scale)
+    return total, rewards(config.beta, lp_w, ref_w), rewards(config.beta, lp_l, ref_l)
+
+
+def _pair_loss(config: LossConfig, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+               ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None, *, chosen_lengths: Tensor | None,
+               rejected_lengths: Tensor | None, refinement: Tensor | None,
+               nll_scale: float | Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``pair_losses``'s per-pair loss and its checked inputs (lp_w, lp_l, ref_w, ref_l), without the rewards."""
     if not isinstance(config, LossConfig):
         raise TypeError(f"config: expected a fastpref.losses.LossConfig, got {type(config).__name__}")
     # The hyper-parameters were checked when the config was built; only the tensors' metadata is checked here.
@@ -171,17 +186,45 @@ def pair_losses(
             label_smoothing=config.label_smoothing, simpo_gamma=config.simpo_gamma,
             discopop_tau=config.discopop_tau, cpo_alpha=config.cpo_alpha)
         total = losses * weight if total is None else total + losses * weight
-    chosen_rewards, rejected_rewards = _rewards(config, lp_w, lp_l, ref_w, ref_l)
-    return total, chosen_rewards, rejected_rewards
+    return total, lp_w, lp_l, ref_w, ref_l
 
 
-def _rewards(config: LossConfig, lp_w: Tensor, lp_l: Tensor, ref_w: Tensor | None,
-             ref_l: Tensor | None) -> tuple[Tensor, Tensor]:
-    """β·(lp − ref) on the sums, detached (ref = 0 when None)."""
-    if ref_w is None or ref_l is None:
-        return config.beta * lp_w.detach(), config.beta * lp_l.detach()
-    return (config.beta * (lp_w.detach() - ref_w.detach().to(lp_w.dtype)),
-            config.beta * (lp_l.detach() - ref_l.detach().to(lp_l.dtype)))
+@dataclass(frozen=True)
+class PairTerms:
+    """What every caller of a loss forms the same way before evaluating it on [P] policy sums (the fused path, the
+    materialised one, the HF flag-off trainer, the Liger drop-ins): the reference split into chosen / rejected,
+    the scored-token counts, and the batch's NLL scale P / Σ n_w (sft, cpo, orpo). Built by ``pair_terms``."""
+
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+    nll_scale: float | Tensor
+
+    def loss(self, config: LossConfig, chosen: Tensor, rejected: Tensor, pairs: slice = slice(None),
+             refinement: Tensor | None = None) -> Tensor:
+        """Per-pair loss [len(pairs)] of ``config`` on the policy sums of ``pairs`` (a slice of the batch's pairs:
+        the fused kernels evaluate one pair group at a time with the batch's NLL scale)."""
+        return _pair_loss(config, chosen, rejected, self.ref_chosen[pairs], self.ref_rejected[pairs],
+                          chosen_lengths=self.chosen_lengths[pairs], rejected_lengths=self.rejected_lengths[pairs],
+                          refinement=refinement, nll_scale=self.nll_scale)[0]
+
+    def with_nll_scale(self, nll_scale: float | Tensor) -> PairTerms:
+        return replace(self, nll_scale=nll_scale)
+
+
+def pair_terms(config: LossConfig, ref: Tensor | None, lengths: Tensor, *, like: Tensor,
+               pair_order: bool = False) -> PairTerms:
+    """``PairTerms`` from [2P] per-sequence values: ``ref`` the reference sums (zeros like ``like`` [2P] when None or
+    with ``reference_free=True``; else detached, in ``like``'s dtype) and ``lengths`` the scored-token counts, in
+    the batch layout (chosen first half) or, with ``pair_order``, chosen 2i / rejected 2i + 1."""
+    ref = torch.zeros_like(like) if ref is None or config.reference_free else ref.detach().to(like.dtype)
+    if pair_order:
+        (ref_c, ref_r), (n_w, n_l) = (ref[0::2], ref[1::2]), (lengths[0::2], lengths[1::2])
+    else:
+        pairs = like.shape[0] // 2
+        (ref_c, ref_r), (n_w, n_l) = (ref[:pairs], ref[pairs:]), (lengths[:pairs], lengths[pairs:])
+    return PairTerms(ref_c, ref_r, n_w, n_l, n_w.shape[0] / n_w.sum().clamp(min=1.0))
 
 
 def refinement_margin(config: LossConfig, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,

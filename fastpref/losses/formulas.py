@@ -127,6 +127,13 @@ class _Pair(NamedTuple):
     ref_l: Tensor | None
 
 
+def rewards(beta: float, logps: Tensor, ref_logps: Tensor | None) -> Tensor:
+    """The logged rewards β·(lp − ref), detached (ref = 0 when None): the one home of the formula (the losses, the
+    outputs' metrics, the trainers' and the Liger drop-ins' rewards all read it)."""
+    lp = logps.detach()
+    return beta * (lp if ref_logps is None else lp - ref_logps.detach().to(lp.dtype))
+
+
 def _make_pair(loss_type: str, lp_w: Tensor, lp_l: Tensor, ref_w: Tensor | None, ref_l: Tensor | None,
                beta: float) -> _Pair:
     """Log-ratios and rewards of well-formed inputs; the reference is 0 when None or when ``loss_type`` is
@@ -137,7 +144,7 @@ def _make_pair(loss_type: str, lp_w: Tensor, lp_l: Tensor, ref_w: Tensor | None,
     else:
         ref_w, ref_l = ref_w.detach(), ref_l.detach()
         rho_w, rho_l = lp_w - ref_w, lp_l - ref_l
-    return _Pair(beta, lp_w, lp_l, rho_w, rho_l, beta * rho_w.detach(), beta * rho_l.detach(), ref_w, ref_l)
+    return _Pair(beta, lp_w, lp_l, rho_w, rho_l, rewards(beta, lp_w, ref_w), rewards(beta, lp_l, ref_l), ref_w, ref_l)
 
 
 def _checked_pair(loss_type: str, lp_w: object, lp_l: object, ref_w: object, ref_l: object,

@@ -1,5 +1,7 @@
-"""Test and benchmark scaffolding: tensor builders and error measures (``tensors``), and a tiny offline
-Hugging Face model, tokenizer and preference data (``toy``, imported lazily: it needs transformers)."""
+"""Test scaffolding, the layer above the package it tests (the benchmark included; nothing below imports it):
+tensor builders and error measures (``tensors``; ``rel_err`` lives in ``fastpref.utils.numerics``), a tiny offline
+Hugging Face model, tokenizer and preference data (``toy``, imported lazily: it needs transformers), the SASS
+table and the kernel launches at the benchmark's shapes (``launch_sites``)."""
 
 from __future__ import annotations
 

@@ -1,19 +1,11 @@
-"""Builders and error measures shared by the tests and the benchmarks."""
+"""Builders and error measures for the tests (``rel_err`` lives in ``fastpref.utils.numerics``, where the
+benchmark's float64 checks read it too)."""
 
 from __future__ import annotations
 
 import torch
 
-
-def rel_err(x: torch.Tensor | None, truth: torch.Tensor) -> float:
-    """Norm-wise relative error of ``x`` against ``truth``, computed in float64 (NaN when ``x`` is None: the
-    implementation produced nothing); the absolute error when ``truth`` is all zeros."""
-    if x is None:
-        return float("nan")
-    x, truth = x.detach().double(), truth.detach().double()
-    denom = truth.norm().item()
-    diff = (x - truth).norm().item()
-    return diff if denom == 0 else diff / denom
+from ..utils.numerics import rel_err
 
 
 def mismatch(x: torch.Tensor | None, truth: torch.Tensor) -> str:
