@@ -4,6 +4,9 @@
 - ``fastpref.integrations.hf``: ``FastPrefTrainer``, ``FastPrefTrainingArguments``, ``PreferenceCollator``
   (needs the ``hf`` extra: transformers, accelerate, peft).
 - ``fastpref.integrations.trl``: ``FastPrefDPOConfig``, ``FastPrefDPOTrainer`` (needs the ``trl`` extra).
+- ``fastpref.integrations.trl_head``: TRL 1.16's fused-head contract (``add_fused_lm_head``) through fastpref.
+- ``fastpref.integrations.trl_trainers``: ``FastPrefSFTConfig`` / ``FastPrefGRPOConfig`` / ``FastPrefRLOOConfig``
+  and their trainers: TRL's, with ``use_fastpref`` swapping in fastpref's head (needs the ``trl`` extra).
 - ``fastpref.integrations.trainer_common``: what both trainers share.
 """
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("collator", "fused_head", "hf", "trainer_common", "trl")
+_SUBMODULES = ("collator", "fused_head", "hf", "trainer_common", "trl", "trl_head", "trl_trainers")
 
 __all__ = list(_SUBMODULES)
 
