@@ -8,7 +8,8 @@ each zero where the label is -100; any other call is the original forward (gener
 positions are projected, in bounded tiles: no ``[tokens, vocab]`` logits.
 
 Gradients: ``log_probs`` through fastpref's recompute backward; ``entropy`` (GRPO's entropy bonus) exactly, by a
-tiled pass below (``dH/dz_j = -p_j (log p_j + H)``), which the ops' row kernels do not offer. ``log_sum_sq_probs``,
+tiled torch pass below (``dH/dz_j = -p_j (log p_j + H)``, with H re-summed as -Σ p log p: the forward's
+``lse - E[z]`` cancels on peaked rows), which the ops' row kernels do not offer. ``log_sum_sq_probs``,
 ``mean_logits`` and ``is_top1`` carry no gradient, as in TRL.
 
 ``log_sum_sq_probs`` is composed from the ops' log-sum-exp: ``log Σ p² = lse(2z) - 2·lse(z)``, the second
@@ -53,12 +54,12 @@ def check_outputs(outputs: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _entropy_backward(source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      targets: torch.Tensor, lse: LogSumExp, entropy: torch.Tensor, grad_logps: torch.Tensor,
+                      targets: torch.Tensor, lse: LogSumExp, grad_logps: torch.Tensor,
                       grad_entropy: torch.Tensor, cfg: HeadPass, needs: tuple[bool, bool, bool]):
     """Gradients of ``Σ_r g_r·logp_r + e_r·H_r`` w.r.t. ``source`` [N, H] (0 outside ``index``), ``weight`` and
-    ``bias`` by recompute, tile by tile (tiles sized by the pass's plan), in torch: the logits' gradient
-    ``g·(onehot - p) - e·p·(log p + H)`` times ``dz/dy``, rounded to the compute dtype (as the ops' tiles are),
-    accumulated in fp32."""
+    ``bias`` by recompute, tile by tile (tiles sized by the pass's plan), in torch: per row chunk one sweep for
+    ``H``, one for the logits' gradient ``g·(onehot - p) - e·p·(log p + H)`` times ``dz/dy``, rounded to the
+    compute dtype (as the ops' tiles are) and accumulated in fp32. 10·n·H·V FLOPs."""
     need_hidden, need_weight, need_bias = needs
     n, vocab = index.numel(), weight.shape[0]
     cd, t = cfg.compute_dtype, cfg.transform
@@ -68,23 +69,32 @@ def _entropy_backward(source: torch.Tensor, index: torch.Tensor, weight: torch.T
     d_bias = torch.zeros(bias.shape, device=bias.device, dtype=f32) if need_bias and bias is not None else None
     plan = cfg.plan(max(n, 1), max(vocab, 1))
     scale = t.inv_temperature * t.logit_scale
+    def log_p_tile(h, v0, v1, row_max, log_sumexp):
+        w = weight[v0:v1].to(cd)
+        y = _head_pass_ops.project(torch.empty((h.shape[0], v1 - v0), device=h.device, dtype=cd), h, w,
+                                   None if bias is None else bias[v0:v1].to(cd)).float() * t.logit_scale
+        tanh = None
+        if t.softcap is not None:
+            tanh = torch.tanh(y / t.softcap)
+            y = t.softcap * tanh
+        return w, (y * t.inv_temperature - row_max) - log_sumexp, tanh
+
     for t0 in range(0, n, plan.rows):
         t1 = min(t0 + plan.rows, n)
         rows = index[t0:t1]
         h = source.index_select(0, rows).to(cd)
         g, e = grad_logps[t0:t1, None], grad_entropy[t0:t1, None]
-        row_max, log_sumexp, ent = lse.row_max[t0:t1, None], lse.log_sumexp[t0:t1, None], entropy[t0:t1, None]
+        row_max, log_sumexp = lse.row_max[t0:t1, None], lse.log_sumexp[t0:t1, None]
+        # H = -Σ p log p in a first sweep: the forward's lse - E[z] cancels at |z|·2⁻²⁴ on peaked rows, and
+        # dH/dz = -p (log p + H) needs H to the precision of log p
+        ent = torch.zeros((t1 - t0, 1), device=source.device, dtype=f32)
+        for v0 in range(0, vocab, plan.cols):
+            log_p = log_p_tile(h, v0, min(v0 + plan.cols, vocab), row_max, log_sumexp)[1]
+            ent -= (log_p.exp() * log_p).sum(1, keepdim=True)
         dh = torch.zeros((t1 - t0, source.shape[1]), device=source.device, dtype=f32) if need_hidden else None
         for v0 in range(0, vocab, plan.cols):
             v1 = min(v0 + plan.cols, vocab)
-            w = weight[v0:v1].to(cd)
-            y = _head_pass_ops.project(torch.empty((t1 - t0, v1 - v0), device=h.device, dtype=cd), h, w,
-                                       None if bias is None else bias[v0:v1].to(cd)).float() * t.logit_scale
-            tanh = None
-            if t.softcap is not None:
-                tanh = torch.tanh(y / t.softcap)
-                y = t.softcap * tanh
-            log_p = (y * t.inv_temperature - row_max) - log_sumexp
+            w, log_p, tanh = log_p_tile(h, v0, v1, row_max, log_sumexp)
             p = log_p.exp()
             grad = -(g * p) - e * p * (log_p + ent)
             local = targets[t0:t1] - v0
@@ -130,14 +140,14 @@ class HeadFields(torch.autograd.Function):
         entropy = token_stats.entropy if "entropy" in outputs else None
         mean = token_stats.mean_logits if "mean_logits" in outputs else None
         top1 = token_stats.is_top1 if "is_top1" in outputs else None
-        ctx.save_for_backward(source, weight, bias, *lse, lse.row_max if entropy is None else entropy)
+        ctx.save_for_backward(source, weight, bias, *lse)
         ctx.layout, ctx.cfg = layout, cfg
         ctx.mark_non_differentiable(*(x for x in (sq, mean, top1) if x is not None))
         return logps, entropy, sq, mean, top1
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy, *_):  # type: ignore[override]
-        source, weight, bias, row_max, log_sumexp, entropy = ctx.saved_tensors
+        source, weight, bias, row_max, log_sumexp = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         none = (None, None, None)
         if (grad_logps is None and grad_entropy is None) or not any(needs):
@@ -151,7 +161,7 @@ class HeadFields(torch.autograd.Function):
                 grads = _head_pass_ops.backward(source, layout.index, weight, bias, layout.targets, lse, g, cfg,
                                                 need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
             else:
-                grads = _entropy_backward(source, layout.index, weight, bias, layout.targets, lse, entropy, g,
+                grads = _entropy_backward(source, layout.index, weight, bias, layout.targets, lse, g,
                                           grad_entropy.float().contiguous(), cfg, needs)
         return (*grads, None, None, None)
 
