@@ -233,7 +233,8 @@ def _common(**kw):
     kw.setdefault("per_device_train_batch_size", 4)
     kw.setdefault("max_steps", 4)
     kw.setdefault("bf16", False)
-    return dict(output_dir="/tmp/fastpref-test-trl-head", logging_steps=1, report_to=[], learning_rate=0.5,
+    kw.setdefault("learning_rate", 0.5)
+    return dict(output_dir="/tmp/fastpref-test-trl-head", logging_steps=1, report_to=[],
                 optim="sgd", lr_scheduler_type="constant", save_strategy="no", use_cpu=True, seed=0, data_seed=0,
                 **kw)
 
@@ -343,7 +344,7 @@ def _online(kind, flag, tok, path, **kw):
 
 
 @pytest.mark.parametrize("kind,kw", [
-    ("grpo", dict(beta=0.1, entropy_coef=0.05)),  # KL to the reference and the entropy bonus (its gradient)
+    ("grpo", dict(beta=0.1, entropy_coef=1.0)),  # KL to the reference and the entropy bonus (its gradient)
     ("grpo", dict(beta=0.0, loss_type="dr_grpo", gradient_accumulation_steps=2, per_device_train_batch_size=2)),
     ("rloo", dict(beta=0.1)),
 ])
