@@ -258,10 +258,25 @@ def sft_data():
         "prompt_completion": datasets.Dataset.from_list(
             [{"prompt": r["prompt"], "completion": r["chosen"]} for r in records]),
         "text": datasets.Dataset.from_list([{"text": r["prompt"] + r["chosen"]} for r in records]),
+        "messages": datasets.Dataset.from_list([{"messages": [{"role": "user", "content": r["prompt"]},
+                                                              {"role": "assistant", "content": r["chosen"]}]}
+                                                for r in records]),
     }
 
 
+# The toy template with {% generation %} around the assistant's turn, which assistant_only_loss needs
+_TRAINING_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|assistant|> ' }}{% generation %}"
+    "{{ message['content'] + ' <eos> ' }}{% endgeneration %}{% else %}"
+    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' <eos> ' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+
+
 def _sft(tok, data, flag, peft=False, **kw):
+    if kw.get("assistant_only_loss"):
+        tok = copy.deepcopy(tok)
+        tok.chat_template = _TRAINING_TEMPLATE
     cls = FastPrefSFTConfig if flag is not None else SFTConfig
     extra = {} if flag is None else dict(use_fastpref=flag, fastpref_backend="torch")
     cfg = cls(**_common(**kw), **extra)
@@ -283,6 +298,7 @@ SFT_CASES = {
     "packing_padding_free": dict(data="text", packing=True, padding_free=True, max_length=32,
                                  per_device_train_batch_size=2),
     "dft": dict(data="prompt_completion", loss_type="dft"),
+    "assistant_only": dict(data="messages", assistant_only_loss=True),
     "peft": dict(data="prompt_completion", peft=True),
 }
 
@@ -343,12 +359,14 @@ def _online(kind, flag, tok, path, **kw):
                                                    processing_class=tok)
 
 
-@pytest.mark.parametrize("kind,kw", [
-    ("grpo", dict(beta=0.1, entropy_coef=1.0)),  # KL to the reference and the entropy bonus (its gradient)
-    ("grpo", dict(beta=0.0, loss_type="dr_grpo", gradient_accumulation_steps=2, per_device_train_batch_size=2)),
-    ("rloo", dict(beta=0.1)),
+@pytest.mark.parametrize("kind,kw,rtol", [
+    ("grpo", dict(beta=0.1, entropy_coef=1.0), 1e-5),  # KL to the reference and the entropy bonus (its gradient)
+    ("grpo", dict(beta=0.0, loss_type="dr_grpo", gradient_accumulation_steps=2, per_device_train_batch_size=2),
+     1e-5),
+    ("grpo", dict(beta=0.1, bf16=True), 2e-2),  # bf16 mixed precision as TRL runs it: bf16 logit tiles on both
+    ("rloo", dict(beta=0.1), 1e-5),
 ])
-def test_online_flag_on_matches_stock_trl(tok, toy_path, kind, kw):
+def test_online_flag_on_matches_stock_trl(tok, toy_path, kind, kw, rtol):
     # Generation is TRL's own (the original forward), seeded identically: both runs see the same completions.
     want = _logs(_online(kind, None, tok, toy_path, **kw))
     trainer = _online(kind, True, tok, toy_path, **kw)
@@ -358,7 +376,7 @@ def test_online_flag_on_matches_stock_trl(tok, toy_path, kind, kw):
     got = _logs(trainer)
     keys = [k for k in ONLINE_METRICS if k in want[0]]
     assert any(w["reward_std"] > 0 for w in want)
-    _assert_logs(got, want, keys, rtol=1e-5)
+    _assert_logs(got, want, keys, rtol=rtol)
 
 
 @pytest.mark.parametrize("cls", [FastPrefSFTConfig, FastPrefGRPOConfig, FastPrefRLOOConfig])

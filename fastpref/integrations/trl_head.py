@@ -276,9 +276,14 @@ def add_fused_lm_head(model: Any, temperature: float = 1.0, cast_lm_head_to_fp32
 
 
 def has_fastpref_head(model: Any) -> bool:
-    """Whether ``model``'s forward is this module's fused head (its latest patch)."""
-    forward = model.__dict__.get("forward")
-    return bool(getattr(getattr(forward, "__func__", None), _PATCH_ATTR, False))
+    """Whether ``model``'s forward is this module's fused head (its latest patch), possibly under wrappers that
+    keep ``__wrapped__`` (accelerate's mixed-precision autocast of a prepared model)."""
+    fn = getattr(model.__dict__.get("forward"), "__func__", None)
+    while fn is not None:
+        if getattr(fn, _PATCH_ATTR, False):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
 
 
 @contextlib.contextmanager
