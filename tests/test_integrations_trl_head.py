@@ -400,3 +400,31 @@ def test_swap_is_scoped_to_construction(tok, sft_data):
     before = sft_module.add_fused_lm_head
     _sft(tok, sft_data["prompt_completion"], True)
     assert sft_module.add_fused_lm_head is before is trl_add_fused_lm_head
+
+
+@pytest.mark.parametrize("kind", list(ONLINE))
+@pytest.mark.parametrize("flag", [None, False, True])
+def test_online_flag_swaps_policy_and_reference_heads(tok, toy_path, kind, flag):
+    trainer = _online(kind, flag, tok, toy_path, beta=0.1)
+    assert type(trainer).__name__.startswith("FastPref") == (flag is not None)
+    for model in (trainer.model, trainer.ref_model):
+        assert has_fastpref_head(model) == bool(flag)
+
+
+def test_grpo_peft_matches_stock_trl(tok, toy_path):
+    from peft import LoraConfig
+
+    def run(flag):
+        cfg_cls, tr_cls, fp_cfg, fp_tr = ONLINE["grpo"]
+        extra = {} if flag is None else dict(use_fastpref=True, fastpref_backend="torch")
+        cfg = (fp_cfg if flag else cfg_cls)(**_common(learning_rate=0.1, num_generations=4, max_completion_length=6,
+                                                      beta=0.1), **extra)
+        data = datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in toy_preference_records(16, seed=0)])
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        trainer = (fp_tr if flag else tr_cls)(toy_llama(tok, hidden_size=32, num_layers=2), reward_funcs=_reward,
+                                              args=cfg, train_dataset=data, processing_class=tok, peft_config=lora)
+        assert has_fastpref_head(trainer.model.get_base_model()) == bool(flag)
+        return _logs(trainer)
+
+    want = run(None)
+    _assert_logs(run(True), want, [k for k in ONLINE_METRICS if k in want[0]], rtol=1e-5)
