@@ -317,9 +317,9 @@ def test_sft_flag_on_matches_stock_trl(tok, sft_data, case):
 def test_sft_bf16_mixed_precision_as_trl_runs_it(tok, sft_data):
     want = _logs(_sft(tok, sft_data["prompt_completion"], None, bf16=True))
     got = _logs(_sft(tok, sft_data["prompt_completion"], True, bf16=True))
-    # both score bf16 logit tiles under autocast; they differ only by the tiles' summation order
-    _assert_logs(got, want, ("loss", "entropy", "num_tokens"), rtol=1e-2)
-    _assert_logs(got, want, ("mean_token_accuracy",), rtol=0.1)
+    # both round the same bf16 logits under autocast and fold them in fp32 (equal on this CPU; 1e-4 leaves room
+    # for another BLAS's bf16 GEMM)
+    _assert_logs(got, want, SFT_METRICS, rtol=1e-4)
 
 
 def test_sft_flag_off_is_upstream_exactly(tok, sft_data):
@@ -363,7 +363,7 @@ def _online(kind, flag, tok, path, **kw):
     ("grpo", dict(beta=0.1, entropy_coef=1.0), 1e-5),  # KL to the reference and the entropy bonus (its gradient)
     ("grpo", dict(beta=0.0, loss_type="dr_grpo", gradient_accumulation_steps=2, per_device_train_batch_size=2),
      1e-5),
-    ("grpo", dict(beta=0.1, bf16=True), 2e-2),  # bf16 mixed precision as TRL runs it: bf16 logit tiles on both
+    ("grpo", dict(beta=0.1, bf16=True), 1e-4),  # bf16 mixed precision as TRL runs it: bf16 logit tiles on both
     ("rloo", dict(beta=0.1), 1e-5),
 ])
 def test_online_flag_on_matches_stock_trl(tok, toy_path, kind, kw, rtol):

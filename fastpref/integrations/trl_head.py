@@ -257,7 +257,7 @@ def add_fused_lm_head(model: Any, temperature: float = 1.0, cast_lm_head_to_fp32
         if cast_lm_head_to_fp32:
             hidden = hidden.float()
             autocast_ctx = torch.autocast(hidden.device.type, enabled=False)
-        with autocast_ctx:
+        with autocast_ctx, _gathered_head(weight, bias):  # ZeRO-3: the whole head for the call, as TRL gathers it
             fields = fused_head_fields(hidden, weight, bias, labels, temperature=temperature, outputs=outputs,
                                        backend=backend, gemm=gemm, **transform)
         mask = labels != -100
