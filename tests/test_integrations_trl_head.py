@@ -428,3 +428,21 @@ def test_grpo_peft_matches_stock_trl(tok, toy_path):
 
     want = run(None)
     _assert_logs(run(True), want, [k for k in ONLINE_METRICS if k in want[0]], rtol=1e-5)
+
+
+def test_moe_aux_loss_matches_trl(tok):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           output_router_logits=True, router_aux_loss_coef=0.02, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    ours = MixtralForCausalLM(config)
+    theirs = copy.deepcopy(ours)
+    add_fused_lm_head(ours, backend="torch")
+    trl_add_fused_lm_head(theirs)
+    enc, labels = _batch(tok)
+    a = ours(**enc, labels=labels, fused_lm_head=True)
+    b = theirs(**enc, labels=labels, fused_lm_head=True)
+    assert a.aux_loss is not None and torch.allclose(a.aux_loss, b.aux_loss)
+    assert torch.allclose(a.loss, b.loss, atol=1e-6, rtol=1e-6)
