@@ -103,13 +103,13 @@ def _entropy_backward(source: torch.Tensor, index: torch.Tensor, weight: torch.T
             grad.mul_(scale)
             if tanh is not None:
                 grad.mul_(1 - tanh * tanh)
-            grad = grad.to(cd).float()
+            grad = grad.to(cd)
             if dh is not None:
-                dh.addmm_(grad, w.float())
+                _head_pass_ops.accumulate_mm(dh, grad, w, first=False)
             if d_weight is not None:
-                d_weight[v0:v1].addmm_(grad.t(), h.float())
+                _head_pass_ops.accumulate_mm(d_weight[v0:v1], grad.t(), h, first=False)
             if d_bias is not None:
-                d_bias[v0:v1] += grad.sum(0)
+                d_bias[v0:v1] += grad.sum(0, dtype=f32)
         if dh is not None:
             d_source.index_copy_(0, rows, dh)
     return (None if d_source is None else d_source.to(source.dtype),
