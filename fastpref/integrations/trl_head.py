@@ -38,8 +38,8 @@ from ..ops.tile_ops import LogSumExp
 from ..utils.validation import check_choice
 from .fused_head import _check_whole_vocabulary, _full, _gathered_head, head_transform
 
+_PATCH_ATTR = "_fastpref_trl_head"  # marks the patched forward (``has_fastpref_head``)
 # TRL's per-token fields, in the order of ``ChunkedLogProbFunction``'s outputs after ``log_probs``
-_PATCH_ATTR = "_fastpref_trl_head"
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 FIELDS = ("log_probs", *OPTIONAL_OUTPUTS)
 
@@ -69,6 +69,7 @@ def _entropy_backward(source: torch.Tensor, index: torch.Tensor, weight: torch.T
     d_bias = torch.zeros(bias.shape, device=bias.device, dtype=f32) if need_bias and bias is not None else None
     plan = cfg.plan(max(n, 1), max(vocab, 1))
     scale = t.inv_temperature * t.logit_scale
+
     def log_p_tile(h, v0, v1, row_max, log_sumexp):
         w = weight[v0:v1].to(cd)
         y = _head_pass_ops.project(torch.empty((h.shape[0], v1 - v0), device=h.device, dtype=cd), h, w,
@@ -125,8 +126,8 @@ class HeadFields(torch.autograd.Function):
     @staticmethod
     def forward(ctx, source, weight, bias, layout, cfg: HeadPass, outputs: tuple[str, ...]):  # type: ignore[override]
         ctx.set_materialize_grads(False)  # an entropy used only for logging sends no gradient: skip its term
-        vocab = weight.shape[0]
         with autocast_off(source.device.type), _gathered_head(weight, bias):
+            vocab = weight.shape[0]  # read once gathered (a ZeRO-3 partition reads 0 rows)
             stats = _head_pass_ops.forward_stats(source, layout.index, weight, bias, layout.targets, cfg)
             lse, logps, token_stats = finalize_stats(stats, vocab)
             sq = None
