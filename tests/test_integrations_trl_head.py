@@ -446,3 +446,16 @@ def test_moe_aux_loss_matches_trl(tok):
     b = theirs(**enc, labels=labels, fused_lm_head=True)
     assert a.aux_loss is not None and torch.allclose(a.aux_loss, b.aux_loss)
     assert torch.allclose(a.loss, b.loss, atol=1e-6, rtol=1e-6)
+
+
+def test_sft_evaluate_matches_stock_trl(tok, sft_data):
+    evals = datasets.Dataset.from_list(
+        [{"prompt": r["prompt"], "completion": r["chosen"]} for r in toy_preference_records(6, seed=5)])
+
+    def run(flag):
+        trainer = _sft(tok, sft_data["prompt_completion"], flag)
+        return trainer.evaluate(evals)
+
+    want, got = run(None), run(True)
+    for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
