@@ -146,6 +146,44 @@ def test_fields_match_trl_chunked_logprob(transform, dtype):
         assert rel < (1e-5 if dtype == torch.float32 else 2e-2), (name, rel)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_mode_forms_the_mean_gradient_in_the_forward(dtype, monkeypatch):
+    import fastpref.integrations.trl_head as trl_head
+
+    t = TRANSFORMS["T0.7-softcap30-scale1.3"]
+    fast = _leaves(dtype, 20.0)
+    lean = _leaves(dtype, 20.0)
+    labels = fast[3]
+    n = int((labels != -100).sum())
+    lean_fields = fused_head_fields(*lean, outputs=FIELDS, backend="torch", **t)
+    want = torch.autograd.grad(-lean_fields[0].sum() / n, lean[:3])
+    calls = []
+    original = trl_head._head_pass_ops.backward
+    monkeypatch.setattr(trl_head._head_pass_ops, "backward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fast_fields = fused_head_fields(*fast, outputs=FIELDS, backend="torch", mode="fast", **t)
+    for name, a, b in zip(FIELDS, fast_fields, lean_fields):
+        assert torch.equal(a, b) if name == "is_top1" else torch.allclose(a, b, atol=1e-5, rtol=1e-6), name
+    got = torch.autograd.grad(-fast_fields[0].sum() / n, fast[:3])  # SFT's loss: the same weight on every token
+    assert not calls  # no recompute: the gradient came from the forward
+    for name, x, y in zip("hwb", got, want):
+        rel = ((x.double() - y.double()).norm() / y.double().norm()).item()
+        assert x.dtype == y.dtype and rel < (1e-5 if dtype == torch.float32 else 1e-2), (name, rel)
+
+
+def test_fast_mode_recomputes_for_per_token_weights():
+    # DFT-like weights (and an entropy bonus) cannot use the forward's unit gradient: the lean backward runs
+    fast, lean = _leaves(torch.float32, 20.0), _leaves(torch.float32, 20.0)
+    weights = torch.rand(fast[3].shape)
+    for with_entropy in (False, True):
+        ff = fused_head_fields(*fast, outputs=FIELDS, backend="torch", mode="fast")
+        lf = fused_head_fields(*lean, outputs=FIELDS, backend="torch")
+        extra = (lambda f: f[1].sum()) if with_entropy else (lambda f: 0.0)
+        got = torch.autograd.grad((weights * ff[0]).sum() + extra(ff), fast[:3])
+        want = torch.autograd.grad((weights * lf[0]).sum() + extra(lf), lean[:3])
+        for x, y in zip(got, want):
+            assert torch.allclose(x, y, atol=1e-6, rtol=1e-5)
+
+
 def test_fields_not_requested_are_none_and_only_log_probs_costs():
     h, w, b, labels = _leaves(torch.float32, 10.0)
     got = fused_head_fields(h, w, b, labels, backend="torch")
@@ -273,12 +311,12 @@ _TRAINING_TEMPLATE = (
 )
 
 
-def _sft(tok, data, flag, peft=False, **kw):
+def _sft(tok, data, flag, peft=False, fastpref_mode="auto", **kw):
     if kw.get("assistant_only_loss"):
         tok = copy.deepcopy(tok)
         tok.chat_template = _TRAINING_TEMPLATE
     cls = FastPrefSFTConfig if flag is not None else SFTConfig
-    extra = {} if flag is None else dict(use_fastpref=flag, fastpref_backend="torch")
+    extra = {} if flag is None else dict(use_fastpref=flag, fastpref_backend="torch", fastpref_mode=fastpref_mode)
     cfg = cls(**_common(**kw), **extra)
     peft_config = None
     if peft:
@@ -304,22 +342,39 @@ SFT_CASES = {
 
 
 @pytest.mark.parametrize("case", list(SFT_CASES))
-def test_sft_flag_on_matches_stock_trl(tok, sft_data, case):
+def test_sft_flag_on_matches_stock_trl(tok, sft_data, case, monkeypatch):
+    import fastpref.integrations.trl_head as trl_head
+
     kw = dict(SFT_CASES[case])
     data = sft_data[kw.pop("data")]
     want = _logs(_sft(tok, data, None, **kw))
+    fast_passes = []
+    original = trl_head._fast_pass
+    monkeypatch.setattr(trl_head, "_fast_pass", lambda *a: fast_passes.append(1) or original(*a))
     trainer = _sft(tok, data, True, **kw)
     base = trainer.model.get_base_model() if kw.get("peft") else trainer.model
     assert has_fastpref_head(base)
     _assert_logs(_logs(trainer), want, SFT_METRICS, rtol=1e-5)
+    assert bool(fast_passes) == (kw.get("loss_type", "nll") == "nll")  # fastpref_mode="auto": fast for the mean
 
 
-def test_sft_bf16_mixed_precision_as_trl_runs_it(tok, sft_data):
-    want = _logs(_sft(tok, sft_data["prompt_completion"], None, bf16=True))
-    got = _logs(_sft(tok, sft_data["prompt_completion"], True, bf16=True))
-    # both round the same bf16 logits under autocast and fold them in fp32 (equal on this CPU; 1e-4 leaves room
-    # for another BLAS's bf16 GEMM)
-    _assert_logs(got, want, SFT_METRICS, rtol=1e-4)
+@pytest.mark.parametrize("mode", ["lean", "fast"])
+def test_sft_bf16_mixed_precision_as_trl_runs_it(tok, sft_data, mode):
+    data = sft_data["prompt_completion"]
+    want = _logs(_sft(tok, data, None, bf16=True))
+    got = _logs(_sft(tok, data, True, bf16=True, fastpref_mode=mode))
+    if mode == "lean":
+        # the same bf16 logit tiles under autocast, folded and turned into gradients as TRL does: equal on this
+        # CPU (1e-4 leaves room for another BLAS's bf16 GEMM)
+        _assert_logs(got, want, SFT_METRICS, rtol=1e-4)
+        return
+    # fast mode rounds (onehot - p) to bf16 before the 1/num_items scale, TRL the scaled gradient: bf16 rounding
+    # apart. Bound: twice TRL's own bf16-vs-fp32 difference.
+    want32 = _logs(_sft(tok, data, None))
+    for key in SFT_METRICS:
+        noise = max(abs(w[key] - w32[key]) for w, w32 in zip(want, want32))
+        for step, (g, w) in enumerate(zip(got, want)):
+            assert abs(g[key] - w[key]) <= 2 * noise + 1e-5 * abs(w[key]), (step, key, g[key], w[key], noise)
 
 
 def test_sft_flag_off_is_upstream_exactly(tok, sft_data):

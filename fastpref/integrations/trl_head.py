@@ -34,7 +34,7 @@ import torch
 from ..ops import HeadPass, LogitTransform, build_layout, finalize_stats, flat_rows, scatter_tokens
 from ..ops import head_pass as _head_pass_ops
 from ..ops.backend import autocast_off
-from ..ops.tile_ops import LogSumExp
+from ..ops.tile_ops import LogSumExp, RowStats, row_ops
 from ..utils.validation import check_choice
 from .fused_head import _check_whole_vocabulary, _full, _gathered_head, head_transform
 
@@ -42,6 +42,7 @@ _PATCH_ATTR = "_fastpref_trl_head"  # marks the patched forward (``has_fastpref_
 # TRL's per-token fields, in the order of ``ChunkedLogProbFunction``'s outputs after ``log_probs``
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 FIELDS = ("log_probs", *OPTIONAL_OUTPUTS)
+MODES = ("lean", "fast")
 
 
 def check_outputs(outputs: tuple[str, ...]) -> tuple[str, ...]:
@@ -118,17 +119,75 @@ def _entropy_backward(source: torch.Tensor, index: torch.Tensor, weight: torch.T
             None if d_bias is None else d_bias.to(bias.dtype))
 
 
+def _fast_pass(source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               targets: torch.Tensor, cfg: HeadPass, needs: tuple[bool, bool, bool]):
+    """Fast mode: the statistics of the scored rows and, in the same pass, the gradients of ``Σ_r logp_r`` (unit
+    per-row coefficients) w.r.t. ``source`` rows, ``weight`` and ``bias`` (fp32). Each row chunk's logits over the
+    whole vocabulary sit in one buffer of at most ``cfg.tile_bytes`` (the row ops' working set), are folded, then
+    turned into their gradient in place and fed to the two gradient GEMMs: 6·n·H·V FLOPs, no recompute.
+    Returns ``(RowStats, (dH [n, H] | None, dW [V, H] | None, db [V] | None))``."""
+    n, vocab, size = index.numel(), weight.shape[0], weight.shape[1]
+    cd, dev, f32 = cfg.compute_dtype, source.device, torch.float32
+    ops = row_ops(cfg.backend)
+    stats = RowStats.empty(n, dev, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
+    elem = 4 * 3 if cfg.backend == "torch" else torch.empty((), dtype=cd).element_size()
+    rows = max(1, min(n, cfg.tile_bytes // max(vocab * elem, 1)))
+    w = weight.to(cd)
+    b = None if bias is None else bias.to(cd)
+    d_rows = torch.empty((n, size), device=dev, dtype=f32) if needs[0] else None
+    d_weight = torch.zeros((vocab, size), device=dev, dtype=f32) if needs[1] else None
+    d_bias = torch.zeros((vocab,), device=dev, dtype=f32) if needs[2] and bias is not None else None
+    buf = torch.empty((rows, vocab), device=dev, dtype=cd)
+    ones = torch.ones((rows,), device=dev, dtype=f32)
+    for t0 in range(0, n, rows):
+        t1 = min(t0 + rows, n)
+        h = source.index_select(0, index[t0:t1]).to(cd)
+        tile = _head_pass_ops.project(buf[: t1 - t0], h, w, b)
+        chunk = stats.rows(t0, t1)
+        ops.fold(tile, targets[t0:t1], chunk, 0, cfg.transform)
+        ops.grad_(tile, targets[t0:t1], chunk.lse(), ones[: t1 - t0], 0, cfg.transform)
+        if d_rows is not None:
+            _head_pass_ops.accumulate_mm(d_rows[t0:t1], tile, w, first=True)
+        if d_weight is not None:
+            _head_pass_ops.accumulate_mm(d_weight, tile.t(), h, first=False)
+        if d_bias is not None:
+            d_bias += tile.sum(0, dtype=f32)
+    return stats, (d_rows, d_weight, d_bias)
+
+
+def _uniform(grad_rows: torch.Tensor) -> bool:
+    """Whether every scored row got the same upstream gradient (SFT's mean: -1/num_items each); one host sync."""
+    return grad_rows.numel() == 0 or bool((grad_rows == grad_rows[:1]).all())
+
+
+def _scaled(unit: tuple, c: torch.Tensor, source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor | None):
+    """The fast pass's unit gradients times the uniform upstream coefficient ``c``, in the inputs' dtypes."""
+    d_rows, d_weight, d_bias = unit
+    d_source = None
+    if d_rows is not None:
+        d_source = torch.zeros_like(source)
+        d_source.index_copy_(0, index, (d_rows * c).to(source.dtype))
+    return (d_source, None if d_weight is None else (d_weight * c).to(weight.dtype),
+            None if d_bias is None else (d_bias * c).to(bias.dtype))
+
+
 class HeadFields(torch.autograd.Function):
     """``source`` [N, H], ``weight`` [V, H], ``bias`` [V] | None, the scored rows ``layout`` and the pass ``cfg``
     -> TRL's per-row fields ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` [n] (``None`` where
     not requested). ``log_probs`` and ``entropy`` are differentiable."""
 
     @staticmethod
-    def forward(ctx, source, weight, bias, layout, cfg: HeadPass, outputs: tuple[str, ...]):  # type: ignore[override]
+    def forward(ctx, source, weight, bias, layout, cfg: HeadPass, outputs: tuple[str, ...],  # type: ignore[override]
+                fast_needs: tuple[bool, bool, bool] | None = None):
         ctx.set_materialize_grads(False)  # an entropy used only for logging sends no gradient: skip its term
+        ctx.unit = None
         with autocast_off(source.device.type), _gathered_head(weight, bias):
             vocab = weight.shape[0]  # read once gathered (a ZeRO-3 partition reads 0 rows)
-            stats = _head_pass_ops.forward_stats(source, layout.index, weight, bias, layout.targets, cfg)
+            if fast_needs is not None:
+                stats, ctx.unit = _fast_pass(source, layout.index, weight, bias, layout.targets, cfg, fast_needs)
+            else:
+                stats = _head_pass_ops.forward_stats(source, layout.index, weight, bias, layout.targets, cfg)
             lse, logps, token_stats = finalize_stats(stats, vocab)
             sq = None
             if "log_sum_sq_probs" in outputs:
@@ -150,10 +209,15 @@ class HeadFields(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_entropy, *_):  # type: ignore[override]
         source, weight, bias, row_max, log_sumexp = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        none = (None, None, None)
+        none = (None, None, None, None)
         if (grad_logps is None and grad_entropy is None) or not any(needs):
-            return (*none, None, None, None)
+            return (None, None, None, *none)
         layout, cfg = ctx.layout, ctx.cfg
+        unit, ctx.unit = ctx.unit, None
+        if unit is not None and grad_entropy is None and _uniform(grad_logps):
+            c = grad_logps[:1].float() if grad_logps.numel() else torch.zeros(1, device=source.device)
+            return (*_scaled(unit, c, source, layout.index, weight, bias), *none)
+        # lean: recompute (no fast pass, or per-row coefficients that differ, or an entropy gradient)
         lse = LogSumExp(row_max, log_sumexp)
         g = torch.zeros_like(row_max) if grad_logps is None else grad_logps.float().contiguous()
         # ZeRO-3 re-partitions the head after the forward: gather it again for the recompute, as TRL does
@@ -164,18 +228,24 @@ class HeadFields(torch.autograd.Function):
             else:
                 grads = _entropy_backward(source, layout.index, weight, bias, layout.targets, lse, g,
                                           grad_entropy.float().contiguous(), cfg, needs)
-        return (*grads, None, None, None)
+        return (*grads, *none)
 
 
 def fused_head_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                       *, temperature: float = 1.0, logit_scale: float = 1.0, softcap: float | None = None,
                       outputs: tuple[str, ...] = ("log_probs",), backend: str = "auto", gemm: str | None = None,
-                      ) -> tuple[torch.Tensor | None, ...]:
+                      mode: str = "lean") -> tuple[torch.Tensor | None, ...]:
     """TRL's per-token fields of ``hidden`` [..., H] against already-shifted ``labels`` [...] (-100 = not scored):
     ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` shaped like ``labels``, 0 (False) where not
     scored, ``None`` for fields not in ``outputs`` (``log_probs`` is always computed). fp32 (``is_top1`` bool).
-    The compute dtype follows autocast, as TRL's does."""
+    The compute dtype follows autocast, as TRL's does.
+
+    ``mode``: ``"lean"`` recomputes the logits in the backward (8·n·H·V FLOPs with the gradient); ``"fast"`` forms
+    the gradient of ``Σ log_probs`` in the forward (6·n·H·V) and uses it when every scored row's upstream
+    gradient is the same (a mean over tokens, as SFT's loss), else recomputes as lean (one host sync decides).
+    Without a gradient to form (no grad mode, frozen inputs) both are the forward pass alone."""
     outputs = check_outputs(outputs)
+    check_choice("mode", mode, MODES)
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden's without H), got "
                          f"{tuple(labels.shape)}")
@@ -183,7 +253,9 @@ def fused_head_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     cfg = HeadPass.for_inputs(hidden, weight, backend=backend, transform=transform, gemm=gemm,
                               with_entropy="entropy" in outputs, with_top1="is_top1" in outputs)
     layout = build_layout(labels.reshape(-1), ignore_index=-100, vocab_size=weight.shape[0])
-    rows = HeadFields.apply(flat_rows(hidden), weight, bias, layout, cfg, outputs)
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    fast = mode == "fast" and torch.is_grad_enabled() and any(needs)
+    rows = HeadFields.apply(flat_rows(hidden), weight, bias, layout, cfg, outputs, needs if fast else None)
     return tuple(None if x is None else scatter_tokens(x, layout, labels.shape) for x in rows)
 
 
@@ -213,9 +285,11 @@ def _router_aux_loss(model: Any, text_config: Any, router_logits: Any, attention
 
 def add_fused_lm_head(model: Any, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                       outputs: tuple[str, ...] = ("log_probs",), *, backend: str = "auto",
-                      gemm: str | None = None) -> None:
+                      gemm: str | None = None, mode: str = "lean") -> None:
     """fastpref's drop-in for ``trl.trainer.utils.add_fused_lm_head`` (same arguments, same
-    ``FusedCausalLMOutput``); ``backend`` and ``gemm`` choose fastpref's kernels (``fastpref.token_logps``'s).
+    ``FusedCausalLMOutput``); ``backend`` and ``gemm`` choose fastpref's kernels (``fastpref.token_logps``'s),
+    ``mode`` ``"lean"`` / ``"fast"`` as in ``fused_head_fields`` (fast pays off where the loss is a mean of
+    ``-log_probs``: SFT).
 
     Patches ``model.forward`` in place: ``fused_lm_head=True`` with ``labels`` (unshifted) or ``shift_labels``
     (pre-shifted) and optional ``num_items_in_batch`` runs the backbone and fastpref's head; anything else is the
@@ -225,6 +299,7 @@ def add_fused_lm_head(model: Any, temperature: float = 1.0, cast_lm_head_to_fp32
 
     outputs = check_outputs(outputs)
     check_choice("backend", backend, ("auto", "triton", "torch"))
+    check_choice("mode", mode, MODES)
     original_forward = model.forward
     text_config = model.config.get_text_config()
     transform = head_transform(model)
@@ -260,7 +335,7 @@ def add_fused_lm_head(model: Any, temperature: float = 1.0, cast_lm_head_to_fp32
             autocast_ctx = torch.autocast(hidden.device.type, enabled=False)
         with autocast_ctx, _gathered_head(weight, bias):  # ZeRO-3: the whole head for the call, as TRL gathers it
             fields = fused_head_fields(hidden, weight, bias, labels, temperature=temperature, outputs=outputs,
-                                       backend=backend, gemm=gemm, **transform)
+                                       backend=backend, gemm=gemm, mode=mode, **transform)
         mask = labels != -100
         log_probs = fields[0]
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
@@ -288,16 +363,18 @@ def has_fastpref_head(model: Any) -> bool:
 
 
 @contextlib.contextmanager
-def swap_fused_head(module: types.ModuleType, *, backend: str = "auto", gemm: str | None = None) -> Iterator[None]:
+def swap_fused_head(module: types.ModuleType, *, backend: str = "auto", gemm: str | None = None,
+                    mode: str = "lean") -> Iterator[None]:
     """Within the block, ``module.add_fused_lm_head`` (a TRL trainer module's import of TRL's head) is fastpref's,
-    with ``backend`` and ``gemm``; TRL's is restored on exit. The trainers call it only in ``__init__``."""
+    with ``backend``, ``gemm`` and ``mode``; TRL's is restored on exit. The trainers call it only in
+    ``__init__``."""
     previous = module.add_fused_lm_head
-    module.add_fused_lm_head = functools.partial(add_fused_lm_head, backend=backend, gemm=gemm)
+    module.add_fused_lm_head = functools.partial(add_fused_lm_head, backend=backend, gemm=gemm, mode=mode)
     try:
         yield
     finally:
         module.add_fused_lm_head = previous
 
 
-__all__ = ["FIELDS", "HeadFields", "add_fused_lm_head", "check_outputs", "fused_head_fields", "has_fastpref_head",
-           "swap_fused_head"]
+__all__ = ["FIELDS", "MODES", "HeadFields", "add_fused_lm_head", "check_outputs", "fused_head_fields",
+           "has_fastpref_head", "swap_fused_head"]
