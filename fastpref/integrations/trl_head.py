@@ -12,6 +12,11 @@ tiled torch pass below (``dH/dz_j = -p_j (log p_j + H)``, with H re-summed as -�
 ``lse - E[z]`` cancels on peaked rows), which the ops' row kernels do not offer. ``log_sum_sq_probs``,
 ``mean_logits`` and ``is_top1`` carry no gradient, as in TRL.
 
+Fast mode (``mode="fast"``, SFT): the forward also forms the gradient of ``Σ log_probs`` (each row chunk's logits
+over the whole vocabulary in one bounded buffer, folded, then turned into their gradient in place), and the
+backward scales it when every scored row's upstream gradient is the same (a mean over tokens); otherwise it
+recomputes as lean mode does.
+
 ``log_sum_sq_probs`` is composed from the ops' log-sum-exp: ``log Σ p² = lse(2z) - 2·lse(z)``, the second
 log-sum-exp a forward-only pass at half the temperature (z/(T/2) = 2·z/T exactly in floating point), so it costs
 one more 2·n·H·V forward when requested (TRL folds it into the same pass).

@@ -7,8 +7,9 @@ same call and the same output fields, through fastpref's kernels. Everything els
 generation and rewards, losses and their normalisations, metrics. So SFT's per-token loss is fastpref's linear
 cross-entropy (``-log_probs``, ``fastpref.linear_cross_entropy(reduction="none")``) under TRL's reduction (sum
 over the scored tokens / ``num_items_in_batch``: packed sequences, completion-only and assistant-only masks as
-TRL builds them), and its ``entropy`` / ``mean_token_accuracy`` come from the same kernel pass. With the flag
-off each class *is* TRL's: no method is changed.
+TRL builds them), and its ``entropy`` / ``mean_token_accuracy`` come from the same kernel pass; in fast mode
+(``fastpref_mode``, SFT only) that pass also forms the loss's gradient. With the flag off each class *is* TRL's:
+no method is changed.
 
 Supported TRL versions: those of the ``trl`` extra (``fastpref.integrations.trl.check_trl_version``).
 """
