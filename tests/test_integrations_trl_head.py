@@ -146,8 +146,9 @@ def test_fields_match_trl_chunked_logprob(transform, dtype):
         assert rel < (1e-5 if dtype == torch.float32 else 2e-2), (name, rel)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_mode_forms_the_mean_gradient_in_the_forward(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,backend", [(torch.float32, "torch"), (torch.bfloat16, "torch"),
+                                           (torch.float32, "triton")])
+def test_fast_mode_forms_the_mean_gradient_in_the_forward(dtype, backend, monkeypatch):
     import fastpref.integrations.trl_head as trl_head
 
     t = TRANSFORMS["T0.7-softcap30-scale1.3"]
@@ -160,7 +161,7 @@ def test_fast_mode_forms_the_mean_gradient_in_the_forward(dtype, monkeypatch):
     calls = []
     original = trl_head._head_pass_ops.backward
     monkeypatch.setattr(trl_head._head_pass_ops, "backward", lambda *a, **k: calls.append(1) or original(*a, **k))
-    fast_fields = fused_head_fields(*fast, outputs=FIELDS, backend="torch", mode="fast", **t)
+    fast_fields = fused_head_fields(*fast, outputs=FIELDS, backend=backend, mode="fast", **t)
     for name, a, b in zip(FIELDS, fast_fields, lean_fields):
         assert torch.equal(a, b) if name == "is_top1" else torch.allclose(a, b, atol=1e-5, rtol=1e-6), name
     got = torch.autograd.grad(-fast_fields[0].sum() / n, fast[:3])  # SFT's loss: the same weight on every token
@@ -439,8 +440,11 @@ def test_online_flag_on_matches_stock_trl(tok, toy_path, kind, kw, rtol):
 
 
 @pytest.mark.parametrize("cls", [FastPrefSFTConfig, FastPrefGRPOConfig, FastPrefRLOOConfig])
-@pytest.mark.parametrize("field,value", [("fastpref_backend", "cuda"), ("fastpref_gemm", "cuBLAS")])
+@pytest.mark.parametrize("field,value", [("fastpref_backend", "cuda"), ("fastpref_gemm", "cuBLAS"),
+                                         ("fastpref_mode", "quick")])
 def test_bad_fastpref_field_raises_naming_it(cls, field, value):
+    if field == "fastpref_mode" and cls is not FastPrefSFTConfig:
+        pytest.skip("only SFT has a fast mode")
     with pytest.raises(ValueError, match=field):
         cls(output_dir="/tmp/fastpref-test-trl-head", use_cpu=True, report_to=[], use_fastpref=True,
             **{field: value})
