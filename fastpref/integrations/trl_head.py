@@ -1,0 +1,385 @@
+"""TRL 1.16's fused-head contract (``trl.trainer.utils.add_fused_lm_head``) through fastpref's kernels.
+
+``add_fused_lm_head(model, temperature, cast_lm_head_to_fp32, outputs)`` has TRL's signature and semantics:
+afterwards ``model(..., labels=labels, fused_lm_head=True)`` (or pre-shifted ``shift_labels``, as passed under
+context / sequence parallelism) returns TRL's own ``FusedCausalLMOutput`` — ``loss``, ``log_probs``, and on request
+``entropy``, ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``, plus ``label_mask`` and the MoE ``aux_loss`` —
+each zero where the label is -100; any other call is the original forward (generation unchanged). Only the scored
+positions are projected, in bounded tiles: no ``[tokens, vocab]`` logits.
+
+Gradients: ``log_probs`` through fastpref's recompute backward; ``entropy`` (GRPO's entropy bonus) exactly, by a
+tiled torch pass below (``dH/dz_j = -p_j (log p_j + H)``, with H re-summed as -Σ p log p: the forward's
+``lse - E[z]`` cancels on peaked rows), which the ops' row kernels do not offer. ``log_sum_sq_probs``,
+``mean_logits`` and ``is_top1`` carry no gradient, as in TRL.
+
+Fast mode (``mode="fast"``, SFT): the forward also forms the gradient of ``Σ log_probs`` (each row chunk's logits
+over the whole vocabulary in one bounded buffer, folded, then turned into their gradient in place), and the
+backward scales it when every scored row's upstream gradient is the same (a mean over tokens); otherwise it
+recomputes as lean mode does.
+
+``log_sum_sq_probs`` is composed from the ops' log-sum-exp: ``log Σ p² = lse(2z) - 2·lse(z)``, the second
+log-sum-exp a forward-only pass at half the temperature (z/(T/2) = 2·z/T exactly in floating point), so it costs
+one more 2·n·H·V forward when requested (TRL folds it into the same pass).
+
+``swap_fused_head(module)`` swaps this function for TRL's inside one trainer module while its ``__init__`` runs
+(the ``use_fastpref`` flag of ``fastpref.integrations.trl_trainers``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..ops import HeadPass, LogitTransform, build_layout, finalize_stats, flat_rows, scatter_tokens
+from ..ops import head_pass as _head_pass_ops
+from ..ops.backend import autocast_off
+from ..ops.tile_ops import LogSumExp, RowStats, row_ops
+from ..utils.validation import check_choice
+from .fused_head import _check_whole_vocabulary, _full, _gathered_head, head_transform
+
+_PATCH_ATTR = "_fastpref_trl_head"  # marks the patched forward (``has_fastpref_head``)
+# TRL's per-token fields, in the order of ``ChunkedLogProbFunction``'s outputs after ``log_probs``
+OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+FIELDS = ("log_probs", *OPTIONAL_OUTPUTS)
+MODES = ("lean", "fast")
+
+
+def check_outputs(outputs: tuple[str, ...]) -> tuple[str, ...]:
+    """``outputs`` as TRL's ``add_fused_lm_head`` takes it: a tuple of names among ``FIELDS``."""
+    if isinstance(outputs, str) or not all(isinstance(o, str) for o in outputs):
+        raise TypeError(f"outputs: expected a tuple of field names among {list(FIELDS)}, got {outputs!r}")
+    for name in outputs:
+        check_choice("outputs", name, FIELDS)
+    return tuple(outputs)
+
+
+def _entropy_backward(source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      targets: torch.Tensor, lse: LogSumExp, grad_logps: torch.Tensor,
+                      grad_entropy: torch.Tensor, cfg: HeadPass, needs: tuple[bool, bool, bool]):
+    """Gradients of ``Σ_r g_r·logp_r + e_r·H_r`` w.r.t. ``source`` [N, H] (0 outside ``index``), ``weight`` and
+    ``bias`` by recompute, tile by tile (tiles sized by the pass's plan), in torch: per row chunk one sweep for
+    ``H``, one for the logits' gradient ``g·(onehot - p) - e·p·(log p + H)`` times ``dz/dy``, rounded to the
+    compute dtype (as the ops' tiles are) and accumulated in fp32. 10·n·H·V FLOPs."""
+    need_hidden, need_weight, need_bias = needs
+    n, vocab = index.numel(), weight.shape[0]
+    cd, t = cfg.compute_dtype, cfg.transform
+    f32 = torch.float32
+    d_source = torch.zeros(source.shape, device=source.device, dtype=f32) if need_hidden else None
+    d_weight = torch.zeros(weight.shape, device=weight.device, dtype=f32) if need_weight else None
+    d_bias = torch.zeros(bias.shape, device=bias.device, dtype=f32) if need_bias and bias is not None else None
+    plan = cfg.plan(max(n, 1), max(vocab, 1))
+    scale = t.inv_temperature * t.logit_scale
+
+    def log_p_tile(h, v0, v1, row_max, log_sumexp):
+        w = weight[v0:v1].to(cd)
+        y = _head_pass_ops.project(torch.empty((h.shape[0], v1 - v0), device=h.device, dtype=cd), h, w,
+                                   None if bias is None else bias[v0:v1].to(cd)).float() * t.logit_scale
+        tanh = None
+        if t.softcap is not None:
+            tanh = torch.tanh(y / t.softcap)
+            y = t.softcap * tanh
+        return w, (y * t.inv_temperature - row_max) - log_sumexp, tanh
+
+    for t0 in range(0, n, plan.rows):
+        t1 = min(t0 + plan.rows, n)
+        rows = index[t0:t1]
+        h = source.index_select(0, rows).to(cd)
+        g, e = grad_logps[t0:t1, None], grad_entropy[t0:t1, None]
+        row_max, log_sumexp = lse.row_max[t0:t1, None], lse.log_sumexp[t0:t1, None]
+        # H = -Σ p log p in a first sweep: the forward's lse - E[z] cancels at |z|·2⁻²⁴ on peaked rows, and
+        # dH/dz = -p (log p + H) needs H to the precision of log p
+        ent = torch.zeros((t1 - t0, 1), device=source.device, dtype=f32)
+        for v0 in range(0, vocab, plan.cols):
+            log_p = log_p_tile(h, v0, min(v0 + plan.cols, vocab), row_max, log_sumexp)[1]
+            ent -= (log_p.exp() * log_p).sum(1, keepdim=True)
+        dh = torch.zeros((t1 - t0, source.shape[1]), device=source.device, dtype=f32) if need_hidden else None
+        for v0 in range(0, vocab, plan.cols):
+            v1 = min(v0 + plan.cols, vocab)
+            w, log_p, tanh = log_p_tile(h, v0, v1, row_max, log_sumexp)
+            p = log_p.exp()
+            grad = -(g * p) - e * p * (log_p + ent)
+            local = targets[t0:t1] - v0
+            in_chunk = (local >= 0) & (local < v1 - v0)
+            grad.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None], (g * in_chunk[:, None]))
+            grad.mul_(scale)
+            if tanh is not None:
+                grad.mul_(1 - tanh * tanh)
+            grad = grad.to(cd)
+            if dh is not None:
+                _head_pass_ops.accumulate_mm(dh, grad, w, first=False)
+            if d_weight is not None:
+                _head_pass_ops.accumulate_mm(d_weight[v0:v1], grad.t(), h, first=False)
+            if d_bias is not None:
+                d_bias[v0:v1] += grad.sum(0, dtype=f32)
+        if dh is not None:
+            d_source.index_copy_(0, rows, dh)
+    return (None if d_source is None else d_source.to(source.dtype),
+            None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_bias is None else d_bias.to(bias.dtype))
+
+
+def _fast_pass(source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               targets: torch.Tensor, cfg: HeadPass, needs: tuple[bool, bool, bool]):
+    """Fast mode: the statistics of the scored rows and, in the same pass, the gradients of ``Σ_r logp_r`` (unit
+    per-row coefficients) w.r.t. ``source`` rows, ``weight`` and ``bias`` (fp32). Each row chunk's logits over the
+    whole vocabulary sit in one buffer of at most ``cfg.tile_bytes`` (the row ops' working set), are folded, then
+    turned into their gradient in place and fed to the two gradient GEMMs: 6·n·H·V FLOPs, no recompute.
+    Returns ``(RowStats, (dH [n, H] | None, dW [V, H] | None, db [V] | None))``."""
+    n, vocab, size = index.numel(), weight.shape[0], weight.shape[1]
+    cd, dev, f32 = cfg.compute_dtype, source.device, torch.float32
+    ops = row_ops(cfg.backend)
+    stats = RowStats.empty(n, dev, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
+    elem = 4 * 3 if cfg.backend == "torch" else torch.empty((), dtype=cd).element_size()
+    rows = max(1, min(n, cfg.tile_bytes // max(vocab * elem, 1)))
+    w = weight.to(cd)
+    b = None if bias is None else bias.to(cd)
+    d_rows = torch.empty((n, size), device=dev, dtype=f32) if needs[0] else None
+    d_weight = torch.zeros((vocab, size), device=dev, dtype=f32) if needs[1] else None
+    d_bias = torch.zeros((vocab,), device=dev, dtype=f32) if needs[2] and bias is not None else None
+    buf = torch.empty((rows, vocab), device=dev, dtype=cd)
+    ones = torch.ones((rows,), device=dev, dtype=f32)
+    for t0 in range(0, n, rows):
+        t1 = min(t0 + rows, n)
+        h = source.index_select(0, index[t0:t1]).to(cd)
+        tile = _head_pass_ops.project(buf[: t1 - t0], h, w, b)
+        chunk = stats.rows(t0, t1)
+        ops.fold(tile, targets[t0:t1], chunk, 0, cfg.transform)
+        ops.grad_(tile, targets[t0:t1], chunk.lse(), ones[: t1 - t0], 0, cfg.transform)
+        if d_rows is not None:
+            _head_pass_ops.accumulate_mm(d_rows[t0:t1], tile, w, first=True)
+        if d_weight is not None:
+            _head_pass_ops.accumulate_mm(d_weight, tile.t(), h, first=False)
+        if d_bias is not None:
+            d_bias += tile.sum(0, dtype=f32)
+    return stats, (d_rows, d_weight, d_bias)
+
+
+def _uniform(grad_rows: torch.Tensor) -> bool:
+    """Whether every scored row got the same upstream gradient (SFT's mean: -1/num_items each); one host sync."""
+    return grad_rows.numel() == 0 or bool((grad_rows == grad_rows[:1]).all())
+
+
+def _scaled(unit: tuple, c: torch.Tensor, source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor | None):
+    """The fast pass's unit gradients times the uniform upstream coefficient ``c``, in the inputs' dtypes."""
+    d_rows, d_weight, d_bias = unit
+    d_source = None
+    if d_rows is not None:
+        d_source = torch.zeros_like(source)
+        d_source.index_copy_(0, index, (d_rows * c).to(source.dtype))
+    return (d_source, None if d_weight is None else (d_weight * c).to(weight.dtype),
+            None if d_bias is None else (d_bias * c).to(bias.dtype))
+
+
+class HeadFields(torch.autograd.Function):
+    """``source`` [N, H], ``weight`` [V, H], ``bias`` [V] | None, the scored rows ``layout`` and the pass ``cfg``
+    -> TRL's per-row fields ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` [n] (``None`` where
+    not requested). ``log_probs`` and ``entropy`` are differentiable."""
+
+    @staticmethod
+    def forward(ctx, source, weight, bias, layout, cfg: HeadPass, outputs: tuple[str, ...],  # type: ignore[override]
+                fast_needs: tuple[bool, bool, bool] | None = None):
+        ctx.set_materialize_grads(False)  # an entropy used only for logging sends no gradient: skip its term
+        ctx.unit = None
+        with autocast_off(source.device.type), _gathered_head(weight, bias):
+            vocab = weight.shape[0]  # read once gathered (a ZeRO-3 partition reads 0 rows)
+            if fast_needs is not None:
+                stats, ctx.unit = _fast_pass(source, layout.index, weight, bias, layout.targets, cfg, fast_needs)
+            else:
+                stats = _head_pass_ops.forward_stats(source, layout.index, weight, bias, layout.targets, cfg)
+            lse, logps, token_stats = finalize_stats(stats, vocab)
+            sq = None
+            if "log_sum_sq_probs" in outputs:
+                # lse(2z) - 2 lse(z), each in its two parts (row maxima exactly 2x apart, see the module doc)
+                t = cfg.transform
+                half = dataclasses.replace(cfg, transform=LogitTransform(t.logit_scale, t.softcap, t.temperature / 2),
+                                           with_entropy=False, with_top1=False)
+                lse2 = _head_pass_ops.forward_stats(source, layout.index, weight, bias, layout.targets, half).lse()
+                sq = (lse2.row_max - 2 * lse.row_max) + (lse2.log_sumexp - 2 * lse.log_sumexp)
+        entropy = token_stats.entropy if "entropy" in outputs else None
+        mean = token_stats.mean_logits if "mean_logits" in outputs else None
+        top1 = token_stats.is_top1 if "is_top1" in outputs else None
+        ctx.save_for_backward(source, weight, bias, *lse)
+        ctx.layout, ctx.cfg = layout, cfg
+        ctx.mark_non_differentiable(*(x for x in (sq, mean, top1) if x is not None))
+        return logps, entropy, sq, mean, top1
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy, *_):  # type: ignore[override]
+        source, weight, bias, row_max, log_sumexp = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        none = (None, None, None, None)
+        if (grad_logps is None and grad_entropy is None) or not any(needs):
+            return (None, None, None, *none)
+        layout, cfg = ctx.layout, ctx.cfg
+        unit, ctx.unit = ctx.unit, None
+        if unit is not None and grad_entropy is None and _uniform(grad_logps):
+            c = grad_logps[:1].float() if grad_logps.numel() else torch.zeros(1, device=source.device)
+            return (*_scaled(unit, c, source, layout.index, weight, bias), *none)
+        # lean: recompute (no fast pass, or per-row coefficients that differ, or an entropy gradient)
+        lse = LogSumExp(row_max, log_sumexp)
+        g = torch.zeros_like(row_max) if grad_logps is None else grad_logps.float().contiguous()
+        # ZeRO-3 re-partitions the head after the forward: gather it again for the recompute, as TRL does
+        with autocast_off(source.device.type), _gathered_head(weight, bias):
+            if grad_entropy is None:
+                grads = _head_pass_ops.backward(source, layout.index, weight, bias, layout.targets, lse, g, cfg,
+                                                need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
+            else:
+                grads = _entropy_backward(source, layout.index, weight, bias, layout.targets, lse, g,
+                                          grad_entropy.float().contiguous(), cfg, needs)
+        return (*grads, *none)
+
+
+def fused_head_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                      *, temperature: float = 1.0, logit_scale: float = 1.0, softcap: float | None = None,
+                      outputs: tuple[str, ...] = ("log_probs",), backend: str = "auto", gemm: str | None = None,
+                      mode: str = "lean") -> tuple[torch.Tensor | None, ...]:
+    """TRL's per-token fields of ``hidden`` [..., H] against already-shifted ``labels`` [...] (-100 = not scored):
+    ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` shaped like ``labels``, 0 (False) where not
+    scored, ``None`` for fields not in ``outputs`` (``log_probs`` is always computed). fp32 (``is_top1`` bool).
+    The compute dtype follows autocast, as TRL's does.
+
+    ``mode``: ``"lean"`` recomputes the logits in the backward (8·n·H·V FLOPs with the gradient); ``"fast"`` forms
+    the gradient of ``Σ log_probs`` in the forward (6·n·H·V) and uses it when every scored row's upstream
+    gradient is the same (a mean over tokens, as SFT's loss), else recomputes as lean (one host sync decides).
+    Without a gradient to form (no grad mode, frozen inputs) both are the forward pass alone."""
+    outputs = check_outputs(outputs)
+    check_choice("mode", mode, MODES)
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden's without H), got "
+                         f"{tuple(labels.shape)}")
+    transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
+    cfg = HeadPass.for_inputs(hidden, weight, backend=backend, transform=transform, gemm=gemm,
+                              with_entropy="entropy" in outputs, with_top1="is_top1" in outputs)
+    layout = build_layout(labels.reshape(-1), ignore_index=-100, vocab_size=weight.shape[0])
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    fast = mode == "fast" and torch.is_grad_enabled() and any(needs)
+    rows = HeadFields.apply(flat_rows(hidden), weight, bias, layout, cfg, outputs, needs if fast else None)
+    return tuple(None if x is None else scatter_tokens(x, layout, labels.shape) for x in rows)
+
+
+def _backbone_attr(model: Any) -> str:
+    # As TRL: before transformers 5, vision-language models expose their language backbone as `model`
+    import transformers
+    from packaging.version import Version
+
+    text_config = model.config.get_text_config()
+    if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
+        return "model"
+    return "base_model"
+
+
+def _router_aux_loss(model: Any, text_config: Any, router_logits: Any, attention_mask: Any) -> torch.Tensor:
+    """The MoE load-balancing loss as TRL's fused head computes it (Mixtral's function, the config's counts)."""
+    import transformers
+    from packaging.version import Version
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    version = Version(transformers.__version__)
+    old = version < Version("5.0.0") or (
+        text_config.model_type == "gpt_oss" and version < Version("5.6.0"))  # TRL's workaround of a config bug
+    source = model if old else text_config
+    return load_balancing_loss_func(router_logits, source.num_experts, source.num_experts_per_tok, attention_mask)
+
+
+def add_fused_lm_head(model: Any, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                      outputs: tuple[str, ...] = ("log_probs",), *, backend: str = "auto",
+                      gemm: str | None = None, mode: str = "lean") -> None:
+    """fastpref's drop-in for ``trl.trainer.utils.add_fused_lm_head`` (same arguments, same
+    ``FusedCausalLMOutput``); ``backend`` and ``gemm`` choose fastpref's kernels (``fastpref.token_logps``'s),
+    ``mode`` ``"lean"`` / ``"fast"`` as in ``fused_head_fields`` (fast pays off where the loss is a mean of
+    ``-log_probs``: SFT).
+
+    Patches ``model.forward`` in place: ``fused_lm_head=True`` with ``labels`` (unshifted) or ``shift_labels``
+    (pre-shifted) and optional ``num_items_in_batch`` runs the backbone and fastpref's head; anything else is the
+    original forward. Patch before wrapping with PEFT (or patch ``peft_model.get_base_model()``).
+    """
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    outputs = check_outputs(outputs)
+    check_choice("backend", backend, ("auto", "triton", "torch"))
+    check_choice("mode", mode, MODES)
+    original_forward = model.forward
+    text_config = model.config.get_text_config()
+    transform = head_transform(model)
+    backbone = _backbone_attr(model)
+
+    @functools.wraps(type(model).forward)  # `generate` validates its model kwargs against this signature
+    def _forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                 **kwargs):
+        if not fused_lm_head:
+            for key, value in (("labels", labels), ("shift_labels", shift_labels),
+                               ("num_items_in_batch", num_items_in_batch)):
+                if value is not None:
+                    kwargs[key] = value
+            return original_forward(*args, **kwargs)
+        if labels is None and shift_labels is None:
+            raise ValueError("labels: fused_lm_head=True needs `labels` (unshifted, -100 = not scored) or "
+                             "`shift_labels` (pre-shifted), got neither")
+        kwargs["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        backbone_outputs = getattr(self, backbone)(*args, **kwargs)
+        if shift_labels is None:
+            hidden, labels = backbone_outputs.last_hidden_state[:, :-1], labels[:, 1:]
+        else:
+            hidden, labels = backbone_outputs.last_hidden_state, shift_labels
+        head = self.get_output_embeddings()  # looked up per call: PEFT and FSDP replace it after patching
+        weight, bias = _full(head.weight), _full(getattr(head, "bias", None))
+        _check_whole_vocabulary(self, weight)
+        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+        autocast_ctx = contextlib.nullcontext()
+        if cast_lm_head_to_fp32:
+            hidden = hidden.float()
+            autocast_ctx = torch.autocast(hidden.device.type, enabled=False)
+        with autocast_ctx, _gathered_head(weight, bias):  # ZeRO-3: the whole head for the call, as TRL gathers it
+            fields = fused_head_fields(hidden, weight, bias, labels, temperature=temperature, outputs=outputs,
+                                       backend=backend, gemm=gemm, mode=mode, **transform)
+        mask = labels != -100
+        log_probs = fields[0]
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = _router_aux_loss(self, text_config, backbone_outputs.router_logits,
+                                        kwargs.get("attention_mask"))
+            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=fields[1], log_sum_sq_probs=fields[2],
+                                   mean_logits=fields[3], is_top1=fields[4], label_mask=mask, aux_loss=aux_loss)
+
+    setattr(_forward, _PATCH_ATTR, True)
+    model.forward = types.MethodType(_forward, model)
+
+
+def has_fastpref_head(model: Any) -> bool:
+    """Whether ``model``'s forward is this module's fused head (its latest patch), possibly under wrappers that
+    keep ``__wrapped__`` (accelerate's mixed-precision autocast of a prepared model)."""
+    fn = getattr(model.__dict__.get("forward"), "__func__", None)
+    while fn is not None:
+        if getattr(fn, _PATCH_ATTR, False):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
+@contextlib.contextmanager
+def swap_fused_head(module: types.ModuleType, *, backend: str = "auto", gemm: str | None = None,
+                    mode: str = "lean") -> Iterator[None]:
+    """Within the block, ``module.add_fused_lm_head`` (a TRL trainer module's import of TRL's head) is fastpref's,
+    with ``backend``, ``gemm`` and ``mode``; TRL's is restored on exit. The trainers call it only in
+    ``__init__``."""
+    previous = module.add_fused_lm_head
+    module.add_fused_lm_head = functools.partial(add_fused_lm_head, backend=backend, gemm=gemm, mode=mode)
+    try:
+        yield
+    finally:
+        module.add_fused_lm_head = previous
+
+
+__all__ = ["FIELDS", "MODES", "HeadFields", "add_fused_lm_head", "check_outputs", "fused_head_fields",
+           "has_fastpref_head", "swap_fused_head"]
