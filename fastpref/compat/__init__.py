@@ -15,6 +15,7 @@ sequence with no scored token gives 0, not NaN; a paired loss refuses an odd bat
 
 from .cpo import LigerFusedLinearCPOFunction, LigerFusedLinearCPOLoss, liger_fused_linear_cpo
 from .dpo import LigerFusedLinearDPOFunction, LigerFusedLinearDPOLoss, liger_fused_linear_dpo
+from .grpo import LigerFusedLinearGRPOFunction, LigerFusedLinearGRPOLoss, liger_fused_linear_grpo
 from .kto import LigerFusedLinearKTOFunction, LigerFusedLinearKTOLoss, liger_fused_linear_kto
 from .orpo import LigerFusedLinearORPOFunction, LigerFusedLinearORPOLoss, liger_fused_linear_orpo
 from .simpo import LigerFusedLinearSimPOFunction, LigerFusedLinearSimPOLoss, liger_fused_linear_simpo
@@ -24,6 +25,8 @@ __all__ = [
     "LigerFusedLinearCPOLoss",
     "LigerFusedLinearDPOFunction",
     "LigerFusedLinearDPOLoss",
+    "LigerFusedLinearGRPOFunction",
+    "LigerFusedLinearGRPOLoss",
     "LigerFusedLinearKTOFunction",
     "LigerFusedLinearKTOLoss",
     "LigerFusedLinearORPOFunction",
@@ -32,6 +35,7 @@ __all__ = [
     "LigerFusedLinearSimPOLoss",
     "liger_fused_linear_cpo",
     "liger_fused_linear_dpo",
+    "liger_fused_linear_grpo",
     "liger_fused_linear_kto",
     "liger_fused_linear_orpo",
     "liger_fused_linear_simpo",
