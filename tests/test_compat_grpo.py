@@ -446,6 +446,33 @@ def test_class_docstring_states_the_differences():
     assert "positions with ``attention_mask == 0`` are not scored" in doc
 
 
+FLOP_CASES = [
+    # kwargs, positions scored, (forward, backward) in units of n·H·V for the n positions scored
+    (dict(beta=0.1, loss_type="grpo"), "mask", (4, 6)),  # policy 2 + reference 2; lean backward 6
+    (dict(beta=0.0, loss_type="grpo"), "mask", (2, 6)),  # the reference is not scored when unused
+    (dict(beta=0.1, loss_type="luspo", importance_sampling_level="sequence"), "all", (4, 6)),  # padding too
+    (dict(beta=0.0, loss_type="luspo", importance_sampling_level="sequence"), "mask", (2, 6)),
+]
+
+
+@pytest.mark.parametrize(("kw", "scored", "expected"), FLOP_CASES, ids=["ref", "beta0", "luspo-kl", "luspo"])
+def test_flops_count_the_scored_positions_only(kw, scored, expected):
+    """Lean ``token_logps``: 2·n·H·V forward, 6·n·H·V backward (logits recomputed), n the positions that enter
+    the loss (Liger scores every position, padding included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = make((4, 24, 16, 64), torch.float32, bias=False, ref="input", seed=13)
+    inputs["mask"][:, 16:] = 0
+    n = int(inputs["mask"].sum()) if scored == "mask" else inputs["mask"].numel()
+    unit = n * 16 * 64
+    with FlopCounterMode(display=False) as fwd:
+        loss, _ = compat.LigerFusedLinearGRPOLoss(**kw)(*_args(inputs))
+    with FlopCounterMode(display=False) as bwd:
+        _grads(loss, inputs)
+    assert abs(fwd.get_total_flops() / unit - expected[0]) < 0.01 * expected[0], fwd.get_total_flops() / unit
+    assert abs(bwd.get_total_flops() / unit - expected[1]) < 0.01 * expected[1], bwd.get_total_flops() / unit
+
+
 def test_step_never_allocates_tokens_by_vocab():
     """A GRPO step with the reference scored from hidden states: no allocation of size tokens x vocabulary
     (Liger 0.8.5's own peak is one [2048, 4096] chunk of logits per direction)."""

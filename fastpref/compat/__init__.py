@@ -3,10 +3,12 @@
 Same names, constructor arguments (names, order, defaults), call signatures, return structures and definitions
 as Liger 0.8.5 (``liger_kernel.chunked_loss``): the modules ``LigerFusedLinear{DPO,CPO,SimPO,ORPO,KTO}Loss``, the
 functions ``liger_fused_linear_{dpo,cpo,simpo,orpo,kto}`` and the
-``LigerFusedLinear{DPO,CPO,SimPO,ORPO,KTO}Function`` classes whose ``.apply`` they are. Nothing of size tokens x
-vocabulary is formed, and liger-kernel need not be installed. Each class docstring lists the few differences (a
-sequence with no scored token gives 0, not NaN; a paired loss refuses an odd batch; DPO accepts
-``loss_type="ipo"``). How the definitions map onto fastpref's fused losses: ``fastpref/compat/_base.py``.
+``LigerFusedLinear{DPO,CPO,SimPO,ORPO,KTO}Function`` classes whose ``.apply`` they are, and the same three for
+GRPO (``LigerFusedLinearGRPOLoss``, ``liger_fused_linear_grpo``, ``LigerFusedLinearGRPOFunction``; see
+``fastpref/compat/grpo.py``). Nothing of size tokens x vocabulary is formed, and liger-kernel need not be
+installed. Each class docstring lists the few differences (a sequence with no scored token gives 0, not NaN; a
+paired loss refuses an odd batch; DPO accepts ``loss_type="ipo"``). How the definitions map onto fastpref's fused
+losses: ``fastpref/compat/_base.py``.
 
 >>> from fastpref.compat import LigerFusedLinearDPOLoss
 >>> loss, (chosen_logps, rejected_logps, *_aux) = LigerFusedLinearDPOLoss(beta=0.1)(

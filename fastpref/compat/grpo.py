@@ -39,6 +39,7 @@ luspo's per-token ℓ). liger-kernel need not be installed.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -92,10 +93,10 @@ class GRPOSpec:
     vespo_lambda_neg: float = 2.0
 
 
-def _liger_first(liger: str, check, *args, **kwargs):  # type: ignore[no-untyped-def]
+def _liger_first(liger: str, check: Callable[..., object], *args: object, **kwargs: object) -> None:
     """``check(*args, **kwargs)``, its error re-raised with Liger's message in front (callers match on it)."""
     try:
-        return check(*args, **kwargs)
+        check(*args, **kwargs)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{liger} ({e})") from e
 
@@ -195,8 +196,6 @@ class Call:
         _check_shape("attention_mask", self.attention_mask, bt, "_input.shape[:2]")
         _check_shape("advantages", self.advantages, bt[:1], "one advantage per completion")
         _check_shape("old_per_token_logps", self.old_per_token_logps, bt, "_input.shape[:2]")
-        if self.attention_mask.is_complex():
-            raise TypeError(f"attention_mask: expected a real or bool tensor (0/1), got {self.attention_mask.dtype}")
         for name in ("advantages", "old_per_token_logps", "ref_per_token_logps", "vllm_is_ratio"):
             t = getattr(self, name)
             if t is not None and not t.is_floating_point():
@@ -253,7 +252,7 @@ def _reference(spec: GRPOSpec, call: Call, labels: Tensor, lp: Tensor) -> Tensor
     if call.ref_per_token_logps is not None:
         if call.ref_input is not None:
             warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.",
-                          stacklevel=4)
+                          stacklevel=3)
         return call.ref_per_token_logps.detach().float()
     ref_weight, ref_bias = call.ref_weight, call.ref_bias
     if ref_weight is None:
