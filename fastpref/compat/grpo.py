@@ -247,12 +247,12 @@ def _scored_labels(call: Call, score_all: bool) -> tuple[Tensor, Tensor]:
 def _reference(spec: GRPOSpec, call: Call, labels: Tensor, lp: Tensor) -> Tensor:
     """Reference per-token log-probs [B, T] (fp32, no grad): given, or scored from ``ref_input`` as the policy is
     (same temperature and positions); the policy's own (KL 0) without ``use_ref_model`` or with ``beta == 0``."""
+    if spec.use_ref_model and call.ref_per_token_logps is not None and call.ref_input is not None:
+        warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.",
+                      stacklevel=3)
     if not spec.use_ref_model or spec.beta == 0.0:
         return lp.detach()
     if call.ref_per_token_logps is not None:
-        if call.ref_input is not None:
-            warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.",
-                          stacklevel=3)
         return call.ref_per_token_logps.detach().float()
     ref_weight, ref_bias = call.ref_weight, call.ref_bias
     if ref_weight is None:
