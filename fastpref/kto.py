@@ -26,7 +26,6 @@ from .inputs import check_batch_vector, check_device
 from .ops import (
     HeadPass,
     LinearLogProbs,
-    LogitTransform,
     PairGroups,
     PairProblem,
     TokenLayout,
@@ -36,20 +35,15 @@ from .ops import (
     plan_pair_groups,
     segment_sum,
 )
-from .ops.backend import BACKENDS
-from .ops.gemm_path import check_gemm
 from .ops.plan import default_memory_budget, preferred_group_rows
 from .outputs import token_sums
-from .preference import MODES
+from .preference import HeadOptions
 from .scoring import score_sequences
 from .utils.compile import eager_op
 from .utils.validation import (
     check_choice,
     check_head_inputs,
-    check_int,
-    check_memory_budget,
     check_number,
-    check_transform,
 )
 
 #: trl 1.16 ``KTOTrainer``'s logged loss metrics (besides ``loss``, ``grad_norm``, ``num_tokens``).
@@ -61,21 +55,13 @@ SEQUENCE_SUM_KEYS = ("chosen_seqs", "rejected_seqs", "chosen_reward_sum", "rejec
 
 
 @dataclass(frozen=True)
-class KTOConfig:
+class KTOConfig(HeadOptions):
     """Validated hyper-parameters of a fused KTO loss (held by ``KTOLoss``)."""
 
     loss_type: str = "kto"
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
-    ignore_index: int = -100
-    mode: str = "auto"
-    memory_budget: int | None = None
-    backend: str = "auto"
-    transform: LogitTransform = field(default_factory=LogitTransform)
-    token_metrics: bool = False
-    check_finite: bool = False
-    gemm: str | None = None
 
     @property
     def needs_kl(self) -> bool:
@@ -408,17 +394,12 @@ class KTOLoss(nn.Module):
         beta = L.formulas.check_hparam("beta", beta)
         w_d = check_number("desirable_weight", desirable_weight, L.unpaired.WEIGHT)
         w_u = check_number("undesirable_weight", undesirable_weight, L.unpaired.WEIGHT)
-        check_choice("mode", mode, MODES)
-        check_choice("backend", backend, BACKENDS)
-        check_gemm(gemm)
-        check_transform(temperature, logit_scale, softcap)
-        self.config = KTOConfig(
-            loss_type=loss_type, beta=beta, desirable_weight=w_d, undesirable_weight=w_u,
-            ignore_index=check_int("ignore_index", ignore_index), mode=mode,
-            memory_budget=check_memory_budget(memory_budget),
-            backend=backend, transform=LogitTransform(float(logit_scale), None if softcap is None else float(softcap),
-                                                      float(temperature)),
-            token_metrics=bool(token_metrics), check_finite=bool(check_finite), gemm=gemm)
+        options = HeadOptions.checked(ignore_index=ignore_index, mode=mode, memory_budget=memory_budget,
+                                      backend=backend, temperature=temperature, logit_scale=logit_scale,
+                                      softcap=softcap, token_metrics=token_metrics, check_finite=check_finite,
+                                      gemm=gemm)
+        self.config = KTOConfig(loss_type=loss_type, beta=beta, desirable_weight=w_d, undesirable_weight=w_u,
+                                **options)
 
     @property
     def beta(self) -> float:

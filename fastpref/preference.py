@@ -38,10 +38,10 @@ MODES = ("auto", "fast", "lean")
 
 
 @dataclass(frozen=True)
-class PreferenceConfig:
-    """Hyper-parameters of a fused preference loss (held by the modules of ``fastpref.modules``)."""
+class HeadOptions:
+    """The options of the pass over the LM head that every fused loss takes (``PreferenceConfig``,
+    ``fastpref.kto.KTOConfig``): validated once by ``HeadOptions.checked``."""
 
-    loss: L.LossConfig
     ignore_index: int = -100
     mode: str = "auto"
     memory_budget: int | None = None
@@ -51,42 +51,49 @@ class PreferenceConfig:
     check_finite: bool = False
     gemm: str | None = None  # None: $FASTPREF_GEMM, else cublas (fastpref.ops.gemm_path)
 
+    @staticmethod
+    def checked(*, ignore_index: int = -100, mode: str = "auto", memory_budget: int | None = None,
+                backend: str = "auto", temperature: float = 1.0, logit_scale: float = 1.0,
+                softcap: float | None = None, token_metrics: bool = False, check_finite: bool = False,
+                gemm: str | None = None) -> dict[str, object]:
+        """The fields of ``HeadOptions`` from the user's arguments (``ValueError`` / ``TypeError`` naming a bad
+        one)."""
+        check_choice("mode", mode, MODES)
+        check_choice("backend", backend, BACKENDS)
+        check_gemm(gemm)
+        check_transform(temperature, logit_scale, softcap)
+        return dict(ignore_index=check_int("ignore_index", ignore_index), mode=mode,
+                    memory_budget=check_memory_budget(memory_budget), backend=backend,
+                    transform=LogitTransform(float(logit_scale), None if softcap is None else float(softcap),
+                                             float(temperature)),
+                    token_metrics=bool(token_metrics), check_finite=bool(check_finite), gemm=gemm)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreferenceConfig(HeadOptions):
+    """Hyper-parameters of a fused preference loss (held by the modules of ``fastpref.modules``)."""
+
+    loss: L.LossConfig
+
     @classmethod
-    def create(
-        cls,
-        loss_type: str | list[str] | tuple[str, ...] = "sigmoid",
-        *,
-        loss_weights: list[float] | tuple[float, ...] | None = None,
-        ignore_index: int = -100,
-        mode: str = "auto",
-        memory_budget: int | None = None,
-        backend: str = "auto",
-        temperature: float = 1.0,
-        logit_scale: float = 1.0,
-        softcap: float | None = None,
-        token_metrics: bool = False,
-        check_finite: bool = False,
-        gemm: str | None = None,
-        **hparams: float | bool,
-    ) -> PreferenceConfig:
+    def create(cls, loss_type: str | list[str] | tuple[str, ...] = "sigmoid", *,
+               loss_weights: list[float] | tuple[float, ...] | None = None, ignore_index: int = -100,
+               mode: str = "auto", memory_budget: int | None = None, backend: str = "auto",
+               temperature: float = 1.0, logit_scale: float = 1.0, softcap: float | None = None,
+               token_metrics: bool = False, check_finite: bool = False, gemm: str | None = None,
+               **hparams: float | bool) -> PreferenceConfig:
         """The validated config of ``fastpref.PreferenceLoss(loss_type, **options)`` (its docstring lists the
         options); ``hparams``: the formulas' (``beta``, ``label_smoothing``, ..., ``reference_free``: the fields
         of ``fastpref.losses.LossConfig``, which checks them)."""
         loss = L.LossConfig.create(loss_type, loss_weights, **hparams)
-        check_choice("mode", mode, MODES)
+        options = HeadOptions.checked(ignore_index=ignore_index, mode=mode, memory_budget=memory_budget,
+                                      backend=backend, temperature=temperature, logit_scale=logit_scale,
+                                      softcap=softcap, token_metrics=token_metrics, check_finite=check_finite,
+                                      gemm=gemm)
         if mode == "fast" and not loss.pair_separable:
             raise ValueError(f"mode: 'fast' needs a pair-separable loss; {list(loss.loss_types)} couples the batch "
                              "(aot / aot_unpaired sort over it); use mode='lean' or 'auto'")
-        check_choice("backend", backend, BACKENDS)
-        check_gemm(gemm)
-        check_transform(temperature, logit_scale, softcap)
-        ignore_index = check_int("ignore_index", ignore_index)
-        check_memory_budget(memory_budget)
-        transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap),
-                                   float(temperature))
-        return cls(loss=loss, ignore_index=ignore_index, mode=mode,
-                   memory_budget=memory_budget, backend=backend, transform=transform,
-                   token_metrics=bool(token_metrics), check_finite=bool(check_finite), gemm=gemm)
+        return cls(loss=loss, **options)
 
 
 def _policy_batch(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

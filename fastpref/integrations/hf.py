@@ -32,6 +32,7 @@ from .trainer_common import (
     REFINE_REF_KEYS,
     SR_LOSSES,
     SR_PROMPT,
+    FastPrefFields,
     build_preference_loss,
     check_fastpref_fields,
     disable_dropout,
@@ -49,7 +50,7 @@ from .trainer_common import (
 
 
 @dataclass
-class FastPrefTrainingArguments(TrainingArguments):
+class FastPrefTrainingArguments(FastPrefFields, TrainingArguments):
     """``TrainingArguments`` plus the preference-training knobs of ``FastPrefTrainer``.
 
     Args:
@@ -70,7 +71,6 @@ class FastPrefTrainingArguments(TrainingArguments):
         disable_dropout: zero every dropout in the policy and the reference (as trl 1.16).
     """
 
-    use_fastpref: bool = field(default=False, metadata={"help": "Run the fused fastpref path (no logits)."})
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={"help": "Preference loss type(s)."})
     loss_weights: list[float] | None = field(default=None, metadata={"help": "Weights of mixed loss types."})
     beta: float = field(default=0.1, metadata={"help": "β: deviation from the reference (τ for IPO)."})
@@ -83,11 +83,6 @@ class FastPrefTrainingArguments(TrainingArguments):
     truncation_mode: str = field(default="keep_start", metadata={"help": "'keep_start' or 'keep_end'."})
     padding_free: bool = field(default=False, metadata={"help": "Pack the batch in one row (no padding)."})
     precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Score the data with the reference once."})
-    fastpref_mode: str = field(default="auto", metadata={"help": "'auto', 'fast' or 'lean'."})
-    fastpref_memory_budget: int | None = field(default=None, metadata={"help": "Bytes of logits fast mode may hold."})
-    fastpref_backend: str = field(default="auto", metadata={"help": "'auto', 'triton' or 'torch'."})
-    fastpref_gemm: str | None = field(default=None, metadata={
-        "help": "GEMM path: None ($FASTPREF_GEMM, else 'cublas'), 'cublas', or opt-in 'fused' / 'auto'."})
     disable_dropout: bool = field(default=True, metadata={"help": "Zero dropout in policy and reference."})
     # The records' text columns are the collator's input, not the model's: keep them.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the records' columns (collator input)."})

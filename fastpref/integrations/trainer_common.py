@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +50,35 @@ TRAINER_FIELDS = {"loss_type": "loss_type", "beta": "beta", "label_smoothing": "
 def trainer_loss(model: Any, args: Any) -> Any:
     """The trainer's ``PreferenceLoss``: ``build_preference_loss`` with the options of ``args``."""
     return build_preference_loss(model, **{k: getattr(args, f) for k, f in TRAINER_FIELDS.items() if hasattr(args, f)})
+
+
+@dataclass
+class FastPrefFields:
+    """The flag and knobs every fastpref trainer config adds (a mixin before the trainer's own config class):
+    ``use_fastpref``, and the loss's ``mode``, ``memory_budget``, ``backend`` and ``gemm`` as ``fastpref_*``
+    (checked by ``check_fastpref_fields`` when the config is built)."""
+
+    use_fastpref: bool = field(default=False, metadata={"help": "Use fastpref's fused log-probs and loss."})
+    fastpref_mode: str = field(default="auto", metadata={"help": "'auto', 'fast' or 'lean'."})
+    fastpref_memory_budget: int | None = field(default=None, metadata={"help": "Bytes of logits fast mode may hold."})
+    fastpref_backend: str = field(default="auto", metadata={"help": "'auto', 'triton' or 'torch'."})
+    fastpref_gemm: str | None = field(default=None, metadata={
+        "help": "GEMM path: None ($FASTPREF_GEMM, else 'cublas'), 'cublas', or opt-in 'fused' / 'auto'."})
+
+
+def moe_aux_unsupported(args: Any) -> list[str]:
+    """``router_aux_loss_coef`` (the MoE load-balancing loss), which the fused paths do not add."""
+    if getattr(args, "router_aux_loss_coef", None):
+        return [f"router_aux_loss_coef={args.router_aux_loss_coef!r} (the MoE load-balancing loss; set it to 0.0)"]
+    return []
+
+
+def raise_unsupported(config: str, trainer: str, bad: list[str]) -> None:
+    """``ValueError`` naming each field of ``bad`` (``"field=value (why)"``) that ``config(use_fastpref=True)``
+    cannot run."""
+    if bad:
+        raise ValueError(f"{config}(use_fastpref=True) does not support: " + "; ".join(bad)
+                         + f". Change these fields or set use_fastpref=False to run trl's {trainer}.")
 
 
 def check_fastpref_fields(args: Any) -> None:

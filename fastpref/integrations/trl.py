@@ -53,13 +53,16 @@ from .trainer_common import (  # noqa: E402
     REFINE_REF_KEYS,
     SR_LOSSES,
     SR_PROMPT,
+    FastPrefFields,
     check_fastpref_fields,
     completion_labels,
     fused_reference_logps,
     gather_metrics,
     input_tokens,
     model_inputs,
+    moe_aux_unsupported,
     packed_kwargs,
+    raise_unsupported,
     reference_context,
     trainer_loss,
     unwrap_peft,
@@ -77,20 +80,15 @@ def unsupported_fused_fields(args: Any) -> list[str]:
         bad.append(f"f_divergence_type={args.f_divergence_type!r} (f-DPO; use 'reverse_kl')")
     if getattr(args, "use_weighting", False):
         bad.append("use_weighting=True (WPO weights need log Σ p² per token; use use_weighting=False)")
-    if getattr(args, "router_aux_loss_coef", None):
-        bad.append(f"router_aux_loss_coef={args.router_aux_loss_coef!r} (the MoE load-balancing loss; set it to "
-                   "0.0)")
-    return bad
+    return bad + moe_aux_unsupported(args)
 
 
 def _raise_unsupported(bad: list[str]) -> None:
-    if bad:
-        raise ValueError("FastPrefDPOConfig(use_fastpref=True) does not support: " + "; ".join(bad)
-                         + ". Change these fields or set use_fastpref=False to run trl's DPOTrainer.")
+    raise_unsupported("FastPrefDPOConfig", "DPOTrainer", bad)
 
 
 @dataclass
-class FastPrefDPOConfig(DPOConfig):
+class FastPrefDPOConfig(FastPrefFields, DPOConfig):
     """``trl.DPOConfig`` plus fastpref's flag and knobs.
 
     Args:
@@ -107,14 +105,8 @@ class FastPrefDPOConfig(DPOConfig):
     ``router_aux_loss_coef`` raise ``ValueError`` naming them.
     """
 
-    use_fastpref: bool = field(default=False, metadata={"help": "Use fastpref's fused log-probs and loss."})
     refinement_lambda: float = field(default=0.5, metadata={"help": "λ of Sr-DPO / Sr-IPO."})
     refinement_prompt: str | None = field(default=None, metadata={"help": "p of Sr-DPO / Sr-IPO (None: paper's)."})
-    fastpref_mode: str = field(default="auto", metadata={"help": "'auto', 'fast' or 'lean'."})
-    fastpref_memory_budget: int | None = field(default=None, metadata={"help": "Bytes of logits fast mode holds."})
-    fastpref_backend: str = field(default="auto", metadata={"help": "'auto', 'triton' or 'torch'."})
-    fastpref_gemm: str | None = field(default=None, metadata={
-        "help": "GEMM path: None ($FASTPREF_GEMM, else 'cublas'), 'cublas', or opt-in 'fused' / 'auto'."})
 
     def __post_init__(self) -> None:
         check_fastpref_fields(self)  # before TrainingArguments' set-up: a typo fails first, at once

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -27,7 +27,14 @@ from trl import KTOConfig, KTOTrainer  # noqa: E402
 
 from ..kto import KTOLoss  # noqa: E402
 from .fused_head import FusedHeadOutput, add_fused_lm_head, head_transform, is_patched  # noqa: E402
-from .trainer_common import check_fastpref_fields, reference_context, unwrap_peft  # noqa: E402
+from .trainer_common import (  # noqa: E402
+    FastPrefFields,
+    check_fastpref_fields,
+    moe_aux_unsupported,
+    raise_unsupported,
+    reference_context,
+    unwrap_peft,
+)
 
 # Batch keys that are not the model's inputs (trl 1.16 KTOTrainer._compute_loss's own list, plus "label").
 _NON_MODEL_KEYS = {"completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
@@ -40,21 +47,15 @@ _SUM_KEYS = ("entropy_sum", "scored_tokens", "chosen_logit_sum", "chosen_tokens"
 
 def unsupported_fused_fields(args: Any) -> list[str]:
     """The ``KTOConfig`` settings the fused path does not implement, as ``"field=value"`` strings."""
-    bad = []
-    if getattr(args, "router_aux_loss_coef", None):
-        bad.append(f"router_aux_loss_coef={args.router_aux_loss_coef!r} (the MoE load-balancing loss; set it to "
-                   "0.0)")
-    return bad
+    return moe_aux_unsupported(args)
 
 
 def _raise_unsupported(bad: list[str]) -> None:
-    if bad:
-        raise ValueError("FastPrefKTOConfig(use_fastpref=True) does not support: " + "; ".join(bad)
-                         + ". Change these fields or set use_fastpref=False to run trl's KTOTrainer.")
+    raise_unsupported("FastPrefKTOConfig", "KTOTrainer", bad)
 
 
 @dataclass
-class FastPrefKTOConfig(KTOConfig):
+class FastPrefKTOConfig(FastPrefFields, KTOConfig):
     """``trl.KTOConfig`` plus fastpref's flag and knobs.
 
     Args:
@@ -68,13 +69,6 @@ class FastPrefKTOConfig(KTOConfig):
     so do, when the trainer is built, a vision dataset, an MoE model whose config turns the auxiliary loss on and
     a prompt-learning PEFT adapter (virtual tokens).
     """
-
-    use_fastpref: bool = field(default=False, metadata={"help": "Use fastpref's fused log-probs and KTO loss."})
-    fastpref_mode: str = field(default="auto", metadata={"help": "'auto', 'fast' or 'lean'."})
-    fastpref_memory_budget: int | None = field(default=None, metadata={"help": "Bytes of logits fast mode holds."})
-    fastpref_backend: str = field(default="auto", metadata={"help": "'auto', 'triton' or 'torch'."})
-    fastpref_gemm: str | None = field(default=None, metadata={
-        "help": "GEMM path: None ($FASTPREF_GEMM, else 'cublas'), 'cublas', or opt-in 'fused' / 'auto'."})
 
     def __post_init__(self) -> None:
         check_fastpref_fields(self)
