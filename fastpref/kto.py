@@ -32,12 +32,10 @@ from .ops import (
     TokenStats,
     build_layout,
     fast_pair_loss,
-    plan_pair_groups,
     segment_sum,
 )
-from .ops.plan import default_memory_budget, preferred_group_rows
 from .outputs import token_sums
-from .preference import HeadOptions
+from .preference import HeadOptions, choose_mode, fast_groups
 from .scoring import score_sequences
 from .utils.compile import eager_op
 from .utils.validation import (
@@ -140,30 +138,7 @@ def _policy(cfg: KTOConfig, hidden: torch.Tensor, weight: torch.Tensor, labels: 
 
 def _groups(cfg: KTOConfig, b: _Batch) -> tuple[PairGroups | None, int, int]:
     """Groups of consecutive sequence pairs whose logits fit the memory budget (None if one pair does not)."""
-    budget = cfg.memory_budget if cfg.memory_budget is not None else default_memory_budget(b.weight.device)
-    elem = torch.empty((), dtype=b.head.compute_dtype).element_size()
-    preferred = preferred_group_rows(b.weight.shape[1], elem, b.weight.element_size())
-    groups = plan_pair_groups(b.layout.host_offsets, b.layout.num_seqs // 2, budget // (b.weight.shape[0] * elem),
-                              preferred)
-    return groups, budget, elem
-
-
-def _choose_mode(cfg: KTOConfig, b: _Batch, needs_grad: bool) -> tuple[str, PairGroups | None]:
-    if not needs_grad:
-        return "forward", None
-    if cfg.mode == "lean":
-        return "lean", None
-    groups, budget, elem = _groups(cfg, b)
-    if groups is not None:
-        return "fast", groups
-    if cfg.mode == "fast":
-        offs = b.layout.host_offsets
-        largest = max(offs[s + 2] - offs[s] for s in range(0, b.layout.num_seqs, 2))
-        raise ValueError(f"memory_budget: mode='fast' needs two sequences' logits in the budget: the largest two have "
-                         f"{largest} scored tokens x vocabulary {b.weight.shape[0]} x {elem} bytes = "
-                         f"{largest * b.weight.shape[0] * elem} bytes > memory_budget={budget}; raise "
-                         "memory_budget or use mode='lean' / 'auto'")
-    return "lean", None
+    return fast_groups(cfg, b.weight, b.head, b.layout, b.layout.num_seqs // 2)
 
 
 def _sums_only(head: HeadPass) -> HeadPass:
@@ -311,7 +286,8 @@ def kto_loss(
     b = _policy(cfg, hidden, weight, labels, bias, finite, token_metrics=cfg.token_metrics)
     desirable = _desirable(desirable, b.batch, hidden.device)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    mode, groups = _choose_mode(cfg, b, needs_grad)
+    mode, groups = choose_mode(cfg, b.weight, b.head, b.layout, b.layout.num_seqs // 2, needs_grad,
+                               unit=("two sequences'", "the largest two have"))
     ref = _reference(b, ref_logps, ref_hidden, ref_weight, ref_bias, groups)
     z0 = _kl(cfg, b, kl, kl_hidden, kl_labels, kl_ref_hidden, kl_ref_logps, ref_weight, ref_bias)
     size = b.layout.num_seqs

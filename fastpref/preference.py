@@ -19,10 +19,12 @@ import torch
 from . import losses as L
 from .inputs import PolicyBatch, ReferenceInputs, RefinementInputs
 from .ops import (
+    HeadPass,
     LinearLogProbs,
     LogitTransform,
     PairGroups,
     PairProblem,
+    TokenLayout,
     fast_pair_loss,
     plan_pair_groups,
     segment_sum,
@@ -106,35 +108,46 @@ def _policy_batch(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Ten
                              gemm=cfg.gemm)
 
 
-def _fast_groups(cfg: PreferenceConfig, batch: PolicyBatch) -> tuple[PairGroups | None, int, int]:
-    """The fast path's pair groups (None when a pair does not fit the budget), the budget and the element size."""
-    budget = cfg.memory_budget if cfg.memory_budget is not None else default_memory_budget(batch.weight.device)
-    elem = torch.empty((), dtype=batch.head.compute_dtype).element_size()
-    max_rows = budget // (batch.weight.shape[0] * elem)
-    preferred = preferred_group_rows(batch.weight.shape[1], elem, batch.weight.element_size())
-    return plan_pair_groups(batch.layout.host_offsets, batch.num_pairs, max_rows, preferred), budget, elem
+def fast_groups(options: HeadOptions, weight: torch.Tensor, head: HeadPass, layout: TokenLayout,
+                num_pairs: int) -> tuple[PairGroups | None, int, int]:
+    """Fast mode's groups of consecutive sequence pairs (None when one pair does not fit the budget), the budget
+    and the logits' element size."""
+    budget = options.memory_budget if options.memory_budget is not None else default_memory_budget(weight.device)
+    elem = torch.empty((), dtype=head.compute_dtype).element_size()
+    max_rows = budget // (weight.shape[0] * elem)
+    preferred = preferred_group_rows(weight.shape[1], elem, weight.element_size())
+    return plan_pair_groups(layout.host_offsets, num_pairs, max_rows, preferred), budget, elem
 
 
-def _choose_mode(cfg: PreferenceConfig, batch: PolicyBatch, needs_grad: bool) -> tuple[str, PairGroups | None]:
+def choose_mode(options: HeadOptions, weight: torch.Tensor, head: HeadPass, layout: TokenLayout, num_pairs: int,
+                needs_grad: bool, *, separable: str | None = None,
+                unit: tuple[str, str] = ("one pair's", "the largest pair has")) -> tuple[str, PairGroups | None]:
+    """The path of a call: ``forward`` without a gradient, ``fast`` when the loss is separable over pairs of
+    sequences (``separable``: None, else why not) and one pair's logits fit the budget, else ``lean``;
+    ``mode='fast'`` that cannot run raises naming the budget (``unit``: how the error names a pair)."""
     if not needs_grad:
         return "forward", None
-    if cfg.mode == "lean":
+    if options.mode == "lean":
         return "lean", None
-    groups, budget, elem = _fast_groups(cfg, batch)
-    if cfg.loss.pair_separable and groups is not None:
+    groups, budget, elem = fast_groups(options, weight, head, layout, num_pairs)
+    if separable is None and groups is not None:
         return "fast", groups
-    if cfg.mode == "fast":
-        if not cfg.loss.pair_separable:
-            raise ValueError(f"mode: 'fast' needs a pair-separable loss; {list(cfg.loss.loss_types)} couples the "
-                             "batch (aot / aot_unpaired sort over it); use mode='lean' or 'auto'")
-        offs = batch.layout.host_offsets
-        largest = max(offs[2 * p + 2] - offs[2 * p] for p in range(batch.num_pairs))
-        vocab = batch.weight.shape[0]
-        raise ValueError(f"memory_budget: mode='fast' needs one pair's logits in the budget: the largest pair has "
+    if options.mode == "fast":
+        if separable is not None:
+            raise ValueError(f"mode: 'fast' needs a pair-separable loss; {separable}; use mode='lean' or 'auto'")
+        offs = layout.host_offsets
+        largest = max(offs[2 * p + 2] - offs[2 * p] for p in range(num_pairs))
+        vocab = weight.shape[0]
+        raise ValueError(f"memory_budget: mode='fast' needs {unit[0]} logits in the budget: {unit[1]} "
                          f"{largest} scored tokens x vocabulary {vocab} x {elem} bytes = "
                          f"{largest * vocab * elem} bytes > memory_budget={budget}; raise memory_budget "
                          "or use mode='lean' / 'auto'")
     return "lean", None
+
+
+def _not_separable(cfg: PreferenceConfig) -> str | None:
+    return None if cfg.loss.pair_separable else (
+        f"{list(cfg.loss.loss_types)} couples the batch (aot / aot_unpaired sort over it)")
 
 
 def forward(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -145,7 +158,8 @@ def forward(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, l
     batch = _policy_batch(cfg, hidden, weight, labels, bias, seq_ids, num_seqs, token_metrics=cfg.token_metrics,
                           others=finite)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    mode, groups = _choose_mode(cfg, batch, needs_grad)
+    mode, groups = choose_mode(cfg, batch.weight, batch.head, batch.layout, batch.num_pairs, needs_grad,
+                               separable=_not_separable(cfg))
     ref = score_reference(cfg.loss, batch, reference, groups)
     delta = score_refinement(cfg.loss, batch, refine, reference, ignore_index=cfg.ignore_index)
     num_pairs = batch.num_pairs
@@ -181,7 +195,8 @@ def score(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, lab
     the policy in training: with the fast path's pair groups when it would run fast, else tile by tile. A
     reference model scored this way gives bit-identical sums when it equals the policy (rewards exactly 0)."""
     batch = _policy_batch(cfg, hidden, weight, labels, bias, seq_ids, num_seqs, token_metrics=False)
-    groups = _fast_groups(cfg, batch)[0] if cfg.mode != "lean" and cfg.loss.pair_separable else None
+    groups = fast_groups(cfg, batch.weight, batch.head, batch.layout, batch.num_pairs)[0] \
+        if cfg.mode != "lean" and cfg.loss.pair_separable else None
     seq = score_sequences(hidden, weight, bias, batch.layout, batch.head, groups).seq_logps
     return torch.cat([seq[0::2], seq[1::2]])
 
