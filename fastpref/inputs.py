@@ -68,9 +68,9 @@ def _num_pairs(hidden: torch.Tensor, num_seqs: int | None) -> int:
 
 
 @dataclass(frozen=True)
-class PolicyBatch:
+class HeadBatch:
     """The policy side of a call: ``hidden`` [B, T, H] (or packed [N, H]), the head, the labels, and the scored
-    tokens in pair order with the parameters of the pass over the head."""
+    tokens with the parameters of the pass over the head."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
@@ -78,6 +78,21 @@ class PolicyBatch:
     labels: torch.Tensor
     layout: TokenLayout
     head: HeadPass
+
+    @property
+    def source(self) -> torch.Tensor:
+        """The [N, H] rows the scored tokens are gathered from."""
+        return flat_rows(self.hidden)
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+
+@dataclass(frozen=True)
+class PolicyBatch(HeadBatch):
+    """A preference call's ``HeadBatch``: the scored tokens in pair order (chosen 2i, rejected 2i+1)."""
+
     num_pairs: int
 
     @classmethod
@@ -100,15 +115,6 @@ class PolicyBatch:
             check_device(name, t, hidden.device)
         layout = pair_layout(labels, weight.shape[0], seq_ids, num_pairs, ignore_index, checked)
         return cls(hidden, weight, bias, labels, layout, head, num_pairs)
-
-    @property
-    def source(self) -> torch.Tensor:
-        """The [N, H] rows the scored tokens are gathered from."""
-        return flat_rows(self.hidden)
-
-    @property
-    def device(self) -> torch.device:
-        return self.hidden.device
 
 
 @dataclass(frozen=True)

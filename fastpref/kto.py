@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import losses as L
-from .inputs import check_batch_vector, check_device
+from .inputs import HeadBatch, check_batch_vector, check_device
 from .ops import (
     HeadPass,
     LinearLogProbs,
@@ -93,21 +93,11 @@ class KTOOutput:
 
 
 @dataclass(frozen=True)
-class _Batch:
-    """The policy side of one call: the scored tokens of ``S`` sequences (B rows, plus one empty sequence for an
-    odd B) and the pass over the head."""
+class _Batch(HeadBatch):
+    """A KTO call's ``HeadBatch``: the scored tokens of ``S`` sequences (B rows, plus one empty sequence for an
+    odd B)."""
 
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    labels: torch.Tensor
-    layout: TokenLayout
-    head: HeadPass
     batch: int
-
-    @property
-    def source(self) -> torch.Tensor:
-        return self.hidden.reshape(-1, self.hidden.shape[-1])
 
 
 def _rows_layout(labels: torch.Tensor, vocab: int, ignore_index: int, num_seqs: int,
