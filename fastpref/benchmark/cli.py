@@ -16,7 +16,7 @@ import torch
 from ..ops.backend import resolve_backend
 from ..ops.gemm_path import requested
 from ..utils.validation import data_device
-from .cost_model import cost_table
+from .cost_model import cost_table, task_cost_table
 from .harness import BenchConfig, Row, run_bench
 from .peers import GEMM_IMPLS, IMPL_NAMES
 from .report import format_table, write_csv, write_plot
@@ -156,7 +156,8 @@ def fastpref_failures(rows: list[Row]) -> list[Row]:
 
 def _bench_main(args: argparse.Namespace) -> int:
     if args.cost_model:
-        print(cost_table(args.shapes))
+        for task in args.trainer_tasks:
+            print(cost_table(args.shapes) if task == "dpo" else task_cost_table(task, args.shapes))
         return 0
     try:
         check_outputs(args.csv, args.plot)

@@ -227,9 +227,10 @@ def _liger(cls_name: str) -> tuple[Any, str | None]:
 
 
 class LigerTaskImpl(Impl):
-    """Liger-Kernel 0.8.5's fused loss of the task: ``LigerFusedLinearKTOLoss`` (z₀ given), ``LigerFusedLinear-
-    GRPOLoss`` (``dapo``, β = 0) — chunked torch, gradients formed in the forward by ``torch.func``, every position
-    — or ``LigerFusedLinearCrossEntropyLoss`` (SFT; Triton kernels: CUDA only)."""
+    """Liger-Kernel 0.8.5's fused loss of the task, on every position, gradients formed inside its forward:
+    ``LigerFusedLinearKTOLoss`` (z₀ given; one sequence's logits per chunk, ``torch.func``),
+    ``LigerFusedLinearGRPOLoss`` (``dapo``, β = 0; 4096-wide vocabulary chunks, recomputed for the gradients in
+    fp32) or ``LigerFusedLinearCrossEntropyLoss`` (SFT; Triton kernels: CUDA only)."""
 
     name = "liger"
     has_logps = False
@@ -271,7 +272,10 @@ class LigerTaskImpl(Impl):
         return StepOutput(loss, None)
 
     def step_flops(self, w: Workload) -> int:
-        return (6 + 2 * self.spec.uses_ref) * flops_unit(w, w.shape.batch * w.shape.seq_len)
+        # every position; KTO and SFT form the gradient in the forward (6), GRPO's selective log-prob function
+        # recomputes the logits in its backward (8, the dH and dW GEMMs in fp32)
+        policy = 8 if self.spec.name == "grpo" else 6
+        return (policy + 2 * self.spec.uses_ref) * flops_unit(w, w.shape.batch * w.shape.seq_len)
 
 
 # Per task, its implementations by row name (a factory of (spec, backend, liger_compiled)). fastpref-fast of GRPO
