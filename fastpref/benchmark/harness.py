@@ -122,7 +122,8 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int
 
 @dataclass
 class Row:
-    """One CSV row: one implementation, one task (``step``: the full DPO step; ``logps``: forward-only)."""
+    """One CSV row: one implementation, one task (``step``: the full DPO step; ``logps``: forward-only; ``kto``,
+    ``sft``, ``grpo``: that trainer's step, ``fastpref.benchmark.tasks``)."""
 
     shape: str
     regime: str
