@@ -549,3 +549,32 @@ def test_task_truths_are_the_trainers_losses():
     rho = reference.sequence_logps(h, W, w.labels) - reference.sequence_logps(w.ref_hidden.double(), W, w.labels)
     sign = torch.where(w.desirable, 1.0, -1.0).double()
     torch.testing.assert_close(kto.loss, (1 - torch.sigmoid(BETA * sign * (rho - KTO_KL))).mean())
+
+
+def test_progress_bar_counts_the_task_rows(monkeypatch):
+    """With DPO's rows and a trainer's rows in one run, the bar counts each family's float64 truth and every run
+    of both, and ends full."""
+    from fastpref.benchmark import BenchConfig, harness, run_bench
+    from fastpref.benchmark.workload import SHAPES
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix_str(self, s): ...
+
+        def close(self): ...
+
+    monkeypatch.setattr(harness, "_progress", lambda total, enabled, desc: Bar(total))
+    rows = run_bench(BenchConfig(shapes=[SHAPES["tiny"]], regimes=["uniform"], impls=["fastpref-lean", "reference"],
+                                 tasks=["step", "sft"], repeats=1))
+    (bar,) = bars
+    assert bar.total == 2 * (1 + 2 * (1 + 1)) and bar.n == bar.total  # per family: truth + 2 impls x (check + 1)
+    assert [(r.task, r.impl) for r in rows] == [("step", "fastpref-lean"), ("step", "reference"),
+                                                ("sft", "fastpref-lean"), ("sft", "reference")]
