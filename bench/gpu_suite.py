@@ -24,6 +24,9 @@ the full log of the run (everything printed, the pre-flight's output and the flo
 ratios, last. Every output path and ``$FASTPREF_GEMM`` / ``$FASTPREF_BACKEND`` are checked before any work. The exit
 status is non-zero when the pre-flight or a fastpref row fails its check or errors.
 
+``--task kto sft grpo`` (``fastpref bench``'s flag) adds the other trainers' heads, each row checked and timed the
+same way (``--task dpo kto sft grpo`` keeps the DPO rows beside them).
+
 ``--dry`` runs the same code at tiny sizes (the CPU is fine): CI runs it through ``tests/test_benchmark.py``.
 """
 

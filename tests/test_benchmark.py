@@ -463,3 +463,118 @@ def test_gemm_paths_table_never_reads_a_fallback_row_as_fused():
     assert line[3] == "10.00" and line[4] == "nan" and line[6] == "10.50", line
     rows[2].note = ""
     assert suite.gemm_paths_table(rows).splitlines()[1].split()[4] == "10.10"
+
+
+# --- the other trainers' heads: fastpref bench --task kto|sft|grpo ---------------------------------------------------
+
+
+def test_bench_task_flag_keeps_the_default_run_and_adds_the_trainers():
+    """``--task dpo`` (the default) is today's run, DPO's step and forward-only rows; the other trainers' heads are
+    opt-in row tasks of their own name, and ``--tasks`` still picks DPO's rows."""
+    import argparse
+
+    from fastpref.benchmark import add_bench_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+
+    def tasks(*argv):
+        return list(config_from_args(parser.parse_args(["--device", "cpu", *argv])).tasks)
+
+    assert tasks() == ["step", "logps"]
+    assert tasks("--task", "dpo", "kto") == ["step", "logps", "kto"]
+    assert tasks("--task", "grpo", "sft", "--tasks", "step") == ["grpo", "sft"]
+    assert tasks("--task", "dpo", "--tasks", "logps") == ["logps"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--task", "ppo"])
+
+
+def test_bench_tasks_every_row_checked_against_float64(tmp_path, capsys):
+    """``fastpref bench --task kto sft grpo --dry``: every implementation of each trainer's head runs, is timed and
+    is checked against the float64 materialised reference (loss, log-probs where the row exposes them, dH, dW);
+    fastpref's rows within 2x torch's error; Liger's loss and gradients match the same truth (it runs the same
+    loss); Liger's cross-entropy kernel is CUDA only."""
+    from fastpref.cli import main
+
+    out_csv = tmp_path / "tasks.csv"
+    rc = main(["bench", "--dry", "--device", "cpu", "--no-progress", "--regimes", "peaked", "--task", "kto", "sft",
+               "grpo", "--csv", str(out_csv)])
+    assert rc == 0
+    _, rows = _read(out_csv)
+    by = {(r["task"], r["impl"]): r for r in rows}
+    expected = {"kto": ["fastpref-fast", "fastpref-lean", "reference", "trl", "liger"],
+                "sft": ["fastpref-fast", "fastpref-lean", "fastpref-lce", "reference", "trl"],
+                "grpo": ["fastpref-lean", "reference", "trl", "liger"]}
+    for task, impls in expected.items():
+        for impl in impls:
+            r = by[(task, impl)]
+            assert r["status"] == "ok", r
+            assert float(r["time_ms"]) > 0 and float(r["peak_bytes"]) > 0
+            for key in ("err_loss", "err_dhidden", "err_dweight"):
+                assert float(r[key]) < 0.05, (task, impl, key, r[key])
+            if impl != "liger":  # Liger's losses return no per-sequence log-probs
+                assert float(r["err_logps"]) < 0.05, (task, impl, r["err_logps"])
+    assert by[("sft", "liger")]["status"] == "skipped" and "CUDA" in by[("sft", "liger")]["note"]
+    assert not any(r["task"] in ("step", "logps") for r in rows)
+    printed = capsys.readouterr().out
+    assert "kto = policy fwd+bwd" in printed and "grpo = " in printed and "step = " not in printed
+
+
+def test_task_truths_are_the_trainers_losses():
+    """The float64 truths, independently: SFT's is torch's cross-entropy (mean over the scored tokens); GRPO's (dapo,
+    β = 0, the old policy = the current one, so every ratio is 1) is −Σ A_b·|completion_b| / n, its gradient that
+    of −Σ A_b·log-probs / n; KTO's loss is 1 − σ(β(ρ − z₀)) for a desirable sequence, 1 − σ(β(z₀ − ρ)) else."""
+    import torch.nn.functional as F
+
+    from fastpref import reference
+    from fastpref.benchmark.tasks import TASK_SPECS, task_truth
+    from fastpref.benchmark.workload import BETA, KTO_KL
+
+    w = make_workload(Shape("t", 2, 9, 8, 37), "peaked", dtype=torch.float32)
+    h, W = w.hidden.detach().double(), w.weight.detach().double()
+    z = h @ W.T
+
+    sft = task_truth(TASK_SPECS["sft"], w)
+    torch.testing.assert_close(sft.loss, F.cross_entropy(z.reshape(-1, 37), w.labels.reshape(-1)))
+
+    grpo = task_truth(TASK_SPECS["grpo"], w)
+    A = w.advantages.double()
+    torch.testing.assert_close(grpo.loss, -(A * w.mask.sum(-1)).sum() / w.n_scored)
+    hh = h.clone().requires_grad_()
+    tok = reference.token_logps(hh, W, w.labels)
+    (-(A[:, None] * tok).sum() / w.n_scored).backward()
+    torch.testing.assert_close(grpo.d_hidden, hh.grad)
+
+    kto = task_truth(TASK_SPECS["kto"], w)
+    rho = reference.sequence_logps(h, W, w.labels) - reference.sequence_logps(w.ref_hidden.double(), W, w.labels)
+    sign = torch.where(w.desirable, 1.0, -1.0).double()
+    torch.testing.assert_close(kto.loss, (1 - torch.sigmoid(BETA * sign * (rho - KTO_KL))).mean())
+
+
+def test_progress_bar_counts_the_task_rows(monkeypatch):
+    """With DPO's rows and a trainer's rows in one run, the bar counts each family's float64 truth and every run
+    of both, and ends full."""
+    from fastpref.benchmark import BenchConfig, harness, run_bench
+    from fastpref.benchmark.workload import SHAPES
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix_str(self, s): ...
+
+        def close(self): ...
+
+    monkeypatch.setattr(harness, "_progress", lambda total, enabled, desc: Bar(total))
+    rows = run_bench(BenchConfig(shapes=[SHAPES["tiny"]], regimes=["uniform"], impls=["fastpref-lean", "reference"],
+                                 tasks=["step", "sft"], repeats=1))
+    (bar,) = bars
+    assert bar.total == 2 * (1 + 2 * (1 + 1)) and bar.n == bar.total  # per family: truth + 2 impls x (check + 1)
+    assert [(r.task, r.impl) for r in rows] == [("step", "fastpref-lean"), ("step", "reference"),
+                                                ("sft", "fastpref-lean"), ("sft", "reference")]

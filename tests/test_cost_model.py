@@ -20,3 +20,29 @@ def test_peer_memory_model_is_calibrated(name):
     for path, measured in (("reference", ref_gib), ("trl", trl_gib)):
         model = cost_model(SHAPES[name], path).peak_bytes / 2**30
         assert abs(model / measured - 1) < 0.15, (name, path, model, measured)
+
+
+@pytest.mark.parametrize("task", ["kto", "sft", "grpo"])
+def test_task_model_counts_the_flops_each_row_runs(task):
+    """The other trainers' model (``task_cost``) and the benchmark rows count the same matmul FLOPs for every
+    path: fast 6·n·H·V for the policy, lean and TRL's chunked head 8 (recompute), +2 for KTO's reference; the
+    materialised reference and Liger on every position, Liger's GRPO at 8 of which 4 in fp32 GEMMs."""
+    import torch
+
+    from fastpref.benchmark import make_workload
+    from fastpref.benchmark.cost_model import TASK_COST_PATHS, task_cost
+    from fastpref.benchmark.tasks import task_implementations
+
+    shape = SHAPES["tiny"]
+    w = make_workload(shape, "uniform", dtype=torch.float32)
+    impls = {i.name: i for i in task_implementations(task)}
+    n, N = shape.scored_tokens(), shape.batch * shape.seq_len
+    unit, all_positions = n * shape.hidden * shape.vocab, N * shape.hidden * shape.vocab
+    ref = 2 * (task == "kto")
+    expected = {"fastpref-fast": (6 + ref) * unit, "fastpref-lean": (8 + ref) * unit, "trl": (8 + ref) * unit,
+                "reference": (6 + ref) * all_positions,
+                "liger": (8 if task == "grpo" else 6 + ref) * all_positions}
+    for path in TASK_COST_PATHS[task]:
+        cost = task_cost(shape, task, path)
+        assert cost.flops == expected[path] == impls[path].step_flops(w), (task, path)
+    assert task_cost(shape, task, "liger").fp32_flops == (4 * all_positions if task == "grpo" else 0)

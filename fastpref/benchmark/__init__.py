@@ -4,7 +4,8 @@ reference and the peers.
 One DPO step on the LM head (policy log-probs forward + backward, reference log-probs forward under no-grad,
 sigmoid loss) and the forward-only log-probs, for every implementation that can run here, on the same tensors
 in one process. Each is checked against a float64 run of the reference, then timed, and its peak memory
-measured. Layout: ``workload`` (shapes, regimes, tensors), ``peers`` (the implementations), ``checks`` (float64
+measured. ``--task kto sft grpo`` adds the other trainers' heads (``tasks``: their losses, truths and rows).
+Layout: ``workload`` (shapes, regimes, tensors), ``peers`` (the implementations), ``checks`` (float64
 truth and errors), ``harness`` (memory and timing, the runner), ``cost_model`` (the byte-and-FLOP model of
 ``bench/NOTES.md``), ``report`` (table, CSV, plot), ``cli``. ``bench/gpu_suite.py`` and
 ``bench/test_bench_ops.py`` reuse them.
@@ -37,7 +38,8 @@ from .peers import (
     implementations,
 )
 from .report import format_table, read_csv, write_csv, write_plot
-from .workload import BENCH_SHAPES, REGIMES, SHAPES, Shape, Workload, make_workload, parse_shape
+from .tasks import TASK_IMPLS, TASK_SPECS, TaskSpec, task_implementations, task_truth
+from .workload import BENCH_SHAPES, REGIMES, SHAPES, TASKS, Shape, Workload, make_workload, parse_shape
 
 __all__ = [
     "BENCH_SHAPES",
@@ -49,6 +51,9 @@ __all__ = [
     "IMPL_NAMES",
     "REGIMES",
     "SHAPES",
+    "TASKS",
+    "TASK_IMPLS",
+    "TASK_SPECS",
     "BenchConfig",
     "Clock",
     "CostEstimate",
@@ -58,6 +63,7 @@ __all__ = [
     "Row",
     "Shape",
     "StepOutput",
+    "TaskSpec",
     "Truth",
     "Workload",
     "add_bench_arguments",
@@ -78,6 +84,8 @@ __all__ = [
     "rel_err",
     "run_bench",
     "step_errors",
+    "task_implementations",
+    "task_truth",
     "time_call",
     "time_split",
     "write_csv",

@@ -3,6 +3,7 @@ same tensors) and each implementation's norm-wise relative errors against it."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ def float64_truth(w: Workload) -> Truth:
 def step_errors(out: StepOutput, w: Workload, truth: Truth) -> dict[str, float]:
     return {
         "err_loss": rel_err(out.loss, truth.loss),
-        "err_logps": rel_err(torch.cat([out.chosen, out.rejected]), truth.logps),
+        "err_logps": math.nan if out.logps is None else rel_err(out.logps, truth.logps),
         "err_dhidden": rel_err(w.hidden.grad, truth.d_hidden),
         "err_dweight": rel_err(w.weight.grad, truth.d_weight),
     }

@@ -1,4 +1,5 @@
-"""``fastpref bench``: the DPO step side by side with the materialised reference and the peers."""
+"""``fastpref bench``: the DPO step (``--task``: also the KTO, SFT and GRPO heads) side by side with the
+materialised reference and the peers."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import torch
 from ..ops.backend import resolve_backend
 from ..ops.gemm_path import requested
 from ..utils.validation import data_device
-from .cost_model import cost_table
+from .cost_model import cost_table, task_cost_table
 from .harness import BenchConfig, Row, run_bench
 from .peers import GEMM_IMPLS, IMPL_NAMES
 from .report import format_table, write_csv, write_plot
-from .workload import BENCH_SHAPES, REGIMES, SHAPES, parse_shape
+from .tasks import TASK_IMPL_NAMES
+from .workload import BENCH_SHAPES, REGIMES, SHAPES, TASKS, parse_shape
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
@@ -51,13 +53,18 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "shapes on CUDA")
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES),
                    help="logit regimes (docs/benchmarks.md: always report both; one halves a run's time)")
-    p.add_argument("--impls", nargs="+", choices=[*IMPL_NAMES, *GEMM_IMPLS], default=list(IMPL_NAMES),
+    p.add_argument("--task", nargs="+", choices=TASKS, default=["dpo"], dest="trainer_tasks", metavar="TASK",
+                   help="the trainers' heads to time, side by side with TRL 1.16's chunked head and Liger 0.8.5's "
+                        f"loss ({', '.join(TASKS)}; default dpo: the DPO step and its forward-only log-probs, as "
+                        "--tasks picks). kto, sft, grpo are opt-in: each adds about as much time as dpo")
+    p.add_argument("--impls", nargs="+", choices=list(dict.fromkeys([*IMPL_NAMES, *GEMM_IMPLS, *TASK_IMPL_NAMES])),
+                   default=None,
                    help="implementations (the GEMM_IMPLS force one GEMM path; the GPU suite adds them; on the CPU the "
                         "'-fused' kernels run only with FASTPREF_BACKEND=triton TRITON_INTERPRET=1, in the Triton "
                         "interpreter: minutes per row at the 'cpu' shape, about 2 CPU-minutes for the forward-only "
                         "one)")
     p.add_argument("--tasks", nargs="+", choices=("step", "logps"), default=["step", "logps"],
-                   help="step: full DPO step; logps: forward-only policy log-probs")
+                   help="with --task dpo: step: full DPO step; logps: forward-only policy log-probs")
     p.add_argument("--device", type=_device, default=None, help="cpu | cuda[:i]; default: cuda when available")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (the benchmark: bf16)")
     p.add_argument("--repeats", type=_positive_int, default=None,
@@ -91,8 +98,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     # Liger eager on the CPU by default: its torch.compile there costs more than the rest of the run the first time
     # (about 2 minutes on a busy 2-core CPU). CUDA keeps Liger's default, compiled.
     liger_compiled = args.liger_compile or (cuda and not (args.liger_eager or args.dry))
+    # --task dpo runs DPO's --tasks (step, logps); every other trainer's head is one row task of its own name
+    tasks = [t for trainer in args.trainer_tasks for t in (args.tasks if trainer == "dpo" else [trainer])]
+    impls = args.impls or list(dict.fromkeys([*IMPL_NAMES, *TASK_IMPL_NAMES]))
     return BenchConfig(
-        shapes=shapes, regimes=args.regimes, impls=args.impls, tasks=args.tasks, device=device,
+        shapes=shapes, regimes=args.regimes, impls=impls, tasks=list(dict.fromkeys(tasks)), device=device,
         dtype=_DTYPES[args.dtype], repeats=max(1, repeats), warmup=1, liger_compiled=liger_compiled,
         check=not args.no_check, progress=not args.no_progress, seed=args.seed,
     )
@@ -146,7 +156,8 @@ def fastpref_failures(rows: list[Row]) -> list[Row]:
 
 def _bench_main(args: argparse.Namespace) -> int:
     if args.cost_model:
-        print(cost_table(args.shapes))
+        for task in args.trainer_tasks:
+            print(cost_table(args.shapes) if task == "dpo" else task_cost_table(task, args.shapes))
         return 0
     try:
         check_outputs(args.csv, args.plot)

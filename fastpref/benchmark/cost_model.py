@@ -19,6 +19,7 @@ from .workload import BENCH_SHAPES, SHAPES, Shape
 
 H100_BF16_FLOPS = 790e12  # the H100's measured bf16 matmul rate (docs/benchmarks.md)
 H100_HBM_BYTES = 3.35e12  # H100 SXM HBM3 bandwidth
+H100_FP32_FLOPS = 67e12  # H100 SXM dense FP32 without TF32 (torch's default for fp32 matmuls): Liger's GRPO gradients
 # Assumptions for the fused paths, to be replaced by the GPU suite's measurements (bench/NOTES.md):
 TRITON_GEMM_EFFICIENCY = 0.85  # Triton's non-persistent tl.dot GEMM against cuBLAS at these shapes
 H100_ELEMENTWISE_RATE = 2.2e12  # prologue/epilogue elements per second: one exp (MUFU, 16/clk/SM) + ~6 FP32 ops
@@ -48,11 +49,13 @@ class CostEstimate:
     triton_flops: float = 0.0
     epilogue_elems: float = 0.0
     prologue_elems: float = 0.0
+    fp32_flops: float = 0.0  # of ``flops``, those run as fp32 GEMMs (``H100_FP32_FLOPS``)
 
     @property
     def ms(self) -> float:
-        gemm_s = ((self.flops - self.triton_flops) / H100_BF16_FLOPS
-                  + self.triton_flops / (H100_BF16_FLOPS * TRITON_GEMM_EFFICIENCY))
+        gemm_s = ((self.flops - self.triton_flops - self.fp32_flops) / H100_BF16_FLOPS
+                  + self.triton_flops / (H100_BF16_FLOPS * TRITON_GEMM_EFFICIENCY)
+                  + self.fp32_flops / H100_FP32_FLOPS)
         return (gemm_s + self.epilogue_elems / H100_ELEMENTWISE_RATE + self.exposed_bytes / H100_HBM_BYTES) * 1e3
 
     @property
@@ -220,5 +223,75 @@ def cost_table(shapes: Iterable[Shape] | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["COST_PATHS", "FUSED_PATHS", "H100_BF16_FLOPS", "H100_ELEMENTWISE_RATE", "H100_HBM_BYTES",
-           "TRITON_GEMM_EFFICIENCY", "CostEstimate", "cost_model", "cost_table", "fast_groups"]
+# --- the other trainers' heads (``fastpref bench --task``): the DPO model's passes, less what a task does not run --
+
+TASK_COST_PATHS: dict[str, tuple[str, ...]] = {
+    "kto": ("fastpref-fast", "fastpref-lean", "reference", "trl", "liger"),
+    "sft": ("fastpref-fast", "fastpref-lean", "reference", "trl", "liger"),
+    "grpo": ("fastpref-lean", "reference", "trl", "liger"),
+}
+
+
+def task_cost(shape: Shape, task: str, path: str, *, prompt_frac: float = 0.25) -> CostEstimate:
+    """The model of ``path`` running ``task``'s head at ``shape`` (bf16), as ``bench/NOTES.md`` states it.
+
+    fastpref, TRL and the materialised reference run the DPO model's passes (``cost_model``): KTO exactly those
+    (its fast mode is the same op, consecutive sequences as pairs; policy and reference), SFT and GRPO without the
+    reference forward (2·n·H·V and its fold read; the reference's: 2·N·H·V and its 18 bytes per logit). Liger
+    0.8.5 on every position (N = B·T), from its code: KTO and SFT form the gradients in the forward (6·N·H·V), KTO
+    one sequence per chunk (its bf16 dW read-modified-written once per sequence) with the reference's chunk forward,
+    GRPO recomputes 4096-wide vocabulary chunks in its backward (8·N·H·V, the dH and dW GEMMs in fp32:
+    ``CostEstimate.fp32_flops``; the weight cast to fp32 and the fp32 dW read-modified-written once per
+    sequence)."""
+    if path not in TASK_COST_PATHS.get(task, ()):
+        raise ValueError(f"path: expected one of {list(TASK_COST_PATHS.get(task, ()))} for task {task!r}, got "
+                         f"{path!r}")
+    e = 2
+    n, N, H, V = shape.scored_tokens(prompt_frac), shape.batch * shape.seq_len, shape.hidden, shape.vocab
+    B = shape.batch
+    nV, NV, VH = n * V, N * V, V * H
+    if path == "liger":
+        if task == "grpo":
+            fp32_flops = 4 * N * H * V
+            exposed = 44 * NV + B * 18 * VH  # fwd fp32 chunk + lse ~14 B/logit, bwd ~30; W→fp32 and fp32 dW per seq
+            return CostEstimate(path, 8 * N * H * V, exposed, "forward: chunk write, fp32 copy, lse; backward: "
+                                "recompute, fp32 exp and grad, two fp32 GEMMs (about 44 B per logit)",
+                                4 * VH + 4 * N * H + 4 * 4096 * shape.seq_len * 3,
+                                f"dH and dW GEMMs in fp32 ({fp32_flops / 1e12:.1f} TFLOP at 67 TFLOP/s)",
+                                fp32_flops=fp32_flops)
+        ref = task == "kto"
+        exposed = (3 + ref) * e * NV + (B * 3 * e * VH if task == "kto" else 0)
+        chunk = shape.seq_len if task == "kto" else min(N, 4096)
+        return CostEstimate(path, (6 + 2 * ref) * N * H * V, exposed,
+                            "compiled chunk: GEMM write, lse read, grad r+w; reference: GEMM write, read",
+                            e * VH + e * N * H + 4 * chunk * V * 2,
+                            "one sequence per chunk, bf16 dW r+w per chunk" if task == "kto" else "Triton CE kernel")
+    base = cost_model(shape, path, prompt_frac=prompt_frac)
+    if task == "kto":
+        return base
+    if path == "reference":
+        return CostEstimate(path, base.flops - 2 * N * H * V, base.exposed_bytes - 18 * NV, base.logit_passes,
+                            base.peak_bytes, base.note + "; no reference forward")
+    note = ("row chunks over the whole vocabulary in one bounded buffer (trl_head), passes as the pair groups'"
+            if path == "fastpref-fast" else base.note)
+    return CostEstimate(path, base.flops - 2 * n * H * V, base.exposed_bytes - e * nV, base.logit_passes,
+                        base.peak_bytes, note + "; no reference forward")
+
+
+def task_cost_table(task: str, shapes: Iterable[Shape] | None = None) -> str:
+    """``task_cost`` for every benchmark shape and path, with the predicted ratio to TRL's time (model vs model)."""
+    shapes = list(shapes) if shapes is not None else [SHAPES[n] for n in BENCH_SHAPES]
+    lines = [f"| shape | {task} path | matmul TFLOP | exposed GB | predicted H100 ms | x TRL | notes |",
+             "|---|---|---|---|---|---|---|"]
+    for shape in shapes:
+        trl = task_cost(shape, task, "trl").ms
+        for path in TASK_COST_PATHS[task]:
+            c = task_cost(shape, task, path)
+            lines.append(f"| {shape.name} | {path} | {c.flops / 1e12:.1f} | {c.exposed_bytes / 1e9:.1f} | {c.ms:.1f} | "
+                         f"{c.ms / trl:.2f} | {c.note} |")
+    return "\n".join(lines)
+
+
+__all__ = ["COST_PATHS", "FUSED_PATHS", "H100_BF16_FLOPS", "H100_ELEMENTWISE_RATE", "H100_FP32_FLOPS", "H100_HBM_BYTES",
+           "TASK_COST_PATHS", "TRITON_GEMM_EFFICIENCY", "CostEstimate", "cost_model", "cost_table", "fast_groups",
+           "task_cost", "task_cost_table"]

@@ -23,6 +23,7 @@ import torch
 
 from .checks import ERR_ATOL, ERR_FACTOR, ERROR_KEYS, Truth, float64_truth, rel_err, step_errors
 from .peers import IMPL_NAMES, Impl, flops_unit, implementations, module_version, version
+from .tasks import TASK_IMPL_NAMES, TASK_SPECS, TaskTruth, task_implementations, task_truth
 from .workload import REGIMES, Shape, Workload, make_workload
 
 
@@ -121,7 +122,8 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int
 
 @dataclass
 class Row:
-    """One CSV row: one implementation, one task (``step``: the full DPO step; ``logps``: forward-only)."""
+    """One CSV row: one implementation, one task (``step``: the full DPO step; ``logps``: forward-only; ``kto``,
+    ``sft``, ``grpo``: that trainer's step, ``fastpref.benchmark.tasks``)."""
 
     shape: str
     regime: str
@@ -163,6 +165,8 @@ class Row:
 
 
 CSV_COLUMNS = tuple(f.name for f in fields(Row))
+# Row names only the other trainers' tasks have (DPO's ``implementations`` does not know them).
+TASK_ONLY_IMPLS = tuple(n for n in TASK_IMPL_NAMES if n not in IMPL_NAMES)
 
 
 @dataclass
@@ -175,8 +179,8 @@ class BenchConfig:
 
     shapes: Sequence[Shape]
     regimes: Sequence[str] = REGIMES
-    impls: Sequence[str] = IMPL_NAMES
-    tasks: Sequence[str] = ("step", "logps")
+    impls: Sequence[str] | None = None  # None: every implementation of each task
+    tasks: Sequence[str] = ("step", "logps")  # DPO's step and forward-only log-probs; "kto", "sft", "grpo"
     device: str = "cpu"
     dtype: torch.dtype = torch.bfloat16
     repeats: int = 3
@@ -267,16 +271,57 @@ def _finish_errors(row: Row, errors: dict[str, float], bound: dict[str, float] |
                 row.note = (row.note + "; " if row.note else "") + msg
 
 
+DPO_TASKS = ("step", "logps")
+
+
+@dataclass
+class _Family:
+    """The rows of one trainer's head: its row tasks, implementations, their skip reasons, and its float64 truth."""
+
+    name: str
+    tasks: list[str]
+    impls: list[Impl]
+    skips: dict[str, str | None]
+
+    def truth(self, w: Workload) -> Truth | TaskTruth:
+        return float64_truth(w) if self.name == "dpo" else task_truth(TASK_SPECS[self.name], w)
+
+    def floor_units(self, task: str) -> int:
+        # DPO: no recompute, policy 6 + reference 2; forward-only 2
+        return {"step": 8, "logps": 2}.get(task) or TASK_SPECS[task].floor_units
+
+
+def _families(cfg: BenchConfig, device: torch.device) -> list[_Family]:
+    """``cfg.tasks`` grouped by trainer (DPO's ``step`` and ``logps`` share one truth and one set of rows);
+    ``cfg.impls`` None: every implementation of each task, else the named ones a task has."""
+    out: list[_Family] = []
+    dpo_tasks = [t for t in cfg.tasks if t in DPO_TASKS]
+    if dpo_tasks:
+        names = IMPL_NAMES if cfg.impls is None else [n for n in cfg.impls if n not in TASK_ONLY_IMPLS]
+        impls = implementations(names, device=device, liger_compiled=cfg.liger_compiled, backend=cfg.backend)
+        out.append(_Family("dpo", dpo_tasks, impls, {}))
+    for task in (t for t in cfg.tasks if t not in DPO_TASKS):
+        if task not in TASK_SPECS:
+            raise ValueError(f"task: expected one of {[*DPO_TASKS, *TASK_SPECS]}, got {task!r}")
+        impls = task_implementations(task, None if cfg.impls is None else tuple(cfg.impls), backend=cfg.backend,
+                                     liger_compiled=cfg.liger_compiled)
+        out.append(_Family(task, [task], impls, {}))
+    for fam in out:
+        fam.skips = {impl.name: impl.skip_reason(device) for impl in fam.impls}
+    return out
+
+
 def run_bench(cfg: BenchConfig, on_row: Callable[[Row], None] | None = None) -> list[Row]:
     """Run every (shape, regime, task, implementation) of ``cfg``; returns the rows (also passed to ``on_row``)."""
     device = torch.device(cfg.device)
-    impls = implementations(cfg.impls, device=device, liger_compiled=cfg.liger_compiled, backend=cfg.backend)
-    skips = {impl.name: impl.skip_reason(device) for impl in impls}
+    families = _families(cfg, device)
     meta = dict(hardware=hardware_name(device), versions=versions_string(), commit=git_commit())
-    runnable = [i for i in impls if skips[i.name] is None]
-    per_block = sum(("step" in cfg.tasks) + ("logps" in cfg.tasks and i.has_logps) for i in runnable)
-    # One tick per run: the float64 truth, each checked run, then each timed run (the bulk of a CPU run's time).
-    runs = per_block * (1 + (cfg.repeats if cfg.measure else 0)) + cfg.check
+    # One tick per run: each family's float64 truth, each checked run, then each timed run (the bulk of the time).
+    runs = 0
+    for fam in families:
+        runnable = [i for i in fam.impls if fam.skips[i.name] is None]
+        per_block = sum((t != "logps") + (t == "logps" and i.has_logps) for t in fam.tasks for i in runnable)
+        runs += per_block * (1 + (cfg.repeats if cfg.measure else 0)) + cfg.check
     bar = _progress(len(cfg.shapes) * len(cfg.regimes) * runs, cfg.progress, "fastpref bench")
     rows: list[Row] = []
     try:
@@ -289,17 +334,19 @@ def run_bench(cfg: BenchConfig, on_row: Callable[[Row], None] | None = None) -> 
                             device=device.type, pairs=shape.pairs, seq_len=shape.seq_len, hidden=shape.hidden,
                             vocab=shape.vocab, n_scored=w.n_scored, mm_tflops=mm / 1e12, loadavg=_loadavg(),
                             **meta)
-                check = None
-                if cfg.check:
-                    bar.set_postfix_str(f"{shape.name}/{regime}: float64 check")
-                    cw = w if cfg.check_subset is None else w.subset(*cfg.check_subset)
-                    check = (cw, float64_truth(cw))
-                    bar.update()
-                for row in _run_block(cfg, w, impls, skips, check, base, mm, bar):
-                    rows.append(row)
-                    if on_row is not None:
-                        on_row(row)
-                del w, check
+                for fam in families:
+                    check = None
+                    if cfg.check:
+                        bar.set_postfix_str(f"{shape.name}/{regime}: {fam.name} float64 check")
+                        cw = w if cfg.check_subset is None else w.subset(*cfg.check_subset)
+                        check = (cw, fam.truth(cw))
+                        bar.update()
+                    for row in _run_block(cfg, w, fam, check, base, mm, bar):
+                        rows.append(row)
+                        if on_row is not None:
+                            on_row(row)
+                    del check
+                del w
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     finally:
@@ -307,16 +354,15 @@ def run_bench(cfg: BenchConfig, on_row: Callable[[Row], None] | None = None) -> 
     return rows
 
 
-def _run_block(cfg: BenchConfig, w: Workload, impls: list[Impl], skips: dict[str, str | None],
-               check: tuple[Workload, Truth] | None, base: dict[str, Any], mm_rate: float, bar: Any) -> list[Row]:
+def _run_block(cfg: BenchConfig, w: Workload, fam: _Family, check: tuple[Workload, Truth | TaskTruth] | None,
+               base: dict[str, Any], mm_rate: float, bar: Any) -> list[Row]:
     """Per task: each implementation's float64 check and memory-measured run (which doubles as its warm-up), then
     the timings. A failing check is recorded before any timing of the block."""
     rows: list[Row] = []
     mean_lp = check[1].mean_token_logp if check is not None else math.nan
-    floors = {"step": 8 * flops_unit(w) / mm_rate,  # no recompute: policy 6 + reference 2
-              "logps": 2 * flops_unit(w) / mm_rate}
+    impls, skips = fam.impls, fam.skips
     clock = cfg.clock or Clock(w.device)
-    for task in cfg.tasks:
+    for task in fam.tasks:
         live: list[tuple[Impl, Row]] = []
         for impl in impls:
             if task == "logps" and not impl.has_logps:
@@ -325,7 +371,7 @@ def _run_block(cfg: BenchConfig, w: Workload, impls: list[Impl], skips: dict[str
                                     note="no forward-only path (its forward computes the gradients)",
                                     mean_token_logp=mean_lp, **base))
                 continue
-            row = Row(task=task, impl=impl.name if task == "step" else impl.name.replace("-fast", ""),
+            row = Row(task=task, impl=impl.name if task != "logps" else impl.name.replace("-fast", ""),
                       label=impl.label, mean_token_logp=mean_lp, **base)
             rows.append(row)
             if skips[impl.name] is not None:
@@ -345,7 +391,7 @@ def _run_block(cfg: BenchConfig, w: Workload, impls: list[Impl], skips: dict[str
         bar.set_postfix_str(f"{w.shape.name}/{w.regime}: timing {task}")
         if not cfg.measure:
             continue
-        _timed_rounds(cfg, task, live, w, floors[task], mm_rate, clock, bar)
+        _timed_rounds(cfg, task, live, w, fam.floor_units(task) * flops_unit(w) / mm_rate, mm_rate, clock, bar)
         for impl, row in live:
             _mark_fallback(row, impl, w)
     _ratios_and_bounds(rows, check is not None)
@@ -361,14 +407,15 @@ def _mark_fallback(row: Row, impl: Impl, w: Workload) -> None:
 
 
 def _run_task(task: str, impl: Impl, w: Workload) -> Any:
-    if task == "step":
+    if task != "logps":
         out = impl.step(w)
         out.loss.backward()
         return out
     return impl.logps(w)
 
 
-def _checked_run(cfg: BenchConfig, task: str, impl: Impl, w: Workload, check: tuple[Workload, Truth] | None,
+def _checked_run(cfg: BenchConfig, task: str, impl: Impl, w: Workload,
+                 check: tuple[Workload, Truth | TaskTruth] | None,
                  row: Row) -> None:
     """Warm-up (only where it compiles), the float64 check, and one run under the memory measurement (the same
     run as the check when the check is at full size)."""
@@ -398,8 +445,8 @@ def _checked_run(cfg: BenchConfig, task: str, impl: Impl, w: Workload, check: tu
         torch.cuda.empty_cache()
 
 
-def _record_errors(row: Row, task: str, out: Any, w: Workload, truth: Truth) -> None:
-    if task == "step":
+def _record_errors(row: Row, task: str, out: Any, w: Workload, truth: Truth | TaskTruth) -> None:
+    if task != "logps":
         for k, v in step_errors(out, w, truth).items():
             setattr(row, k, v)
     else:
@@ -416,7 +463,7 @@ def _timed_rounds(cfg: BenchConfig, task: str, live: list[tuple[Impl, Row]], w: 
         for impl, row in live:
             if row.status != "error":
                 try:
-                    if task == "step":
+                    if task != "logps":
                         f, b = time_split(impl, w, 1, clock)
                     else:
                         f, b = time_call(lambda impl=impl: impl.logps(w), w.device, 1, clock), 0.0
@@ -431,10 +478,10 @@ def _timed_rounds(cfg: BenchConfig, task: str, live: list[tuple[Impl, Row]], w: 
             continue
         total = statistics.median(f + b for f, b in zip(fwd[impl.name], bwd[impl.name]))
         row.time_ms = total * 1e3
-        if task == "step":
+        if task != "logps":
             row.fwd_ms = statistics.median(fwd[impl.name]) * 1e3
             row.bwd_ms = statistics.median(bwd[impl.name]) * 1e3
-        flops = impl.step_flops(w) if task == "step" else impl.logps_flops(w)
+        flops = impl.step_flops(w) if task != "logps" else impl.logps_flops(w)
         _throughput(row, flops, total, floor, mm_rate)
 
 

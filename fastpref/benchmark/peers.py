@@ -29,11 +29,11 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
 
 @dataclass
 class StepOutput:
-    """What one implementation's step returns: a differentiable scalar loss and the policy's sequence sums [P]."""
+    """What one implementation's step returns: a differentiable scalar loss and the policy's log-probs as its task
+    checks them (DPO: chosen then rejected sequence sums [2P]; GRPO: per token; None: the row exposes none)."""
 
     loss: torch.Tensor
-    chosen: torch.Tensor
-    rejected: torch.Tensor
+    logps: torch.Tensor | None
 
 
 class Impl:
@@ -128,7 +128,7 @@ class FastprefImpl(Impl):
 
     def step(self, w: Workload) -> StepOutput:
         out = self._loss(w)(w.hidden, w.weight, w.labels, ref_hidden=w.ref_hidden)
-        return StepOutput(out.loss, out.chosen_logps, out.rejected_logps)
+        return StepOutput(out.loss, torch.cat([out.chosen_logps, out.rejected_logps]))
 
     def logps(self, w: Workload) -> torch.Tensor:
         import fastpref
@@ -154,7 +154,7 @@ class ReferenceImpl(Impl):
         lp = reference.sequence_logps(w.hidden, w.weight, w.labels)
         with torch.no_grad():
             ref = reference.sequence_logps(w.ref_hidden, w.weight.detach(), w.labels)
-        return StepOutput(dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:]), lp[:p].detach(), lp[p:].detach())
+        return StepOutput(dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:]), lp.detach())
 
     def logps(self, w: Workload) -> torch.Tensor:
         from .. import reference
@@ -238,7 +238,7 @@ class TrlImpl(Impl):
         lp = self._seq(w.hidden, w.weight, w, ("mean_logits",))
         with torch.no_grad():
             ref = self._seq(w.ref_hidden, w.weight.detach(), w, ())
-        return StepOutput(dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:]), lp[:p].detach(), lp[p:].detach())
+        return StepOutput(dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:]), lp.detach())
 
     def logps(self, w: Workload) -> torch.Tensor:
         with torch.no_grad():
@@ -269,7 +269,7 @@ class LigerImpl(Impl):
 
     def step(self, w: Workload) -> StepOutput:
         loss, aux = self._loss(w.weight, w.hidden, w.labels, ref_input=w.ref_hidden, ref_weight=w.weight.detach())
-        return StepOutput(loss, aux[0].detach(), aux[1].detach())
+        return StepOutput(loss, torch.cat([aux[0], aux[1]]).detach())
 
     def step_flops(self, w: Workload) -> int:
         return 8 * flops_unit(w, w.shape.batch * w.shape.seq_len)  # 6 policy + 2 reference, on every position
@@ -303,7 +303,7 @@ class CceImpl(Impl):
         lp = self._seq(w.hidden, w.weight, w)
         with torch.no_grad():
             ref = self._seq(w.ref_hidden, w.weight.detach(), w)
-        return StepOutput(dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:]), lp[:p].detach(), lp[p:].detach())
+        return StepOutput(dpo_loss(lp[:p], lp[p:], ref[:p], ref[p:]), lp.detach())
 
     def logps(self, w: Workload) -> torch.Tensor:
         with torch.no_grad():

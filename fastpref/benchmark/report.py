@@ -25,6 +25,16 @@ def _tflops(r: Row) -> str:
     return f"{r.tflops:.3g} ({100 * r.frac_of_mm:.0f}%)"
 
 
+TASK_LEGEND = {
+    "step": "step = policy fwd+bwd + reference fwd + sigmoid DPO loss",
+    "logps": "logps = forward-only policy log-probs",
+    "kto": "kto = policy fwd+bwd + reference fwd + TRL's kto loss (z0 given), TRL's fields: entropy, mean logits",
+    "sft": "sft = policy fwd+bwd, mean token NLL, TRL's fields: entropy, top-1 (fastpref-lce, reference, liger: "
+           "the loss only)",
+    "grpo": "grpo = policy fwd+bwd, TRL's default loss (dapo, beta 0), TRL's field: entropy (reference, liger: none)",
+}
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """The human table: one block per (shape, regime), rows per task and implementation."""
     lines: list[str] = []
@@ -60,7 +70,8 @@ def format_table(rows: Sequence[Row]) -> str:
     if meta is not None:
         lines.append("")
         lines.append(f"hardware: {meta.hardware} | {meta.versions} | commit {meta.commit or '?'}")
-        lines.append("step = policy fwd+bwd + reference fwd + sigmoid DPO loss; logps = forward-only policy log-probs. "
+        tasks = dict.fromkeys(r.task for r in rows)
+        lines.append("; ".join(TASK_LEGEND[t] for t in tasks if t in TASK_LEGEND) + ". "
                      "peak = tracked bytes made inside the call (grads included, inputs not); largest = biggest "
                      "single allocation; max err = worst norm-wise relative error vs float64 (loss, logps, dH, dW); "
                      "x floor = time / (matmul FLOPs of the floor at the measured matmul rate); TFLOP/s = the "

@@ -1,5 +1,10 @@
-"""The benchmark workload: one DPO step on the LM head at the shapes of ``docs/benchmarks.md``, in two logit
-regimes (near-uniform, as random weights give, and peaked, like a trained model on its own data)."""
+"""The benchmark workload: one training step on the LM head at the shapes of ``docs/benchmarks.md``, in two logit
+regimes (near-uniform, as random weights give, and peaked, like a trained model on its own data).
+
+The same tensors serve every trainer's task (``TASKS``): DPO pairs sequence p with p + P; KTO labels the first P
+sequences desirable and the last P undesirable, with z₀ = ``KTO_KL`` given (a trainer's KL pass is forward-only
+and the same for every head); SFT is the mean cross-entropy over the scored tokens; GRPO is TRL 1.16's default
+(``dapo``, β = 0, one iteration: the old policy is the current one, detached) with ``advantages`` per sequence."""
 
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ import torch
 IGNORE_INDEX = -100
 BETA = 0.1
 REGIMES = ("uniform", "peaked")
+#: The trainers' heads ``fastpref bench --task`` times (``dpo``: the default, as before).
+TASKS = ("dpo", "kto", "sft", "grpo")
+KTO_KL = 0.05  # z₀ of the KTO task: a detached scalar, as a trainer passes it after its forward-only KL pass
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,18 @@ class Workload:
         self.hidden.grad = None
         self.weight.grad = None
 
+    @property
+    def desirable(self) -> torch.Tensor:
+        """KTO's labels [2P]: the first P sequences desirable (DPO's chosen), the last P undesirable."""
+        return torch.arange(self.shape.batch, device=self.device) < self.shape.pairs
+
+    @property
+    def advantages(self) -> torch.Tensor:
+        """GRPO's per-sequence advantages [2P], fp32: a fixed function of the batch index (both signs, |A| ≤ 1.5;
+        a ``subset`` has its own, shared by its float64 truth and its rows)."""
+        i = torch.arange(self.shape.batch, device=self.device, dtype=torch.float32)
+        return 1.5 * torch.sin(2.3 * i + 0.7)
+
     def input_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.hidden, self.ref_hidden, self.weight, self.labels,
                                                          self.mask))
@@ -143,5 +163,5 @@ def make_workload(shape: Shape, regime: str, *, dtype: torch.dtype = torch.bfloa
     )
 
 
-__all__ = ["BENCH_SHAPES", "BETA", "IGNORE_INDEX", "REGIMES", "SHAPES", "Shape", "Workload", "make_workload",
-           "parse_shape"]
+__all__ = ["BENCH_SHAPES", "BETA", "IGNORE_INDEX", "KTO_KL", "REGIMES", "SHAPES", "TASKS", "Shape", "Workload",
+           "make_workload", "parse_shape"]
