@@ -127,3 +127,18 @@ def test_no_module_imports_a_layer_above_it():
             if layer != own and LAYER_RANKS[layer] >= LAYER_RANKS[own]:
                 upward.append(f"{rel} ({own}) imports {target} ({layer})")
     assert not upward, "\n".join(sorted(upward))
+
+
+def test_the_checkout_never_shadows_hugging_faces_kernels_package():
+    """Run from a checkout's root (``python -m pytest``), ``import kernels`` must reach Hugging Face's package
+    (transformers >= 5.25 imports it at start) or fail as it would without this checkout, never this folder;
+    ``fastpref.kernels`` still imports in the same process."""
+    code = ("import sys\n"
+            "try:\n    import kernels\n    where = kernels.__file__\n"
+            "except ModuleNotFoundError:\n    where = 'absent'\n"
+            "import fastpref.kernels\nprint(where)\nprint(fastpref.kernels.linear_fold.__module__)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, module = out.stdout.split()
+    assert where == "absent" or not Path(where).resolve().is_relative_to(ROOT), where
+    assert module == "fastpref.kernels.fused_gemm"
