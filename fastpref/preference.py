@@ -28,6 +28,7 @@ from .ops import (
     segment_sum,
 )
 from .ops.plan import default_memory_budget, preferred_group_rows
+from .ops.vocab_shard import VocabShard, resolve_head, resolve_reference
 from .outputs import PreferenceOutput, build_output, token_sums
 from .scoring import reference_sums, refinement_margin, score_sequences
 
@@ -51,12 +52,13 @@ class PreferenceConfig:
 
 def _policy_batch(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                   bias: torch.Tensor | None, seq_ids: torch.Tensor | None, num_seqs: int | None, *,
-                  token_metrics: bool, others: dict[str, torch.Tensor | None] | None = None) -> PolicyBatch:
+                  token_metrics: bool, others: dict[str, torch.Tensor | None] | None = None,
+                  shard: VocabShard | None = None) -> PolicyBatch:
     finite = [("hidden", hidden), ("weight", weight), ("bias", bias), *(others or {}).items()] \
         if cfg.check_finite else []
     return PolicyBatch.build(hidden, weight, labels, bias, seq_ids, num_seqs, ignore_index=cfg.ignore_index,
                              backend=cfg.backend, transform=cfg.transform, token_metrics=token_metrics, finite=finite,
-                             gemm=cfg.gemm)
+                             gemm=cfg.gemm, shard=shard)
 
 
 def _fast_groups(cfg: PreferenceConfig, batch: PolicyBatch) -> tuple[PairGroups | None, int, int]:
@@ -110,11 +112,14 @@ def preference_loss(
     refine_ref_logps: torch.Tensor | None = None,
 ) -> PreferenceOutput:
     """See ``fastpref.PreferenceLoss.forward``."""
+    # a vocabulary-sharded head (DTensor): its local shard, never gathered (fastpref.ops.vocab_shard)
+    hidden, weight, bias, shard = resolve_head(hidden, weight, bias)
+    ref_hidden, ref_weight, ref_bias = resolve_reference(ref_hidden, ref_weight, ref_bias, shard)
     others = {"ref_logps": ref_logps, "ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias,
               "refinement": refinement, "refine_hidden": refine_hidden, "refine_ref_hidden": refine_ref_hidden,
               "refine_ref_logps": refine_ref_logps}
     batch = _policy_batch(cfg, hidden, weight, labels, bias, seq_ids, num_seqs, token_metrics=cfg.token_metrics,
-                          others=others)
+                          others=others, shard=shard)
     reference = ReferenceInputs(ref_logps, ref_hidden, ref_weight, ref_bias)
     refine = RefinementInputs(refinement, refine_hidden, refine_labels, refine_ref_hidden, refine_ref_logps)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -160,7 +165,8 @@ def score(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, lab
     """Sequence log-prob sums ``[B]`` (batch layout), forward-only, scored exactly as ``preference_loss`` scores
     the policy in training: with the fast path's pair groups when it would run fast, else tile by tile. A
     reference model scored this way gives bit-identical sums when it equals the policy (rewards exactly 0)."""
-    batch = _policy_batch(cfg, hidden, weight, labels, bias, seq_ids, num_seqs, token_metrics=False)
+    hidden, weight, bias, shard = resolve_head(hidden, weight, bias)
+    batch = _policy_batch(cfg, hidden, weight, labels, bias, seq_ids, num_seqs, token_metrics=False, shard=shard)
     groups = _fast_groups(cfg, batch)[0] if cfg.mode != "lean" and cfg.loss.pair_separable else None
     seq = score_sequences(hidden, weight, bias, batch.layout, batch.head, groups).seq_logps
     return torch.cat([seq[0::2], seq[1::2]])

@@ -27,6 +27,7 @@ from .ops import (
 )
 from .ops.backend import autocast_off
 from .ops.head_pass import forward_stats
+from .ops.vocab_shard import global_vocab, localize
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def score_sequences(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return ScoredSequences(*grouped_sequence_logps(source, weight, bias, layout, groups, head))
     with autocast_off(source.device.type):
         stats = forward_stats(source, layout.index, weight, bias, layout.targets, head)
-    _, logps, token_stats = finalize_stats(stats, weight.shape[0])
+    _, logps, token_stats = finalize_stats(stats, global_vocab(weight, head.shard))
     return ScoredSequences(segment_sum(logps, layout.offsets), token_stats)
 
 
@@ -86,7 +87,9 @@ def refinement_margin(loss: L.LossConfig, batch: PolicyBatch, refine: Refinement
         return None
     if refine.given:
         return check_batch_vector("refinement", refine.refinement, batch.num_pairs, batch.device)
-    layout = pair_layout(refine.labels, batch.weight.shape[0], None, batch.num_pairs, ignore_index)
+    shard = batch.head.shard
+    layout = localize(pair_layout(refine.labels, global_vocab(batch.weight, shard), None, batch.num_pairs,
+                                  ignore_index), shard)
     head = _sums_only(batch.head)
     policy = score_sequences(refine.hidden, batch.weight, batch.bias, layout, head).seq_logps
     if loss.reference_free or loss.reference_free_only:

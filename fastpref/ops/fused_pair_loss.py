@@ -31,6 +31,7 @@ from .layout import TokenLayout, segment_sum
 from .linear_logps import TokenStats, finalize_stats
 from .plan import MAX_GROUPS_DIRECT_DW, PairGroups
 from .tile_ops import LogSumExp, RowStats, row_ops
+from .vocab_shard import combine_stats_, global_vocab, reduce_grad_  # [tp hook] vocabulary-sharded head
 
 # pair_loss(chosen_logps [g], rejected_logps [g], pairs: slice) -> per-pair losses [g] whose mean over all
 # num_pairs pairs is the loss; pure per pair for the pairs in the slice.
@@ -223,6 +224,7 @@ class _GroupedHead:
                 project(tile[:, v0:v1], h, weight[v0:v1].to(cd), None if bias is None else bias[v0:v1].to(cd))
             for v0, v1 in self.columns(self.op_cols):
                 self.ops.fold(tile[:, v0:v1], targets, group_stats, v0, self.cfg.transform)
+        combine_stats_(group_stats, self.cfg.shard)  # [tp hook] the group's global statistics
         lse = group_stats.lse()
         seg = self.layout.offsets[2 * p0 : 2 * p1 + 1] - t0
         return tile, h, lse, segment_sum(lse.log_probs(group_stats.target_logit), seg), seg
@@ -250,7 +252,7 @@ def _grouped_sequence_logps(source: torch.Tensor, weight: torch.Tensor, bias: to
     with autocast_off(source.device.type):
         for p0, p1 in groups:
             seq[2 * p0 : 2 * p1] = head.forward(p0, p1, source, weight, bias, stats)[3]
-    return seq, finalize_stats(stats, weight.shape[0])[2]
+    return seq, finalize_stats(stats, global_vocab(weight, cfg.shard))[2]  # [tp hook]
 
 
 def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, problem: PairProblem,
@@ -309,7 +311,8 @@ def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         # 4) the gradient GEMMs: the group's dH rows (one GEMM over the whole vocabulary, or fp32 over slabs of a
         # cast weight), written straight into the rows of the [N, H] gradient; dW, the last group's in backward
         if need_hidden:
-            one_gemm = weight.dtype == cd and (not fused or source.dtype in (torch.float32, cd))
+            one_gemm = weight.dtype == cd and (not fused or source.dtype in (torch.float32, cd)) and (
+                cfg.shard is None)  # [tp hook] a shard's partial dH is reduced in fp32
             dh = torch.empty((t1 - t0, weight.shape[1]), device=dev, dtype=source.dtype if one_gemm else torch.float32)
             columns = [(0, vocab)] if weight.dtype == cd else head.columns(head.slab_cols)
             for v0, v1 in columns:
@@ -320,6 +323,7 @@ def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                                                  accumulate=v0 > 0, **grad_kwargs)
                 else:
                     accumulate_mm(dh, tile[:, v0:v1], w, first=v0 == 0)
+            reduce_grad_(dh, cfg.shard)  # [tp hook] dH = sum over the vocabulary shards
             pending.d_source.index_copy_(0, layout.index[t0:t1], dh.to(source.dtype))
         if pending.d_bias is not None and not fused:
             pending.d_bias.add_(tile.sum(0, dtype=torch.float32))
@@ -337,7 +341,7 @@ def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                                                   vocab_start=0, accumulate=not first, **grad_kwargs)
                 else:
                     accumulate_mm(pending.d_weight, tile.t(), h, first=first)
-    _, _, token_stats = finalize_stats(stats, vocab)
+    _, _, token_stats = finalize_stats(stats, global_vocab(weight, cfg.shard))  # [tp hook]
     loss = losses.sum() * inv_pairs
     if need_weight and pending.last_tile is None and pending.d_weight is None:
         pending.d_weight = torch.zeros_like(weight)  # no scored row reached a gradient GEMM

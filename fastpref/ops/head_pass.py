@@ -24,6 +24,7 @@ from . import gemm_path
 from .backend import compute_dtype, resolve_backend
 from .plan import TilePlan, default_tile_bytes, plan_tiles
 from .tile_ops import LogitTransform, LogSumExp, RowStats, row_ops
+from .vocab_shard import VocabShard, combine_stats_, reduce_grad_  # [tp hook] vocabulary-sharded head
 
 # The accumulation rule (docs/design.md): across chunks, an accumulator of the whole dW may take at most a handful
 # of partial sums in its own dtype; beyond that, dW accumulates in fp32 one vocabulary slab at a time.
@@ -43,11 +44,12 @@ class HeadPass:
     with_top1: bool = False
     gemm: str = "cublas"  # resolved: "fused" | "cublas" (fastpref.ops.gemm_path)
     gemm_key: gemm_path.Key | None = None  # the fused path's (device, dtype, H, V bucket), for its fallback
+    shard: VocabShard | None = None  # [tp hook] the head is this vocabulary shard (fastpref.ops.vocab_shard)
 
     @classmethod
     def for_inputs(cls, hidden: torch.Tensor, weight: torch.Tensor, *, backend: str | None,
                    transform: LogitTransform, tile_bytes: int | None = None, with_entropy: bool = False,
-                   with_top1: bool = False, gemm: str | None = None) -> HeadPass:
+                   with_top1: bool = False, gemm: str | None = None, shard: VocabShard | None = None) -> HeadPass:
         """The parameters for ``hidden``'s device and dtype (autocast included), the head's shape, a requested
         backend and GEMM path."""
         cd = compute_dtype(hidden)
@@ -62,6 +64,7 @@ class HeadPass:
             with_top1=with_top1,
             gemm=gemm_path.resolve(gemm, resolved, hidden.device, cd, size, vocab),
             gemm_key=gemm_path.key_of(hidden.device, cd, size, vocab),
+            shard=shard,  # [tp hook]
         )
 
     @property
@@ -203,9 +206,12 @@ def forward_stats(source: torch.Tensor, index: torch.Tensor, weight: torch.Tenso
         return RowStats.empty(n, source.device, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
     args = (source, index, weight, bias, targets, cfg)
     if cfg.fused:
-        return gemm_path.with_fallback(cfg.gemm_key, lambda: _forward_stats_fused(*args),
-                                       lambda: _forward_stats_tiles(*args))
-    return _forward_stats_tiles(*args)
+        stats = gemm_path.with_fallback(cfg.gemm_key, lambda: _forward_stats_fused(*args),
+                                        lambda: _forward_stats_tiles(*args))
+    else:
+        stats = _forward_stats_tiles(*args)
+    combine_stats_(stats, cfg.shard)  # [tp hook] the global statistics of a vocabulary shard's fold
+    return stats
 
 
 def _forward_stats_tiles(source, index, weight, bias, targets, cfg: HeadPass) -> RowStats:
@@ -302,7 +308,7 @@ def _backward(source, index, weight, bias, targets, lse, grad_rows, cfg: HeadPas
     # one row chunk: gather it once for every slab; several: per chunk and slab (cheap next to the GEMMs)
     rows = gather(source, index, 0, n, cd) if single_row_chunk else None
     if need_hidden:
-        direct_dh = n_slabs == 1 and source.dtype in writable
+        direct_dh = n_slabs == 1 and source.dtype in writable and cfg.shard is None  # [tp hook] fp32 to reduce
         dh_acc = torch.empty((n, source.shape[1]), device=dev, dtype=source.dtype if direct_dh else torch.float32)
     if fused:
         from ..kernels import fused_gemm
@@ -348,6 +354,7 @@ def _backward(source, index, weight, bias, targets, lse, grad_rows, cfg: HeadPas
         if d_bias is not None:
             d_bias[v0:v1].copy_(db_slab)
     if need_hidden:
+        reduce_grad_(dh_acc, cfg.shard)  # [tp hook] dH = sum over the vocabulary shards
         # scatter into dH's rows chunk by chunk: no second [n, H] temporary beside the accumulator
         for t0 in range(0, n, plan.rows):
             t1 = min(t0 + plan.rows, n)

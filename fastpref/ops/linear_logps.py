@@ -17,6 +17,7 @@ from .backend import autocast_off
 from .head_pass import HeadPass
 from .layout import TokenLayout, build_layout
 from .tile_ops import LogSumExp, RowStats
+from .vocab_shard import global_vocab, localize
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class LinearLogProbs(torch.autograd.Function):
     def forward(ctx, source, weight, bias, layout: TokenLayout, cfg: HeadPass):  # type: ignore[override]
         with autocast_off(source.device.type):
             stats = head_pass.forward_stats(source, layout.index, weight, bias, layout.targets, cfg)
-        lse, logps, token_stats = finalize_stats(stats, weight.shape[0])
+        lse, logps, token_stats = finalize_stats(stats, global_vocab(weight, cfg.shard))  # [tp hook]
         ctx.save_for_backward(source, weight, bias, *lse)
         ctx.layout, ctx.cfg = layout, cfg
         return logps, token_stats
@@ -97,9 +98,10 @@ def score_labels(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """Compact the scored tokens of ``labels`` (the call's one host sync) and score them; ``check_finite``:
     the inputs' values must be finite (counted in the same sync)."""
     finite = [(n, t.detach()) for n, t in (("hidden", hidden), ("weight", weight), ("bias", bias)) if t is not None]
-    layout = build_layout(labels.reshape(-1), ignore_index=ignore_index, vocab_size=weight.shape[0],
+    layout = build_layout(labels.reshape(-1), ignore_index=ignore_index, vocab_size=global_vocab(weight, cfg.shard),
                           seq_ids=None if seq_ids is None else seq_ids.reshape(-1), num_seqs=num_seqs,
                           finite=finite if check_finite else ())
+    layout = localize(layout, cfg.shard)  # [tp hook] global target ids -> this shard's slab
     return score_tokens(hidden, weight, bias, layout, cfg)
 
 
