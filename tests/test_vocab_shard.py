@@ -89,6 +89,31 @@ def _grads(*ts):
     return out
 
 
+BIG_V = 4001  # uneven: 2001 + 2000 rows
+
+
+def _memory_case(mesh) -> dict:
+    """Fast and lean DPO steps on a wider head, every allocation recorded: none has the whole vocabulary."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import fastpref
+    from fastpref.utils.memory import AllocationTracker
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(B, T, H, generator=g).requires_grad_(True)
+    labels = torch.randint(0, BIG_V, (B, T), generator=g)
+    w = torch.randn(BIG_V, H, generator=g)
+    w = torch.nn.Parameter(w if mesh is None else distribute_tensor(w, mesh, [Shard(0)]))
+    shapes, peaks = [], []
+    for mode in ("fast", "lean"):
+        with AllocationTracker("cpu", record_min_bytes=0) as tracker:
+            out = fastpref.DPOLoss(beta=0.5, mode=mode)(hidden, w, labels, ref_hidden=hidden.detach() * 0.9)
+            out.loss.backward()
+        shapes += [tuple(a.shape) for a in tracker.allocations]
+        peaks.append(tracker.peak_bytes)
+    return {"shapes": shapes, "peaks": peaks, "local_rows": w.shape[0] if mesh is None else w.to_local().shape[0]}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -152,6 +177,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         res["megatron_equal"] = all(torch.equal(a, c) for a, c in zip(
             [tok.detach(), h.grad, local_w.grad, local_b.grad], res["tok"]))
         res["gathers"], res["reduces"] = list(counter.gathers), list(counter.reduces)
+        res["memory"] = _memory_case(mesh)
     finally:
         counter.close()
 
@@ -252,6 +278,19 @@ def test_sharded_head_is_never_gathered(ranks):
         assert res["gathers"] and max(res["gathers"]) <= 6 * n_scored
         assert res["reduces"] and max(res["reduces"]) <= n_scored * H
         assert max(res["model_gathers"]) < 64 * 32  # the toy model's head is >= 64 x 32
+
+
+def test_sharded_head_memory_is_the_local_shards(ranks):
+    """No tensor of the whole vocabulary on any rank (the head, its gradient, the logits: all local); the peak of
+    a fast and of a lean step on each rank is about half of one process's (2 shards)."""
+    single = _memory_case(None)
+    assert any(BIG_V in s for s in single["shapes"])
+    for res in ranks:
+        mem = res["memory"]
+        assert mem["shapes"] and not [s for s in mem["shapes"] if BIG_V in s]
+        assert any(mem["local_rows"] in s for s in mem["shapes"])  # the local logits / dW are there
+        for mode, peak, one in zip(("fast", "lean"), mem["peaks"], single["peaks"]):
+            assert peak < 0.6 * one, (mode, peak, one)
 
 
 def test_sequence_logps_sharded_matches_single_process(ranks):

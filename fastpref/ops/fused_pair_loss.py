@@ -26,7 +26,16 @@ import torch
 
 from . import gemm_path
 from .backend import autocast_off
-from .head_pass import HeadPass, accumulate_mm, gather, grad_buffer, in_layout, kernel_operand, project
+from .head_pass import (
+    HeadPass,
+    accumulate_mm,
+    fp32_out_matmul,
+    gather,
+    grad_buffer,
+    in_layout,
+    kernel_operand,
+    project,
+)
 from .layout import TokenLayout, segment_sum
 from .linear_logps import TokenStats, finalize_stats
 from .plan import MAX_GROUPS_DIRECT_DW, PairGroups
@@ -314,7 +323,9 @@ def _fused_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             one_gemm = weight.dtype == cd and (not fused or source.dtype in (torch.float32, cd)) and (
                 cfg.shard is None)  # [tp hook] a shard's partial dH is reduced in fp32
             dh = torch.empty((t1 - t0, weight.shape[1]), device=dev, dtype=source.dtype if one_gemm else torch.float32)
-            columns = [(0, vocab)] if weight.dtype == cd else head.columns(head.slab_cols)
+            # [tp hook] a shard's fp32 dH goes slab by slab where the matmul would upcast its operands (bounded copies)
+            whole = weight.dtype == cd and (cfg.shard is None or fused or cd == torch.float32 or fp32_out_matmul(dev))
+            columns = [(0, vocab)] if whole else head.columns(head.slab_cols)
             for v0, v1 in columns:
                 w = weight[v0:v1].to(cd)
                 if fused:
