@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from tests.test_integrations_distributed import _exit_worker, _free_port, _spawn
+from tests.test_integrations_distributed import _exit_worker, _free_port, _spawn, single  # noqa: F401 (the fixture)
 
 WORLD = 2
 V, H, B, T = 37, 16, 4, 7
@@ -283,14 +283,14 @@ def test_sharded_head_is_never_gathered(ranks):
 def test_sharded_head_memory_is_the_local_shards(ranks):
     """No tensor of the whole vocabulary on any rank (the head, its gradient, the logits: all local); the peak of
     a fast and of a lean step on each rank is about half of one process's (2 shards)."""
-    single = _memory_case(None)
-    assert any(BIG_V in s for s in single["shapes"])
+    one = _memory_case(None)
+    assert any(BIG_V in s for s in one["shapes"])
     for res in ranks:
         mem = res["memory"]
         assert mem["shapes"] and not [s for s in mem["shapes"] if BIG_V in s]
         assert any(mem["local_rows"] in s for s in mem["shapes"])  # the local logits / dW are there
-        for mode, peak, one in zip(("fast", "lean"), mem["peaks"], single["peaks"]):
-            assert peak < 0.6 * one, (mode, peak, one)
+        for mode, peak, base in zip(("fast", "lean"), mem["peaks"], one["peaks"]):
+            assert peak < 0.6 * base, (mode, peak, base)
 
 
 def test_sequence_logps_sharded_matches_single_process(ranks):
@@ -302,15 +302,15 @@ def test_sequence_logps_sharded_matches_single_process(ranks):
         lambda h, w: (_reference_token_logps(h, w, None, labels).sum(1) * w_up.to(h.dtype)).sum(), hidden, weight)
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    single = fastpref.sequence_logps(h, w, labels)
-    (single * w_up).sum().backward()
+    one = fastpref.sequence_logps(h, w, labels)
+    (one * w_up).sum().backward()
     for rank, res in enumerate(ranks):
         seq, dh, dw = res["seq"]
         _check((seq * w_up).sum(), truth[0], fp32[0], "sequence sums")
         _check(dh, truth[1], fp32[1], "d hidden")
         _check(dw, truth[2][_rows(rank)], fp32[2][_rows(rank)], "d weight")
         # one shard vs two: equal beyond fp32 rounding of the combine
-        torch.testing.assert_close(seq, single.detach(), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(seq, one.detach(), rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(dw, w.grad[_rows(rank)], rtol=1e-5, atol=1e-5)
 
 
@@ -328,7 +328,7 @@ def test_dpo_sharded_matches_float64(ranks, mode):
 
     truth, fp32 = _truth_and_fp32(dpo, hidden, weight, bias)
     h = hidden.clone().requires_grad_(True)
-    single = fastpref.DPOLoss(beta=0.5, mode=mode, token_metrics=True, **TRANSFORM)(h, weight, labels, ref, bias=bias)
+    one = fastpref.DPOLoss(beta=0.5, mode=mode, token_metrics=True, **TRANSFORM)(h, weight, labels, ref, bias=bias)
     for rank, res in enumerate(ranks):
         assert res[f"dpo_{mode}_mode"] == mode
         loss, _, _, dh, dw, db = res[f"dpo_{mode}"]
@@ -336,7 +336,7 @@ def test_dpo_sharded_matches_float64(ranks, mode):
         _check(dh, truth[1], fp32[1], f"{mode} d hidden")
         _check(dw, truth[2][_rows(rank)], fp32[2][_rows(rank)], f"{mode} d weight")
         _check(db, truth[3][_rows(rank)], fp32[3][_rows(rank)], f"{mode} d bias")
-        for k, v in single.metrics.items():  # TRL's metrics, token-level ones included, as on one process
+        for k, v in one.metrics.items():  # TRL's metrics, token-level ones included, as on one process
             torch.testing.assert_close(res[f"dpo_{mode}_metrics"][k], v.detach(), rtol=1e-5, atol=1e-4, msg=k)
     for k in ranks[0][f"dpo_{mode}_metrics"]:
         assert torch.equal(ranks[0][f"dpo_{mode}_metrics"][k], ranks[1][f"dpo_{mode}_metrics"][k]), k
@@ -346,9 +346,9 @@ def test_sharded_score_matches_single_process(ranks):
     import fastpref
 
     hidden, weight, bias, labels, _, _ = _case()
-    single = fastpref.DPOLoss(beta=0.5, **TRANSFORM).score(hidden, weight, labels, bias=bias)
+    one = fastpref.DPOLoss(beta=0.5, **TRANSFORM).score(hidden, weight, labels, bias=bias)
     for res in ranks:
-        torch.testing.assert_close(res["score"], single, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(res["score"], one, rtol=1e-6, atol=1e-5)
 
 
 def test_sharded_head_refusals(ranks):
@@ -370,3 +370,17 @@ def test_patched_model_colwise_lm_head_matches_single_process(ranks):
         for name, p in model.named_parameters():
             want = p.grad[rank * rows:(rank + 1) * rows] if name == "lm_head.weight" else p.grad
             torch.testing.assert_close(res["model_grads"][name], want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_tp_head_trainer_matches_stock_trl_and_single_process(tmp_path, single):  # noqa: F811
+    """``torchrun --nproc_per_node 2 tests/dist_train.py --tp-head``: FastPrefDPOTrainer(use_fastpref=True) with
+    ColwiseParallel on lm_head (policy and reference) over 2 ranks, each seeing the whole batch; every logged
+    metric of three steps equals stock TRL and the fused trainer on one process (before: the head was gathered)."""
+    pytest.importorskip("trl")
+    from tests.test_integrations_distributed import _assert_same_logs, _run, _torchrun
+
+    run = _run(tmp_path, "tp-head", _torchrun(), "--tp-head")
+    assert run["wrapped"] == "LlamaForCausalLM" and run["distributed_type"] == "DistributedType.NO", run
+    _assert_same_logs(run, single("trl-stock"), "tp head on 2 processes vs stock TRL on one")
+    _assert_same_logs(run, single("trl"), "tp head on 2 processes vs the fused trainer on one")
