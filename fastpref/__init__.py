@@ -13,6 +13,7 @@ from typing import Any
 from . import losses
 from .functional import linear_cross_entropy, sequence_logps, token_logps
 from .modules import DPOLoss, IPOLoss, PreferenceLoss, SrDPOLoss, SrIPOLoss
+from .ops.vocab_shard import shard_head
 from .outputs import PreferenceOutput
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "linear_cross_entropy",
     "losses",
     "sequence_logps",
+    "shard_head",
     "token_logps",
 ]
 
