@@ -163,6 +163,22 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             res[f"dpo_{mode}"] = [out.loss.detach(), out.chosen_logps, out.rejected_logps, *_grads(h, w, b)]
             res[f"dpo_{mode}_metrics"] = {k: v.detach() for k, v in out.metrics.items()}
             res[f"dpo_{mode}_mode"] = out.mode
+        # the Triton row kernels and the fused GEMMs (interpreter): the local targets of a shard (negative, or
+        # past its rows) in the fold, the top-1 test and the gradient prologue
+        for gemm in ("cublas", "fused"):
+            h = hidden0.clone().requires_grad_(True)
+            w, b = head()
+            out = fastpref.DPOLoss(beta=0.5, mode="fast", token_metrics=True, backend="triton", gemm=gemm,
+                                   **TRANSFORM)(h, w, labels, ref, bias=b)
+            out.loss.backward()
+            res[f"dpo_triton_{gemm}"] = [out.loss.detach(), out.chosen_logps, out.rejected_logps, *_grads(h, w, b)]
+            res[f"dpo_triton_{gemm}_metrics"] = {k: v.detach() for k, v in out.metrics.items()}
+        # bf16 at a realistic logit scale
+        h = hidden0.to(torch.bfloat16).requires_grad_(True)
+        w = torch.nn.Parameter(distribute_tensor(weight0.to(torch.bfloat16), mesh, [Shard(0)]))
+        tok = fastpref.token_logps(h, w, labels, **TRANSFORM)
+        (tok * up).sum().backward()
+        res["tok_bf16"] = [tok.detach(), *_grads(h, w)]
         w, b = head()
         res["score"] = fastpref.DPOLoss(beta=0.5, **TRANSFORM).score(hidden0, w, labels, bias=b)
         # the Megatron convention: the local rows, their offset and the group -> bit-identical to the DTensor
@@ -340,6 +356,29 @@ def test_dpo_sharded_matches_float64(ranks, mode):
             torch.testing.assert_close(res[f"dpo_{mode}_metrics"][k], v.detach(), rtol=1e-5, atol=1e-4, msg=k)
     for k in ranks[0][f"dpo_{mode}_metrics"]:
         assert torch.equal(ranks[0][f"dpo_{mode}_metrics"][k], ranks[1][f"dpo_{mode}_metrics"][k]), k
+
+
+@pytest.mark.parametrize("gemm", ["cublas", "fused"])
+def test_dpo_sharded_triton_kernels_match_torch_ops(ranks, gemm):
+    for res in ranks:
+        for got, want in zip(res[f"dpo_triton_{gemm}"], res["dpo_fast"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+        for k, v in res["dpo_fast_metrics"].items():
+            torch.testing.assert_close(res[f"dpo_triton_{gemm}_metrics"][k], v, rtol=1e-5, atol=1e-4, msg=k)
+
+
+def test_token_logps_sharded_bf16_within_twice_the_materialised_error(ranks):
+    hidden, weight, _, labels, up, _ = _case()
+    h16, w16 = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+    truth, _ = _truth_and_fp32(lambda h, w: _token_ref(h, w, None, labels, up), h16.double(), w16.double())
+    ts = [t.clone().requires_grad_(True) for t in (h16, w16)]
+    plain = _token_ref(*ts, None, labels, up)  # the materialised bf16 path
+    plain.backward()
+    for rank, res in enumerate(ranks):
+        tok, dh, dw = res["tok_bf16"]
+        _check((tok * up).sum(), truth[0], plain.detach(), "bf16 sum of token log-probs", atol=1e-3)
+        _check(dh, truth[1], ts[0].grad, "bf16 d hidden", atol=1e-2)
+        _check(dw, truth[2][_rows(rank)], ts[1].grad[_rows(rank)], "bf16 d weight", atol=1e-2)
 
 
 def test_sharded_score_matches_single_process(ranks):
