@@ -412,14 +412,16 @@ def test_patched_model_colwise_lm_head_matches_single_process(ranks):
 
 
 @pytest.mark.slow
-def test_tp_head_trainer_matches_stock_trl_and_single_process(tmp_path, single):  # noqa: F811
-    """``torchrun --nproc_per_node 2 tests/dist_train.py --tp-head``: FastPrefDPOTrainer(use_fastpref=True) with
-    ColwiseParallel on lm_head (policy and reference) over 2 ranks, each seeing the whole batch; every logged
-    metric of three steps equals stock TRL and the fused trainer on one process (before: the head was gathered)."""
+@pytest.mark.parametrize("trainer", ["trl", "hf"])
+def test_tp_head_trainer_matches_stock_trl_and_single_process(tmp_path, single, trainer):  # noqa: F811
+    """``torchrun --nproc_per_node 2 tests/dist_train.py --tp-head [--trainer hf]``: FastPrefDPOTrainer /
+    FastPrefTrainer with the flag on and ColwiseParallel on lm_head (policy and reference) over 2 ranks, each
+    seeing the whole batch; every logged metric of three steps equals stock TRL and the same trainer on one
+    process (the head is scored on its shards: the module-level tests above count the collectives)."""
     pytest.importorskip("trl")
     from tests.test_integrations_distributed import _assert_same_logs, _run, _torchrun
 
-    run = _run(tmp_path, "tp-head", _torchrun(), "--tp-head")
+    run = _run(tmp_path, f"tp-head-{trainer}", _torchrun(), "--tp-head", "--trainer", trainer)
     assert run["wrapped"] == "LlamaForCausalLM" and run["distributed_type"] == "DistributedType.NO", run
-    _assert_same_logs(run, single("trl-stock"), "tp head on 2 processes vs stock TRL on one")
-    _assert_same_logs(run, single("trl"), "tp head on 2 processes vs the fused trainer on one")
+    _assert_same_logs(run, single("trl-stock"), f"{trainer}, tp head on 2 processes vs stock TRL on one")
+    _assert_same_logs(run, single(trainer), f"{trainer}, tp head on 2 processes vs the same trainer on one")
