@@ -206,6 +206,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             hidden0, w, labels, bias=distribute_tensor(bias0.clone(), mesh, [Replicate()])),
         "bias_plain": lambda: fastpref.token_logps(hidden0, w, labels, bias=bias0),
         "megatron_offset": lambda: shard_head(weight0[:rows], vocab_start=3, vocab_size=V),
+        "full_tensor_ok": lambda: fastpref.token_logps(hidden0, w.full_tensor(), labels),  # a whole head: scored
     }.items():
         try:
             call()
@@ -396,6 +397,7 @@ def test_sharded_head_refusals(ranks):
     assert "sharded exactly like its weight" in errors["bias_replicated"]
     assert "must be sharded the same way" in errors["bias_plain"]
     assert "vocab_start" in errors["megatron_offset"]
+    assert errors["full_tensor_ok"] is None  # FSDP2's gathered head (full_tensor) is a whole head, not refused
 
 
 def test_patched_model_colwise_lm_head_matches_single_process(ranks):

@@ -131,9 +131,13 @@ def is_dtensor(t: object) -> bool:
 
 
 def _from_to_local(t: torch.Tensor) -> bool:
-    """Whether ``t`` is the differentiable output of ``DTensor.to_local()`` (a local shard as a plain tensor)."""
+    """Whether ``t`` is ``DTensor.to_local()`` of a head parameter sharded over its rows (a local shard as a plain
+    tensor): read from the autograd graph, so only with grad; ``full_tensor()`` (redistributed first) passes."""
     fn = getattr(t, "grad_fn", None)
-    return fn is not None and type(fn).__name__ == "_ToTorchTensorBackward"
+    if fn is None or type(fn).__name__ != "_ToTorchTensorBackward" or not fn.next_functions:
+        return False
+    source = getattr(fn.next_functions[0][0], "variable", None)  # AccumulateGrad of the DTensor parameter
+    return is_dtensor(source) and t.dim() > 0 and source.shape[0] != t.shape[0]
 
 
 def _shard_of(name: str, t: Any) -> tuple[VocabShard | None, bool]:
