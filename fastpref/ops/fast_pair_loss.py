@@ -203,7 +203,7 @@ def _grouped_sequence_logps(source: torch.Tensor, weight: torch.Tensor, bias: to
     with autocast_off(source.device.type):
         for p0, p1 in groups:
             seq[2 * p0 : 2 * p1] = head.forward(p0, p1, source, weight, bias, stats)[3]
-    return seq, finalize_stats(stats, weight.shape[0])[2]
+    return seq, finalize_stats(stats, cfg.vocab_size(weight))[2]
 
 
 def fast_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, problem: PairProblem,
@@ -279,7 +279,7 @@ def _fast_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                 if first:
                     pending.d_weight = path.grad_buffer(weight, dw_dtype)
                 path.grad_weight(tile, grad, h, pending.d_weight, pending.d_bias, accumulate=not first, formed=formed)
-    _, _, token_stats = finalize_stats(stats, vocab)
+    _, _, token_stats = finalize_stats(stats, cfg.vocab_size(weight))
     loss = losses.sum() * inv_pairs
     if need_weight and pending.last is None and pending.d_weight is None:
         pending.d_weight = torch.zeros_like(weight)  # no scored row reached a gradient GEMM
