@@ -197,7 +197,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     finally:
         counter.close()
 
-    # refused: a to_local() shard as a whole head; a bias sharded unlike its weight; a wrong Megatron offset
+    # refused: a to_local() shard as a whole head; a bias sharded unlike its weight; a wrong Megatron offset; the
+    # callers that score whole heads only (KTO, TRL's fused-head fields)
+    from fastpref.integrations.trl_head import fused_head_fields
+
     errors = {}
     w, _ = head(False)
     for name, call in {
@@ -207,6 +210,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         "bias_plain": lambda: fastpref.token_logps(hidden0, w, labels, bias=bias0),
         "megatron_offset": lambda: shard_head(weight0[:rows], vocab_start=3, vocab_size=V),
         "full_tensor_ok": lambda: fastpref.token_logps(hidden0, w.full_tensor(), labels),  # a whole head: scored
+        "kto": lambda: fastpref.KTOLoss()(hidden0, w, labels, torch.tensor([True, False, True, False]), torch.zeros(B),
+                                          kl=0.0),
+        "trl_head": lambda: fused_head_fields(hidden0, w, None, labels),
     }.items():
         try:
             call()
@@ -398,6 +404,8 @@ def test_sharded_head_refusals(ranks):
     assert "must be sharded the same way" in errors["bias_plain"]
     assert "vocab_start" in errors["megatron_offset"]
     assert errors["full_tensor_ok"] is None  # FSDP2's gathered head (full_tensor) is a whole head, not refused
+    for name in ("kto", "trl_head"):  # before the refusal: a DTensor deep in the kernels (KTO) or silently local
+        assert errors[name] is not None and errors[name].startswith("weight:") and "vocabulary-sharded" in errors[name]
 
 
 def test_patched_model_colwise_lm_head_matches_single_process(ranks):

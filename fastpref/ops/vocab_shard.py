@@ -279,6 +279,19 @@ def resolve_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return _local_hidden("hidden", hidden), weight, bias, shard
 
 
+def whole_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, who: str,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``resolve_head`` for a caller that scores whole heads only (``who``: its name, for the message): a
+    replicated DTensor becomes its local copy; a vocabulary-sharded head is refused with a ``ValueError``."""
+    hidden, local, bias, shard = resolve_head(hidden, weight, bias)
+    if shard is not None:
+        raise ValueError(f"weight: {who} does not take a vocabulary-sharded head yet (a DTensor with placements "
+                         f"(Shard(0),): rows [{shard.start}, {shard.start + shard.size}) of {shard.vocab_size} on "
+                         f"rank {shard.rank} of {shard.world}); pass the whole head (full_tensor()), or use the "
+                         "preference losses and token_logps / sequence_logps, which score the local shard")
+    return hidden, local, bias
+
+
 def resolve_reference(ref_hidden: torch.Tensor | None, ref_weight: torch.Tensor | None, ref_bias: torch.Tensor | None,
                       shard: VocabShard | None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """A reference model's hidden states and own head as local parts; its head must be sharded exactly as the
@@ -326,4 +339,4 @@ def shard_head(local: torch.Tensor, *, vocab_start: int, vocab_size: int, group:
 
 
 __all__ = ["ShardedPath", "VocabShard", "global_vocab", "is_dtensor", "localize", "resolve_head", "resolve_reference",
-           "shard_head"]
+           "shard_head", "whole_head"]
