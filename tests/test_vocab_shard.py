@@ -404,7 +404,7 @@ def test_sharded_head_refusals(ranks):
     assert "must be sharded the same way" in errors["bias_plain"]
     assert "vocab_start" in errors["megatron_offset"]
     assert errors["full_tensor_ok"] is None  # FSDP2's gathered head (full_tensor) is a whole head, not refused
-    for name in ("kto", "trl_head"):  # before the refusal: a DTensor deep in the kernels (KTO) or silently local
+    for name in ("kto", "trl_head"):  # before: aten.mm on a DTensor, deep in the kernels
         assert errors[name] is not None and errors[name].startswith("weight:") and "vocabulary-sharded" in errors[name]
 
 
