@@ -9,6 +9,10 @@ the same bits on every rank). The loss follows from the global statistics; the b
 gradient with the global log-sum-exp and all-reduces dH once (``reduce_grad_``); dW and the bias gradient stay
 local. Fast mode keeps its single pass: a pair group's statistics are combined before its gradient is formed.
 
+The collectives live in the GEMM protocol's hooks: a pass over a shard runs ``ShardedPath``, the path
+``gemm_path.implementation`` chose (cublas or fused) with ``combine`` / ``reduce_grad_input`` filled in and fp32
+gradient outputs; the chunk loops of ``head_pass`` and ``fast_pair_loss`` are the single-device ones.
+
 Two ways in, one descriptor (``VocabShard``):
 
 - a DTensor head sharded over the vocabulary (``Shard(0)`` on a 1-D mesh: torch ``parallelize_module`` with
