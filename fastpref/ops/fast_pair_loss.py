@@ -263,7 +263,7 @@ def _fast_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         # 4) the gradient GEMMs: the group's dH rows (one GEMM over the whole vocabulary, or fp32 over slabs of a
         # cast weight), written straight into the rows of the [N, H] gradient; dW, the last group's in backward
         if need_hidden:
-            one_gemm = weight.dtype == cd and path.out_dtype(source.dtype) == source.dtype
+            one_gemm = weight.dtype == cd and path.grad_input_dtype(source.dtype) == source.dtype
             dh = torch.empty((t1 - t0, weight.shape[1]), device=dev, dtype=source.dtype if one_gemm else torch.float32)
             columns = [(0, vocab)] if weight.dtype == cd else head.columns(head.slab_cols)
             for v0, v1 in columns:

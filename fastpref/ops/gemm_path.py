@@ -292,6 +292,11 @@ class GemmPath(Protocol):
         """Whether the gradient GEMMs write into ``t`` as it is (dtype and layout)."""
         ...
 
+    def grad_input_dtype(self, want: torch.dtype) -> torch.dtype:
+        """The dtype ``grad_input`` accumulates dH rows in for a dH wanted in ``want`` (else fp32, converted after
+        ``reduce_grad_input``): ``out_dtype``, or fp32 where the rows are still to be summed across devices."""
+        ...
+
     def grad_buffer(self, like: torch.Tensor, dtype: torch.dtype, *,
                     device: torch.device | None = None) -> torch.Tensor:
         """``grad_buffer`` in a layout the gradient GEMMs write."""
@@ -314,6 +319,9 @@ class _OneDevice:
 
     def reduce_grad_input(self, out: torch.Tensor) -> None:
         pass
+
+    def grad_input_dtype(self, want: torch.dtype) -> torch.dtype:
+        return self.out_dtype(want)  # type: ignore[attr-defined]  # each path defines out_dtype
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,7 @@ def _backward(source, index, weight, bias, targets, lse, grad_rows, cfg: HeadPas
     # one row chunk: gather it once for every slab; several: per chunk and slab (cheap next to the GEMMs)
     rows = gather(source, index, 0, n, cd) if single_row_chunk else None
     if need_hidden:
-        direct_dh = n_slabs == 1 and path.out_dtype(source.dtype) == source.dtype
+        direct_dh = n_slabs == 1 and path.grad_input_dtype(source.dtype) == source.dtype
         dh_acc = torch.empty((n, source.shape[1]), device=dev, dtype=source.dtype if direct_dh else torch.float32)
     buf = path.buffer(plan.rows, plan.cols, dev, keep=True)
     for v0 in range(0, vocab, plan.cols):

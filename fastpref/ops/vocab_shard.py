@@ -107,10 +107,10 @@ class ShardedPath:
     """A GEMM path (``gemm_path.GemmPath``) over a vocabulary shard: the single-device path ``inner`` (cublas or
     fused) does the GEMMs and the row work on the local rows; this adds the shard's two collectives in the
     protocol's hooks — ``combine`` (the all-gather merge of the statistics) and ``reduce_grad_input`` (the
-    all-reduce of dH) — and answers fp32 for the gradient GEMMs' output (``out_dtype`` / ``can_write``): the
-    ranks' partial dH are summed in fp32 and rounded once, as one device rounds once (dW, local, takes the same
-    fp32 accumulator in fast mode and one slab of it in lean mode). ``gemm_path.implementation`` wraps the chosen
-    path in this when the pass's head is a shard, so the loops run unchanged."""
+    all-reduce of dH) — and answers fp32 for dH (``grad_input_dtype``): the ranks' partial dH are summed in fp32
+    and rounded once, as one device rounds once; dW and the bias gradient, local, are the inner path's.
+    ``gemm_path.implementation`` wraps the chosen path in this when the pass's head is a shard, so the loops run
+    unchanged."""
 
     inner: Any  # GemmPath
     shard: VocabShard
@@ -144,10 +144,11 @@ class ShardedPath:
 
     def grad_input(self, tile, grad, weight, out, *, vocab_start=0, accumulate) -> None:
         # the fp32 dH of a low-precision tile: where cuBLAS's matmul cannot write fp32 itself (the CPU, a GPU
-        # without it) ``accumulate_mm`` upcasts both operands, so it goes slab by slab (bounded copies)
+        # without it) ``accumulate_mm`` upcasts both operands, so it goes slab by slab: fp32 copies of a tile slab
+        # and a weight slab beside the product, ~3 fp32 values per element of the slab within the tile budget
         step = tile.shape[1]
         if self.inner.name == "cublas" and out.dtype != tile.dtype and not fp32_out_matmul(out.device):
-            step = plan_tiles(max(tile.shape[0], weight.shape[1]), tile.shape[1], 4, self.tile_bytes).cols
+            step = plan_tiles(max(tile.shape[0], weight.shape[1]), tile.shape[1], 3 * 4, self.tile_bytes).cols
         for c0 in range(0, tile.shape[1], max(step, 1)):
             c1 = min(c0 + step, tile.shape[1])
             self.inner.grad_input(tile[:, c0:c1], grad, weight[c0:c1], out, vocab_start=vocab_start + c0,
@@ -162,10 +163,13 @@ class ShardedPath:
                                scale=scale, formed=formed)
 
     def out_dtype(self, want: torch.dtype) -> torch.dtype:
-        return torch.float32
+        return self.inner.out_dtype(want)
 
     def can_write(self, t: torch.Tensor) -> bool:
-        return t.dtype == torch.float32 and self.inner.can_write(t)
+        return self.inner.can_write(t)
+
+    def grad_input_dtype(self, want: torch.dtype) -> torch.dtype:
+        return torch.float32  # the ranks' partial dH are summed in fp32, then rounded once
 
     def grad_buffer(self, like, dtype, *, device=None):
         return self.inner.grad_buffer(like, dtype, device=device)
