@@ -15,6 +15,7 @@ from .functional import linear_cross_entropy, sequence_logps, token_logps
 from .inputs import ReferenceInputs, RefinementInputs
 from .kto import KTOLoss, KTOOutput
 from .modules import DPOLoss, IPOLoss, PreferenceLoss, SrDPOLoss, SrIPOLoss
+from .ops.vocab_shard import shard_head
 from .outputs import PreferenceOutput
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "linear_cross_entropy",
     "losses",
     "sequence_logps",
+    "shard_head",
     "token_logps",
 ]
 

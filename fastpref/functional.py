@@ -7,16 +7,17 @@ import torch
 
 from .ops import HeadPass, LogitTransform, scatter_tokens, score_labels, segment_sum
 from .ops.gemm_path import check_gemm
+from .ops.vocab_shard import VocabShard, resolve_head
 from .utils.compile import eager_op
 from .utils.validation import check_choice, check_head_inputs, check_int, check_seq_ids, check_transform
 
 
 def _head_pass(hidden: torch.Tensor, weight: torch.Tensor, backend: str, temperature: float, logit_scale: float,
-               softcap: float | None, gemm: str | None) -> HeadPass:
+               softcap: float | None, gemm: str | None, shard: VocabShard | None = None) -> HeadPass:
     check_transform(temperature, logit_scale, softcap)
     check_gemm(gemm)
     transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
-    return HeadPass.for_inputs(hidden, weight, backend=backend, transform=transform, gemm=gemm)
+    return HeadPass.for_inputs(hidden, weight, backend=backend, transform=transform, gemm=gemm, shard=shard)
 
 
 @eager_op
@@ -50,9 +51,10 @@ def token_logps(
     Returns:
         fp32 tensor shaped like ``labels``, 0 where ignored; differentiable w.r.t. hidden, weight and bias.
     """
+    hidden, weight, bias, shard = resolve_head(hidden, weight, bias)  # a vocabulary-sharded DTensor head: local
     check_head_inputs(hidden, weight, labels, bias)
     check_int("ignore_index", ignore_index)
-    cfg = _head_pass(hidden, weight, backend, temperature, logit_scale, softcap, gemm)
+    cfg = _head_pass(hidden, weight, backend, temperature, logit_scale, softcap, gemm, shard)
     scored = score_labels(hidden, weight, bias, labels, cfg, ignore_index=ignore_index, check_finite=check_finite)
     return scatter_tokens(scored.logps, scored.layout, labels.shape)
 
@@ -83,13 +85,14 @@ def sequence_logps(
     arguments as in ``token_logps``; ``gemm``: None (default: ``$FASTPREF_GEMM``, else ``"cublas"``),
     ``"cublas"``, or the opt-in ``"fused"`` / ``"auto"``.
     """
+    hidden, weight, bias, shard = resolve_head(hidden, weight, bias)  # a vocabulary-sharded DTensor head: local
     check_head_inputs(hidden, weight, labels, bias)
     check_int("ignore_index", ignore_index)
     check_seq_ids(hidden, seq_ids, num_seqs)
     if seq_ids is None and hidden.dim() == 2:
         raise ValueError(f"hidden: [N, H] input {tuple(hidden.shape)} without seq_ids is per-token only; pass "
                          "seq_ids and num_seqs for packed sequences, or use [B, T, H]")
-    cfg = _head_pass(hidden, weight, backend, temperature, logit_scale, softcap, gemm)
+    cfg = _head_pass(hidden, weight, backend, temperature, logit_scale, softcap, gemm, shard)
     if seq_ids is None:
         batch, seq_len = labels.shape
         row_ids = torch.arange(batch, device=labels.device).repeat_interleave(seq_len)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .ops import HeadPass, LogitTransform, TokenLayout, build_layout, flat_rows
+from .ops.vocab_shard import VocabShard, localize
 from .utils.validation import check_head_inputs, check_seq_ids
 
 
@@ -99,7 +100,8 @@ class PolicyBatch(HeadBatch):
     def build(cls, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
               seq_ids: torch.Tensor | None, num_seqs: int | None, *, ignore_index: int, backend: str,
               transform: LogitTransform, token_metrics: bool,
-              finite: Sequence[tuple[str, torch.Tensor | None]] = (), gemm: str | None = None) -> PolicyBatch:
+              finite: Sequence[tuple[str, torch.Tensor | None]] = (), gemm: str | None = None,
+              shard: VocabShard | None = None) -> PolicyBatch:
         """Validate the batch and build its pair-ordered layout (the call's one host sync). ``finite``: tensors
         whose values must be finite, checked in the same sync (``check_finite=True``)."""
         check_head_inputs(hidden, weight, labels, bias)
@@ -109,11 +111,12 @@ class PolicyBatch(HeadBatch):
                              "pairs); or pass [B, T, H]")
         num_pairs = _num_pairs(hidden, num_seqs)
         head = HeadPass.for_inputs(hidden, weight, backend=backend, transform=transform, with_entropy=token_metrics,
-                                   with_top1=token_metrics, gemm=gemm)
+                                   with_top1=token_metrics, gemm=gemm, shard=shard)
         checked = [(name, t.detach()) for name, t in finite if isinstance(t, torch.Tensor)]
         for name, t in checked:  # counted on hidden's device in the sync: a meta tensor has nothing to count
             check_device(name, t, hidden.device)
-        layout = pair_layout(labels, weight.shape[0], seq_ids, num_pairs, ignore_index, checked)
+        layout = pair_layout(labels, head.vocab_size(weight), seq_ids, num_pairs, ignore_index, checked)
+        layout = localize(layout, shard)  # a vocabulary shard scores global target ids in its slab
         return cls(hidden, weight, bias, labels, layout, head, num_pairs)
 
 

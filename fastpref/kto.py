@@ -34,6 +34,7 @@ from .ops import (
     fast_pair_loss,
     segment_sum,
 )
+from .ops.vocab_shard import whole_head
 from .outputs import token_sums
 from .preference import HeadOptions, choose_mode, fast_groups
 from .scoring import score_sequences
@@ -271,6 +272,9 @@ def kto_loss(
     kl_ref_logps: torch.Tensor | None = None,
 ) -> KTOOutput:
     """See ``KTOLoss.forward``."""
+    hidden, weight, bias = whole_head(hidden, weight, bias, who="KTOLoss")
+    if ref_weight is not None:
+        ref_hidden, ref_weight, ref_bias = whole_head(ref_hidden, ref_weight, ref_bias, who="KTOLoss (ref_weight)")
     finite = {"hidden": hidden, "weight": weight, "bias": bias, "ref_logps": ref_logps, "ref_hidden": ref_hidden,
               "ref_weight": ref_weight, "ref_bias": ref_bias}
     b = _policy(cfg, hidden, weight, labels, bias, finite, token_metrics=cfg.token_metrics)
@@ -322,6 +326,7 @@ def kto_score(cfg: KTOConfig, hidden: torch.Tensor, weight: torch.Tensor, labels
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """Sequence sums ``[B]``, forward-only, scored exactly as ``kto_loss`` scores the policy in training (the fast
     path's groups when it would run fast): a reference equal to the policy gives rewards of exactly 0."""
+    hidden, weight, bias = whole_head(hidden, weight, bias, who="KTOLoss.score")
     b = _policy(cfg, hidden, weight, labels, bias, {"hidden": hidden, "weight": weight, "bias": bias},
                 token_metrics=False)
     groups = _groups(cfg, b)[0] if cfg.mode != "lean" else None

@@ -12,7 +12,7 @@ returns a ``PreferenceOutput`` (``fastpref.outputs``). Paths (``mode``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -32,6 +32,7 @@ from .ops import (
 from .ops.backend import BACKENDS
 from .ops.gemm_path import check_gemm
 from .ops.plan import default_memory_budget, preferred_group_rows
+from .ops.vocab_shard import VocabShard, resolve_head, resolve_reference
 from .outputs import PreferenceOutput, build_output, token_sums
 from .scoring import score_reference, score_refinement, score_sequences
 from .utils.validation import check_choice, check_int, check_memory_budget, check_transform
@@ -100,12 +101,13 @@ class PreferenceConfig(HeadOptions):
 
 def _policy_batch(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                   bias: torch.Tensor | None, seq_ids: torch.Tensor | None, num_seqs: int | None, *,
-                  token_metrics: bool, others: dict[str, torch.Tensor | None] | None = None) -> PolicyBatch:
+                  token_metrics: bool, others: dict[str, torch.Tensor | None] | None = None,
+                  shard: VocabShard | None = None) -> PolicyBatch:
     finite = [("hidden", hidden), ("weight", weight), ("bias", bias), *(others or {}).items()] \
         if cfg.check_finite else []
     return PolicyBatch.build(hidden, weight, labels, bias, seq_ids, num_seqs, ignore_index=cfg.ignore_index,
                              backend=cfg.backend, transform=cfg.transform, token_metrics=token_metrics, finite=finite,
-                             gemm=cfg.gemm)
+                             gemm=cfg.gemm, shard=shard)
 
 
 def fast_groups(options: HeadOptions, weight: torch.Tensor, head: HeadPass, layout: TokenLayout,
@@ -154,9 +156,13 @@ def forward(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, l
             reference: ReferenceInputs, refine: RefinementInputs, *, bias: torch.Tensor | None = None,
             seq_ids: torch.Tensor | None = None, num_seqs: int | None = None) -> PreferenceOutput:
     """The fused loss of one call (``fastpref.PreferenceLoss.forward`` builds ``reference`` / ``refine``)."""
+    # a vocabulary-sharded head (DTensor): its local shard, never gathered (fastpref.ops.vocab_shard)
+    hidden, weight, bias, shard = resolve_head(hidden, weight, bias)
+    ref_hidden, ref_weight, ref_bias = resolve_reference(reference.hidden, reference.weight, reference.bias, shard)
+    reference = replace(reference, hidden=ref_hidden, weight=ref_weight, bias=ref_bias)
     finite = {**reference.named(), **{k: v for k, v in refine.named().items() if k != "refine_labels"}}
     batch = _policy_batch(cfg, hidden, weight, labels, bias, seq_ids, num_seqs, token_metrics=cfg.token_metrics,
-                          others=finite)
+                          others=finite, shard=shard)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     mode, groups = choose_mode(cfg, batch.weight, batch.head, batch.layout, batch.num_pairs, needs_grad,
                                separable=_not_separable(cfg))
@@ -194,7 +200,8 @@ def score(cfg: PreferenceConfig, hidden: torch.Tensor, weight: torch.Tensor, lab
     """Sequence log-prob sums ``[B]`` (batch layout), forward-only, scored exactly as ``forward`` scores
     the policy in training: with the fast path's pair groups when it would run fast, else tile by tile. A
     reference model scored this way gives bit-identical sums when it equals the policy (rewards exactly 0)."""
-    batch = _policy_batch(cfg, hidden, weight, labels, bias, seq_ids, num_seqs, token_metrics=False)
+    hidden, weight, bias, shard = resolve_head(hidden, weight, bias)
+    batch = _policy_batch(cfg, hidden, weight, labels, bias, seq_ids, num_seqs, token_metrics=False, shard=shard)
     groups = fast_groups(cfg, batch.weight, batch.head, batch.layout, batch.num_pairs)[0] \
         if cfg.mode != "lean" and cfg.loss.pair_separable else None
     seq = score_sequences(hidden, weight, bias, batch.layout, batch.head, groups).seq_logps

@@ -28,6 +28,7 @@ from .ops import (
 )
 from .ops.backend import autocast_off
 from .ops.head_pass import forward_stats
+from .ops.vocab_shard import localize
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def score_sequences(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return ScoredSequences(*grouped_sequence_logps(source, weight, bias, layout, groups, head))
     with autocast_off(source.device.type):
         stats = forward_stats(source, layout.index, weight, bias, layout.targets, head)
-    _, logps, token_stats = finalize_stats(stats, weight.shape[0])
+    _, logps, token_stats = finalize_stats(stats, head.vocab_size(weight))
     return ScoredSequences(segment_sum(logps, layout.offsets), token_stats)
 
 
@@ -87,7 +88,9 @@ def score_refinement(loss: L.LossConfig, batch: PolicyBatch, refine: RefinementI
         return None
     if refine.given:
         return check_batch_vector("refinement", refine.refinement, batch.num_pairs, batch.device)
-    layout = pair_layout(refine.labels, batch.weight.shape[0], None, batch.num_pairs, ignore_index)
+    shard = batch.head.shard
+    layout = localize(pair_layout(refine.labels, batch.head.vocab_size(batch.weight), None, batch.num_pairs,
+                                  ignore_index), shard)
     head = _sums_only(batch.head)
     policy = score_sequences(refine.hidden, batch.weight, batch.bias, layout, head).seq_logps
     if loss.reference_free or loss.reference_free_only:

@@ -72,6 +72,18 @@ def cpu_deepspeed_shim() -> None:
     del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
+def tp_head_shim() -> int:
+    """Tensor parallel over every rank, data parallel over none: start the gloo group the head's mesh uses, then
+    hide the launcher's variables from the trainer, so that it neither wraps the model in DDP nor splits the data
+    (every tensor-parallel rank must see the same batch; accelerate's ``ParallelismConfig(tp_size=...)`` does this
+    on GPUs only). Returns this process's rank."""
+    torch.distributed.init_process_group("gloo")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                "ROLE_WORLD_SIZE"):
+        os.environ.pop(key, None)
+    return torch.distributed.get_rank()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -79,9 +91,12 @@ def main() -> None:
     parser.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config for TrainingArguments")
     parser.add_argument("--cpu-fsdp-shim", action="store_true")
     parser.add_argument("--no-ref-model", action="store_true", help="hf: the trainer's frozen copy as reference")
+    parser.add_argument("--tp-head", action="store_true",
+                        help="tensor parallel LM head: ColwiseParallel on lm_head over every rank (see tp_head_shim)")
     opts = parser.parse_args()
 
     torch.set_num_threads(1)
+    tp_rank = tp_head_shim() if opts.tp_head else None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if opts.cpu_fsdp_shim:
         cpu_fsdp_shim()
@@ -107,6 +122,15 @@ def main() -> None:
         common.update(ddp_backend="gloo", use_cpu=os.environ.get("ACCELERATE_USE_DEEPSPEED") is None)
     model = toy_llama(tok, hidden_size=32, num_layers=2)
     ref_model = None if opts.no_ref_model else toy_llama(tok, hidden_size=32, num_layers=2)
+    if tp_rank is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+        for m in (model, ref_model):
+            if m is not None:
+                parallelize_module(m, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
     if opts.trainer.startswith("trl"):
         from fastpref.integrations.trl import FastPrefDPOConfig, FastPrefDPOTrainer
 
@@ -118,7 +142,7 @@ def main() -> None:
         trainer = FastPrefTrainer(model, FastPrefTrainingArguments(**common), ref_model=ref_model,
                                   train_dataset=records, processing_class=tok)
     trainer.train()
-    if trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process and tp_rank in (None, 0):
         with open(opts.out, "w") as f:
             json.dump({"world": trainer.args.world_size, "wrapped": type(trainer.model_wrapped).__name__,
                        "ref": type(getattr(trainer, "ref_model", None)).__name__,

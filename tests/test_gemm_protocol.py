@@ -5,6 +5,7 @@ never ask which path runs, a third implementation plugs in without touching them
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import inspect
 import io
@@ -15,14 +16,14 @@ import pytest
 import torch
 
 import fastpref
-from fastpref.ops import gemm_path, head_pass
+from fastpref.ops import gemm_path, head_pass, vocab_shard
 from tests.helpers import make_labels
 
 OPS = Path(fastpref.ops.__file__).parent
 fast_pair_loss = importlib.import_module("fastpref.ops.fast_pair_loss")  # the package exports a function of that name
 # What a loop would name to test the path itself (its name, its key, its kernels, its errors).
 PATH_WORDS = {"fused", "cublas", "gemm", "gemm_key", "fused_gemm", "row_kernels", "fused_errors", "with_fallback",
-              "CublasPath", "FusedPath"}
+              "CublasPath", "FusedPath", "shard", "ShardedPath", "VocabShard", "world"}
 LOOPS = [head_pass.forward_stats, head_pass._forward_stats, head_pass.backward, head_pass._backward,
          fast_pair_loss.FastPairLoss, fast_pair_loss.fast_forward, fast_pair_loss._fast_forward,
          fast_pair_loss._GroupedHead, fast_pair_loss._PendingGrads, fast_pair_loss.grouped_sequence_logps,
@@ -44,6 +45,9 @@ def test_ops_imports_have_one_direction():
     assert not _relative_imports("gemm_path") & {"head_pass", "fast_pair_loss", "linear_logps"}
     assert not _relative_imports("head_pass") & {"fast_pair_loss", "linear_logps"}
     assert not _relative_imports("tile_ops") & {"gemm_path", "head_pass", "fast_pair_loss", "linear_logps"}
+    # the vocabulary shard is a path built on gemm_path; gemm_path knows it only as a protocol (Shard)
+    assert not _relative_imports("gemm_path") & {"vocab_shard"}
+    assert not _relative_imports("vocab_shard") & {"head_pass", "fast_pair_loss", "linear_logps"}
 
 
 @pytest.mark.parametrize("loop", LOOPS, ids=lambda f: f.__qualname__)
@@ -102,3 +106,41 @@ def test_a_third_path_plugs_in_without_touching_the_loops(monkeypatch, mode, bud
     for got, want in zip(grads, want_grads):
         assert torch.equal(got, want)
     assert {"fold", "combine", "grad_", "grad_input", "reduce_grad_input", "grad_weight"} <= set(calls), set(calls)
+
+
+class _OneRankShard(vocab_shard.VocabShard):
+    """A 'shard' holding the whole vocabulary that claims two ranks, so the switch wraps the path in
+    ``ShardedPath``; its collectives are recorded and do nothing (the sums over one rank)."""
+
+    def combine_stats_(self, stats) -> None:
+        self.group.append("combine")
+
+    def reduce_grad_(self, grad) -> None:
+        assert grad.dtype == torch.float32  # a shard's partial dH is summed in fp32
+        self.group.append("reduce")
+
+
+@pytest.mark.parametrize(("mode", "budget"), [("fast", None), ("fast", 150 * 4 * 40), ("lean", None)],
+                         ids=["fast", "fast-groups", "lean"])
+def test_the_shard_plugs_in_through_the_switch(monkeypatch, mode, budget):
+    """A vocabulary-sharded head is the protocol's third implementation (``vocab_shard.ShardedPath``), chosen by
+    ``gemm_path.implementation``: every pass of a step runs through it — the statistics combined once per fold,
+    dH reduced once per backward (fast: per pair group) — with the loops unchanged and, on a whole-vocabulary
+    'shard' (fp32), bit-identical results."""
+    want_loss, want_grads = _step(mode, budget)
+    calls: list[str] = []
+    shard = _OneRankShard(0, 150, 150, calls, 0, 2)
+    chosen = gemm_path.implementation
+    paths = []
+
+    def sharded(cfg, **kw):
+        paths.append(chosen(dataclasses.replace(cfg, shard=shard), **kw))
+        return paths[-1]
+
+    monkeypatch.setattr(gemm_path, "implementation", sharded)
+    loss, grads = _step(mode, budget)
+    assert torch.equal(loss, want_loss)
+    for got, want in zip(grads, want_grads):
+        assert torch.equal(got, want)
+    assert all(isinstance(p, vocab_shard.ShardedPath) for p in paths)
+    assert "combine" in calls and "reduce" in calls, calls

@@ -154,11 +154,29 @@ def fastpref_failures(rows: list[Row]) -> list[Row]:
     return [r for r in rows if r.impl.startswith("fastpref") and r.status in ("FAIL", "error")]
 
 
+def _tp_main(args: argparse.Namespace) -> int:
+    """``--tp N``: the DPO step on a head sharded over N gloo processes beside one process (fastpref only)."""
+    from .tp import format_tp, run_tp
+
+    if (args.device or "cpu") != "cpu":
+        print("fastpref bench: error: --tp runs on the CPU over gloo; got --device " + args.device, file=sys.stderr)
+        return 2
+    shapes = args.shapes or [SHAPES["tiny" if args.dry else "cpu"]]
+    for shape in shapes:
+        for regime in args.regimes:
+            rows = run_tp(shape, regime, tp=args.tp, dtype=_DTYPES[args.dtype], repeats=args.repeats or
+                          (1 if args.dry else 3), seed=args.seed)
+            print(format_tp(rows, shape, regime, _DTYPES[args.dtype]) + "\n")
+    return 0
+
+
 def _bench_main(args: argparse.Namespace) -> int:
     if args.cost_model:
         for task in args.trainer_tasks:
             print(cost_table(args.shapes) if task == "dpo" else task_cost_table(task, args.shapes))
         return 0
+    if getattr(args, "tp", None):
+        return _tp_main(args)
     try:
         check_outputs(args.csv, args.plot)
         check_environment(args.device)
@@ -190,6 +208,9 @@ def add_bench_parser(subparsers: Any) -> None:
                     "table of time, peak memory and error.",
     )
     add_bench_arguments(p)
+    p.add_argument("--tp", type=_positive_int, default=None, metavar="N",
+                   help="tensor parallel: the DPO step with the head sharded over the vocabulary on N gloo processes "
+                        "(CPU), per-rank time and memory beside one process (fastpref only; bench/NOTES.md)")
     p.set_defaults(func=_bench_main)
 
 

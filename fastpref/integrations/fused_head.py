@@ -118,6 +118,17 @@ def _full(t: torch.Tensor | None) -> torch.Tensor | None:
     return t
 
 
+def _fsdp_sharded(*modules: Any) -> bool:
+    """Whether the head's parameters are FSDP2's (sharded over the data-parallel ranks, whose tokens differ: the
+    head is gathered); a DTensor head outside FSDP is tensor parallel and is scored on its local vocabulary shard
+    (``fastpref.ops.vocab_shard``), never gathered."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch < 2.6
+        return True
+    return any(isinstance(m, FSDPModule) for m in modules)
+
+
 def _shift(labels: torch.Tensor | None, shift_labels: torch.Tensor | None, what: str) -> tuple[torch.Tensor, bool]:
     if shift_labels is not None:
         return shift_labels, False
@@ -237,12 +248,14 @@ def _check_whole_vocabulary(model: Any, weight: torch.Tensor) -> None:
     raise ValueError(
         f"lm_head.weight: {weight.shape[0]} rows, fewer than the config's vocab_size {vocab}: a vocabulary shard "
         "as a plain tensor would be scored as the whole head (a wrong log-softmax). fastpref needs the whole head "
-        "here: keep the weight a DTensor (it is gathered) or unshard it")
+        "here: keep the weight a DTensor (a Shard(0) head is scored on its local shard, never gathered) or unshard it")
 
 
 def _head(model: Any, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     head = model.get_output_embeddings()
-    weight, bias = _full(head.weight), _full(getattr(head, "bias", None))
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if _fsdp_sharded(model, head):
+        weight, bias = _full(weight), _full(bias)
     _check_whole_vocabulary(model, weight)
     # With the model split across devices (device_map), the backbone may end on another device than the head.
     return weight, bias, hidden.to(weight.device)

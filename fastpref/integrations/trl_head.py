@@ -40,6 +40,7 @@ from ..ops import HeadPass, LogitTransform, build_layout, finalize_stats, flat_r
 from ..ops import head_pass as _head_pass_ops
 from ..ops.backend import autocast_off
 from ..ops.tile_ops import LogSumExp, RowStats, row_ops
+from ..ops.vocab_shard import whole_head
 from ..utils.validation import check_choice
 from .fused_head import _check_whole_vocabulary, _full, _gathered_head, head_transform
 
@@ -249,6 +250,7 @@ def fused_head_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     the gradient of ``Σ log_probs`` in the forward (6·n·H·V) and uses it when every scored row's upstream
     gradient is the same (a mean over tokens, as SFT's loss), else recomputes as lean (one host sync decides).
     Without a gradient to form (no grad mode, frozen inputs) both are the forward pass alone."""
+    hidden, weight, bias = whole_head(hidden, weight, bias, who="fused_head_fields (TRL's fused head)")
     outputs = check_outputs(outputs)
     check_choice("mode", mode, MODES)
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):

@@ -203,7 +203,7 @@ def _grouped_sequence_logps(source: torch.Tensor, weight: torch.Tensor, bias: to
     with autocast_off(source.device.type):
         for p0, p1 in groups:
             seq[2 * p0 : 2 * p1] = head.forward(p0, p1, source, weight, bias, stats)[3]
-    return seq, finalize_stats(stats, weight.shape[0])[2]
+    return seq, finalize_stats(stats, cfg.vocab_size(weight))[2]
 
 
 def fast_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, problem: PairProblem,
@@ -263,7 +263,7 @@ def _fast_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         # 4) the gradient GEMMs: the group's dH rows (one GEMM over the whole vocabulary, or fp32 over slabs of a
         # cast weight), written straight into the rows of the [N, H] gradient; dW, the last group's in backward
         if need_hidden:
-            one_gemm = weight.dtype == cd and path.out_dtype(source.dtype) == source.dtype
+            one_gemm = weight.dtype == cd and path.grad_input_dtype(source.dtype) == source.dtype
             dh = torch.empty((t1 - t0, weight.shape[1]), device=dev, dtype=source.dtype if one_gemm else torch.float32)
             columns = [(0, vocab)] if weight.dtype == cd else head.columns(head.slab_cols)
             for v0, v1 in columns:
@@ -279,7 +279,7 @@ def _fast_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                 if first:
                     pending.d_weight = path.grad_buffer(weight, dw_dtype)
                 path.grad_weight(tile, grad, h, pending.d_weight, pending.d_bias, accumulate=not first, formed=formed)
-    _, _, token_stats = finalize_stats(stats, vocab)
+    _, _, token_stats = finalize_stats(stats, cfg.vocab_size(weight))
     loss = losses.sum() * inv_pairs
     if need_weight and pending.last is None and pending.d_weight is None:
         pending.d_weight = torch.zeros_like(weight)  # no scored row reached a gradient GEMM

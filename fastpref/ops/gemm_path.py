@@ -292,6 +292,11 @@ class GemmPath(Protocol):
         """Whether the gradient GEMMs write into ``t`` as it is (dtype and layout)."""
         ...
 
+    def grad_input_dtype(self, want: torch.dtype) -> torch.dtype:
+        """The dtype ``grad_input`` accumulates dH rows in for a dH wanted in ``want`` (else fp32, converted after
+        ``reduce_grad_input``): ``out_dtype``, or fp32 where the rows are still to be summed across devices."""
+        ...
+
     def grad_buffer(self, like: torch.Tensor, dtype: torch.dtype, *,
                     device: torch.device | None = None) -> torch.Tensor:
         """``grad_buffer`` in a layout the gradient GEMMs write."""
@@ -314,6 +319,9 @@ class _OneDevice:
 
     def reduce_grad_input(self, out: torch.Tensor) -> None:
         pass
+
+    def grad_input_dtype(self, want: torch.dtype) -> torch.dtype:
+        return self.out_dtype(want)  # type: ignore[attr-defined]  # each path defines out_dtype
 
 
 @dataclass(frozen=True)
@@ -449,13 +457,25 @@ class PassParams(Protocol):
     backend: str
     gemm: str
     gemm_key: Key | None
+    tile_bytes: int
+    shard: Shard | None  # the head is a vocabulary shard (``vocab_shard.VocabShard``); None: the whole head
+
+
+class Shard(Protocol):
+    """A vocabulary-sharded head as the switch sees it (``fastpref.ops.vocab_shard.VocabShard``)."""
+
+    def path(self, inner: GemmPath, tile_bytes: int) -> GemmPath:
+        """``inner`` with the shard's collectives in ``combine`` / ``reduce_grad_input``."""
+        ...
 
 
 def implementation(cfg: PassParams, *, bias_without_weight: bool = False) -> GemmPath:
     """The path a pass runs: the fused GEMMs where ``cfg.gemm`` resolved to them, they have not failed for its key,
-    and they can form what the pass needs (the bias gradient comes with dW there); else cublas."""
+    and they can form what the pass needs (the bias gradient comes with dW there); else cublas. On a vocabulary
+    shard, that path wrapped with the shard's collectives (``vocab_shard.ShardedPath``)."""
     fused = cfg.gemm == "fused" and usable(cfg.gemm_key) and not bias_without_weight  # FusedPath.bias_with_weight
-    return (FusedPath if fused else CublasPath)(cfg.transform, cfg.compute_dtype, cfg.backend)
+    path = (FusedPath if fused else CublasPath)(cfg.transform, cfg.compute_dtype, cfg.backend)
+    return path if cfg.shard is None else cfg.shard.path(path, cfg.tile_bytes)
 
 
 def run(cfg: PassParams, pass_fn: Callable[[GemmPath], T], *, bias_without_weight: bool = False) -> T:

@@ -29,6 +29,7 @@ from .gemm_path import probe_fp32_out_matmul as probe_fp32_out_matmul
 from .layout import TokenLayout
 from .plan import TilePlan, default_tile_bytes, plan_tiles
 from .tile_ops import LogitTransform, LogSumExp, RowGrad, RowStats
+from .vocab_shard import VocabShard, global_vocab
 
 # The accumulation rule (docs/design.md): across chunks, an accumulator of the whole dW may take at most a handful
 # of partial sums in its own dtype; beyond that, dW accumulates in fp32 one vocabulary slab at a time.
@@ -48,11 +49,12 @@ class HeadPass:
     with_top1: bool = False
     gemm: str = "cublas"  # resolved: "fused" | "cublas"; the path itself: gemm_path.implementation / run
     gemm_key: gemm_path.Key | None = None  # the fused path's (device, dtype, H, V bucket), for its fallback
+    shard: VocabShard | None = None  # the head is this vocabulary shard: the switch adds its collectives
 
     @classmethod
     def for_inputs(cls, hidden: torch.Tensor, weight: torch.Tensor, *, backend: str | None,
                    transform: LogitTransform, tile_bytes: int | None = None, with_entropy: bool = False,
-                   with_top1: bool = False, gemm: str | None = None) -> HeadPass:
+                   with_top1: bool = False, gemm: str | None = None, shard: VocabShard | None = None) -> HeadPass:
         """The parameters for ``hidden``'s device and dtype (autocast included), the head's shape, a requested
         backend and GEMM path."""
         cd = compute_dtype(hidden)
@@ -67,7 +69,13 @@ class HeadPass:
             with_top1=with_top1,
             gemm=gemm_path.resolve(gemm, resolved, hidden.device, cd, size, vocab),
             gemm_key=gemm_path.key_of(hidden.device, cd, size, vocab),
+            shard=shard,
         )
+
+    def vocab_size(self, weight: torch.Tensor) -> int:
+        """The vocabulary the targets index and the statistics cover once combined: the whole head's (a shard's
+        ``weight`` holds only its rows)."""
+        return global_vocab(weight, self.shard)
 
     def plan(self, n_rows: int, vocab: int) -> TilePlan:
         # The torch row ops hold ~3 fp32 copies of a tile; size the tile by its fp32 working set there.
@@ -177,7 +185,7 @@ def _backward(source, index, weight, bias, targets, lse, grad_rows, cfg: HeadPas
     # one row chunk: gather it once for every slab; several: per chunk and slab (cheap next to the GEMMs)
     rows = gather(source, index, 0, n, cd) if single_row_chunk else None
     if need_hidden:
-        direct_dh = n_slabs == 1 and path.out_dtype(source.dtype) == source.dtype
+        direct_dh = n_slabs == 1 and path.grad_input_dtype(source.dtype) == source.dtype
         dh_acc = torch.empty((n, source.shape[1]), device=dev, dtype=source.dtype if direct_dh else torch.float32)
     buf = path.buffer(plan.rows, plan.cols, dev, keep=True)
     for v0 in range(0, vocab, plan.cols):
@@ -242,7 +250,7 @@ class LinearLogProbs(torch.autograd.Function):
     def forward(ctx, source, weight, bias, layout: TokenLayout, cfg: HeadPass):  # type: ignore[override]
         with autocast_off(source.device.type):
             stats = forward_stats(source, layout.index, weight, bias, layout.targets, cfg)
-        lse, logps, token_stats = finalize_stats(stats, weight.shape[0])
+        lse, logps, token_stats = finalize_stats(stats, cfg.vocab_size(weight))
         ctx.save_for_backward(source, weight, bias, *lse)
         ctx.layout, ctx.cfg = layout, cfg
         return logps, token_stats

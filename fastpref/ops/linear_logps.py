@@ -10,6 +10,7 @@ import torch
 
 from .head_pass import HeadPass, LinearLogProbs, TokenStats
 from .layout import TokenLayout, build_layout
+from .vocab_shard import localize
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,10 @@ def score_labels(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """Compact the scored tokens of ``labels`` (the call's one host sync) and score them; ``check_finite``:
     the inputs' values must be finite (counted in the same sync)."""
     finite = [(n, t.detach()) for n, t in (("hidden", hidden), ("weight", weight), ("bias", bias)) if t is not None]
-    layout = build_layout(labels.reshape(-1), ignore_index=ignore_index, vocab_size=weight.shape[0],
+    layout = build_layout(labels.reshape(-1), ignore_index=ignore_index, vocab_size=cfg.vocab_size(weight),
                           seq_ids=None if seq_ids is None else seq_ids.reshape(-1), num_seqs=num_seqs,
                           finite=finite if check_finite else ())
+    layout = localize(layout, cfg.shard)  # a vocabulary shard: global target ids -> its own rows
     return score_tokens(hidden, weight, bias, layout, cfg)
 
 
