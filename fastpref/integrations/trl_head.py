@@ -7,9 +7,9 @@ context / sequence parallelism) returns TRL's own ``FusedCausalLMOutput`` — ``
 each zero where the label is -100; any other call is the original forward (generation unchanged). Only the scored
 positions are projected, in bounded tiles: no ``[tokens, vocab]`` logits.
 
-Gradients: ``log_probs`` through fastpref's recompute backward; ``entropy`` (GRPO's entropy bonus) exactly, by a
-tiled torch pass below (``dH/dz_j = -p_j (log p_j + H)``, with H re-summed as -Σ p log p: the forward's
-``lse - E[z]`` cancels on peaked rows), which the ops' row kernels do not offer. ``log_sum_sq_probs``,
+Gradients: ``log_probs`` and ``entropy`` (GRPO's entropy bonus) through fastpref's recompute backward
+(``head_pass.backward``; the row ops form ``dH/dz_j = -p_j (log p_j + H)`` beside the log-prob's term, with the
+forward's H, precise on peaked rows: ``RowStats.entropy_acc``). ``log_sum_sq_probs``,
 ``mean_logits`` and ``is_top1`` carry no gradient, as in TRL.
 
 Fast mode (``mode="fast"``, SFT): the forward also forms the gradient of ``Σ log_probs`` (each row chunk's logits
@@ -39,7 +39,7 @@ import torch
 from ..ops import HeadPass, LogitTransform, build_layout, finalize_stats, flat_rows, scatter_tokens
 from ..ops import head_pass as _head_pass_ops
 from ..ops.backend import autocast_off
-from ..ops.tile_ops import LogSumExp, RowStats, row_ops
+from ..ops.tile_ops import EntropyGrad, LogSumExp, RowStats, row_ops
 from ..utils.validation import check_choice
 from .fused_head import _check_whole_vocabulary, _full, _gathered_head, head_transform
 
@@ -57,71 +57,6 @@ def check_outputs(outputs: tuple[str, ...]) -> tuple[str, ...]:
     for name in outputs:
         check_choice("outputs", name, FIELDS)
     return tuple(outputs)
-
-
-def _entropy_backward(source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      targets: torch.Tensor, lse: LogSumExp, grad_logps: torch.Tensor,
-                      grad_entropy: torch.Tensor, cfg: HeadPass, needs: tuple[bool, bool, bool]):
-    """Gradients of ``Σ_r g_r·logp_r + e_r·H_r`` w.r.t. ``source`` [N, H] (0 outside ``index``), ``weight`` and
-    ``bias`` by recompute, tile by tile (tiles sized by the pass's plan), in torch: per row chunk one sweep for
-    ``H``, one for the logits' gradient ``g·(onehot - p) - e·p·(log p + H)`` times ``dz/dy``, rounded to the
-    compute dtype (as the ops' tiles are) and accumulated in fp32. 10·n·H·V FLOPs."""
-    need_hidden, need_weight, need_bias = needs
-    n, vocab = index.numel(), weight.shape[0]
-    cd, t = cfg.compute_dtype, cfg.transform
-    f32 = torch.float32
-    d_source = torch.zeros(source.shape, device=source.device, dtype=f32) if need_hidden else None
-    d_weight = torch.zeros(weight.shape, device=weight.device, dtype=f32) if need_weight else None
-    d_bias = torch.zeros(bias.shape, device=bias.device, dtype=f32) if need_bias and bias is not None else None
-    plan = cfg.plan(max(n, 1), max(vocab, 1))
-    scale = t.inv_temperature * t.logit_scale
-
-    def log_p_tile(h, v0, v1, row_max, log_sumexp):
-        w = weight[v0:v1].to(cd)
-        y = _head_pass_ops.project(torch.empty((h.shape[0], v1 - v0), device=h.device, dtype=cd), h, w,
-                                   None if bias is None else bias[v0:v1].to(cd)).float() * t.logit_scale
-        tanh = None
-        if t.softcap is not None:
-            tanh = torch.tanh(y / t.softcap)
-            y = t.softcap * tanh
-        return w, (y * t.inv_temperature - row_max) - log_sumexp, tanh
-
-    for t0 in range(0, n, plan.rows):
-        t1 = min(t0 + plan.rows, n)
-        rows = index[t0:t1]
-        h = source.index_select(0, rows).to(cd)
-        g, e = grad_logps[t0:t1, None], grad_entropy[t0:t1, None]
-        row_max, log_sumexp = lse.row_max[t0:t1, None], lse.log_sumexp[t0:t1, None]
-        # H = -Σ p log p in a first sweep: the forward's lse - E[z] cancels at |z|·2⁻²⁴ on peaked rows, and
-        # dH/dz = -p (log p + H) needs H to the precision of log p
-        ent = torch.zeros((t1 - t0, 1), device=source.device, dtype=f32)
-        for v0 in range(0, vocab, plan.cols):
-            log_p = log_p_tile(h, v0, min(v0 + plan.cols, vocab), row_max, log_sumexp)[1]
-            ent -= (log_p.exp() * log_p).sum(1, keepdim=True)
-        dh = torch.zeros((t1 - t0, source.shape[1]), device=source.device, dtype=f32) if need_hidden else None
-        for v0 in range(0, vocab, plan.cols):
-            v1 = min(v0 + plan.cols, vocab)
-            w, log_p, tanh = log_p_tile(h, v0, v1, row_max, log_sumexp)
-            p = log_p.exp()
-            grad = -(g * p) - e * p * (log_p + ent)
-            local = targets[t0:t1] - v0
-            in_chunk = (local >= 0) & (local < v1 - v0)
-            grad.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None], (g * in_chunk[:, None]))
-            grad.mul_(scale)
-            if tanh is not None:
-                grad.mul_(1 - tanh * tanh)
-            grad = grad.to(cd)
-            if dh is not None:
-                _head_pass_ops.accumulate_mm(dh, grad, w, first=False)
-            if d_weight is not None:
-                _head_pass_ops.accumulate_mm(d_weight[v0:v1], grad.t(), h, first=False)
-            if d_bias is not None:
-                d_bias[v0:v1] += grad.sum(0, dtype=f32)
-        if dh is not None:
-            d_source.index_copy_(0, rows, dh)
-    return (None if d_source is None else d_source.to(source.dtype),
-            None if d_weight is None else d_weight.to(weight.dtype),
-            None if d_bias is None else d_bias.to(bias.dtype))
 
 
 def _fast_pass(source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -205,14 +140,15 @@ class HeadFields(torch.autograd.Function):
         entropy = token_stats.entropy if "entropy" in outputs else None
         mean = token_stats.mean_logits if "mean_logits" in outputs else None
         top1 = token_stats.is_top1 if "is_top1" in outputs else None
-        ctx.save_for_backward(source, weight, bias, *lse)
+        # the entropies' gradient dH/dz = -p·(log p + H) reads H (precise on peaked rows: RowStats.entropy_acc)
+        ctx.save_for_backward(source, weight, bias, *lse, token_stats.entropy)
         ctx.layout, ctx.cfg = layout, cfg
         ctx.mark_non_differentiable(*(x for x in (sq, mean, top1) if x is not None))
         return logps, entropy, sq, mean, top1
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy, *_):  # type: ignore[override]
-        source, weight, bias, row_max, log_sumexp = ctx.saved_tensors
+        source, weight, bias, row_max, log_sumexp, entropy = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         none = (None, None, None, None)
         if (grad_logps is None and grad_entropy is None) or not any(needs):
@@ -227,12 +163,10 @@ class HeadFields(torch.autograd.Function):
         g = torch.zeros_like(row_max) if grad_logps is None else grad_logps.float().contiguous()
         # ZeRO-3 re-partitions the head after the forward: gather it again for the recompute, as TRL does
         with autocast_off(source.device.type), _gathered_head(weight, bias):
-            if grad_entropy is None:
-                grads = _head_pass_ops.backward(source, layout.index, weight, bias, layout.targets, lse, g, cfg,
-                                                need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
-            else:
-                grads = _entropy_backward(source, layout.index, weight, bias, layout.targets, lse, g,
-                                          grad_entropy.float().contiguous(), cfg, needs)
+            ent = None if grad_entropy is None else EntropyGrad(grad_entropy.float().contiguous(), entropy)
+            grads = _head_pass_ops.backward(source, layout.index, weight, bias, layout.targets, lse, g, cfg,
+                                            need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
+                                            entropy=ent)
         return (*grads, *none)
 
 
