@@ -119,7 +119,7 @@ def test_fused_path_refuses_an_entropy_gradient():
     zeros = torch.zeros(3)
     grad = RowGrad(torch.zeros(3, dtype=torch.long), LogSumExp(zeros, zeros), zeros, EntropyGrad(zeros, zeros))
     fused = gemm_path.FusedPath(LogitTransform(), torch.float32, "triton")
-    with pytest.raises(ValueError, match="grad.entropy: the fused GEMM path forms no entropy gradient"):
+    with pytest.raises(ValueError, match=r"grad\.entropy: the fused GEMM path forms no entropy gradient"):
         fused.grad_input(torch.zeros(3, 16), grad, torch.zeros(16, 8), torch.zeros(3, 8), accumulate=False)
-    with pytest.raises(ValueError, match="grad.entropy"):
+    with pytest.raises(ValueError, match=r"grad\.entropy"):
         fused.grad_weight(torch.zeros(3, 16), grad, torch.zeros(3, 8), torch.zeros(16, 8), None, accumulate=False)
