@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fastpref.kernels.launch import count_flops
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastpref.kernels.launch import count_flops
 from fastpref.losses import policy as P
 from fastpref.ops import HeadPass, LogitTransform, build_layout, flat_rows
 from fastpref.ops.fast_token_loss import TokenProblem, fast_token_loss, plan_token_groups, token_groups
@@ -95,7 +95,7 @@ def test_fast_token_loss_matches_float64_fp32(backend, gemm, transform, budget):
     """fp32: the loss and every gradient of TRL's GRPO loss (clipping, KL to the reference, entropy bonus) against
     float64 through the materialised logits; several groups split sequences and accumulate dW."""
     batch = _batch(torch.float32, std=3.0)
-    loss, result, groups, got = _run(*batch, backend=backend, gemm=gemm, transform=transform, budget=budget)
+    loss, _, groups, got = _run(*batch, backend=backend, gemm=gemm, transform=transform, budget=budget)
     assert len(groups) == (1 if budget is None else 6)
     truth_loss, truth = _materialised(*batch, transform, torch.float64)
     plain_loss, plain = _materialised(*batch, transform, torch.float32)

@@ -12,10 +12,11 @@ Gradients: ``log_probs`` and ``entropy`` (GRPO's entropy bonus) through fastpref
 forward's H, precise on peaked rows: ``RowStats.entropy_acc``). ``log_sum_sq_probs``,
 ``mean_logits`` and ``is_top1`` carry no gradient, as in TRL.
 
-Fast mode (``mode="fast"``, SFT): the forward also forms the gradient of ``Σ log_probs`` (each row chunk's logits
-over the whole vocabulary in one bounded buffer, folded, then turned into their gradient in place), and the
-backward scales it when every scored row's upstream gradient is the same (a mean over tokens); otherwise it
-recomputes as lean mode does.
+Fast mode (``mode="fast"``, SFT): the forward also forms the gradient of ``Σ log_probs`` through
+``ops.fast_token_loss`` (row groups of logits within the memory budget, turned into their gradient in place), and
+the backward scales it when every scored row's upstream gradient is the same (a mean over tokens); otherwise it
+recomputes as lean mode does (so does a batch whose rows do not fit the budget). The module runs no tile loop of
+its own: the passes are the ops'.
 
 ``log_sum_sq_probs`` is composed from the ops' log-sum-exp: ``log Σ p² = lse(2z) - 2·lse(z)``, the second
 log-sum-exp a forward-only pass at half the temperature (z/(T/2) = 2·z/T exactly in floating point), so it costs
@@ -39,8 +40,9 @@ import torch
 from ..ops import HeadPass, LogitTransform, build_layout, finalize_stats, flat_rows, scatter_tokens
 from ..ops import head_pass as _head_pass_ops
 from ..ops.backend import autocast_off
-from ..ops.tile_ops import EntropyGrad, LogSumExp, RowStats, row_ops
-from ..utils.validation import check_choice
+from ..ops.fast_token_loss import TokenProblem, token_forward, token_groups
+from ..ops.tile_ops import EntropyGrad, LogSumExp
+from ..utils.validation import check_choice, check_memory_budget
 from .fused_head import _check_whole_vocabulary, _full, _gathered_head, head_transform
 
 _PATCH_ATTR = "_fastpref_trl_head"  # marks the patched forward (``has_fastpref_head``)
@@ -59,57 +61,14 @@ def check_outputs(outputs: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(outputs)
 
 
-def _fast_pass(source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               targets: torch.Tensor, cfg: HeadPass, needs: tuple[bool, bool, bool]):
-    """Fast mode: the statistics of the scored rows and, in the same pass, the gradients of ``Σ_r logp_r`` (unit
-    per-row coefficients) w.r.t. ``source`` rows, ``weight`` and ``bias`` (fp32). Each row chunk's logits over the
-    whole vocabulary sit in one buffer of at most ``cfg.tile_bytes`` (the row ops' working set), are folded, then
-    turned into their gradient in place and fed to the two gradient GEMMs: 6·n·H·V FLOPs, no recompute.
-    Returns ``(RowStats, (dH [n, H] | None, dW [V, H] | None, db [V] | None))``."""
-    n, vocab, size = index.numel(), weight.shape[0], weight.shape[1]
-    cd, dev, f32 = cfg.compute_dtype, source.device, torch.float32
-    ops = row_ops(cfg.backend)
-    stats = RowStats.empty(n, dev, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
-    elem = 4 * 3 if cfg.backend == "torch" else torch.empty((), dtype=cd).element_size()
-    rows = max(1, min(n, cfg.tile_bytes // max(vocab * elem, 1)))
-    w = weight.to(cd)
-    b = None if bias is None else bias.to(cd)
-    d_rows = torch.empty((n, size), device=dev, dtype=f32) if needs[0] else None
-    d_weight = torch.zeros((vocab, size), device=dev, dtype=f32) if needs[1] else None
-    d_bias = torch.zeros((vocab,), device=dev, dtype=f32) if needs[2] and bias is not None else None
-    buf = torch.empty((rows, vocab), device=dev, dtype=cd)
-    ones = torch.ones((rows,), device=dev, dtype=f32)
-    for t0 in range(0, n, rows):
-        t1 = min(t0 + rows, n)
-        h = source.index_select(0, index[t0:t1]).to(cd)
-        tile = _head_pass_ops.project(buf[: t1 - t0], h, w, b)
-        chunk = stats.rows(t0, t1)
-        ops.fold(tile, targets[t0:t1], chunk, 0, cfg.transform)
-        ops.grad_(tile, targets[t0:t1], chunk.lse(), ones[: t1 - t0], 0, cfg.transform)
-        if d_rows is not None:
-            _head_pass_ops.accumulate_mm(d_rows[t0:t1], tile, w, first=True)
-        if d_weight is not None:
-            _head_pass_ops.accumulate_mm(d_weight, tile.t(), h, first=False)
-        if d_bias is not None:
-            d_bias += tile.sum(0, dtype=f32)
-    return stats, (d_rows, d_weight, d_bias)
+def _sum_of_logps(logps: torch.Tensor, _entropy: torch.Tensor | None, _rows: slice) -> torch.Tensor:
+    """Fast mode's loss: Σ log_probs (the upstream gradient, uniform for a mean over tokens, scales it)."""
+    return logps.sum()
 
 
 def _uniform(grad_rows: torch.Tensor) -> bool:
     """Whether every scored row got the same upstream gradient (SFT's mean: -1/num_items each); one host sync."""
     return grad_rows.numel() == 0 or bool((grad_rows == grad_rows[:1]).all())
-
-
-def _scaled(unit: tuple, c: torch.Tensor, source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
-            bias: torch.Tensor | None):
-    """The fast pass's unit gradients times the uniform upstream coefficient ``c``, in the inputs' dtypes."""
-    d_rows, d_weight, d_bias = unit
-    d_source = None
-    if d_rows is not None:
-        d_source = torch.zeros_like(source)
-        d_source.index_copy_(0, index, (d_rows * c).to(source.dtype))
-    return (d_source, None if d_weight is None else (d_weight * c).to(weight.dtype),
-            None if d_bias is None else (d_bias * c).to(bias.dtype))
 
 
 class HeadFields(torch.autograd.Function):
@@ -119,16 +78,20 @@ class HeadFields(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, source, weight, bias, layout, cfg: HeadPass, outputs: tuple[str, ...],  # type: ignore[override]
-                fast_needs: tuple[bool, bool, bool] | None = None):
+                fast_needs: tuple[bool, bool, bool] | None = None, memory_budget: int | None = None):
         ctx.set_materialize_grads(False)  # an entropy used only for logging sends no gradient: skip its term
-        ctx.unit = None
+        ctx.pending = None
         with autocast_off(source.device.type), _gathered_head(weight, bias):
             vocab = weight.shape[0]  # read once gathered (a ZeRO-3 partition reads 0 rows)
-            if fast_needs is not None:
-                stats, ctx.unit = _fast_pass(source, layout.index, weight, bias, layout.targets, cfg, fast_needs)
+            groups = None if fast_needs is None else token_groups(layout, weight, cfg, memory_budget=memory_budget)
+            if groups is not None:
+                # fast: the gradient of Σ log_probs (unit coefficients) formed in the forward, scaled in backward
+                problem = TokenProblem(layout, groups, _sum_of_logps, cfg)
+                _, result, ctx.pending = token_forward(source, weight, bias, problem, fast_needs)
+                lse, logps, token_stats = result.lse, result.logps, result.stats
             else:
                 stats = _head_pass_ops.forward_stats(source, layout.index, weight, bias, layout.targets, cfg)
-            lse, logps, token_stats = finalize_stats(stats, vocab)
+                lse, logps, token_stats = finalize_stats(stats, vocab)
             sq = None
             if "log_sum_sq_probs" in outputs:
                 # lse(2z) - 2 lse(z), each in its two parts (row maxima exactly 2x apart, see the module doc)
@@ -150,14 +113,15 @@ class HeadFields(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_entropy, *_):  # type: ignore[override]
         source, weight, bias, row_max, log_sumexp, entropy = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        none = (None, None, None, None)
+        none = (None,) * 5  # layout, cfg, outputs, fast_needs, memory_budget
         if (grad_logps is None and grad_entropy is None) or not any(needs):
             return (None, None, None, *none)
         layout, cfg = ctx.layout, ctx.cfg
-        unit, ctx.unit = ctx.unit, None
-        if unit is not None and grad_entropy is None and _uniform(grad_logps):
-            c = grad_logps[:1].float() if grad_logps.numel() else torch.zeros(1, device=source.device)
-            return (*_scaled(unit, c, source, layout.index, weight, bias), *none)
+        pending, ctx.pending = ctx.pending, None
+        if pending is not None and grad_entropy is None and grad_logps is not None and _uniform(grad_logps):
+            c = grad_logps[0].float() if grad_logps.numel() else torch.zeros((), device=source.device)
+            with autocast_off(source.device.type):
+                return (*pending.finish(c), *none)
         # lean: recompute (no fast pass, or per-row coefficients that differ, or an entropy gradient)
         lse = LogSumExp(row_max, log_sumexp)
         g = torch.zeros_like(row_max) if grad_logps is None else grad_logps.float().contiguous()
@@ -173,7 +137,7 @@ class HeadFields(torch.autograd.Function):
 def fused_head_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                       *, temperature: float = 1.0, logit_scale: float = 1.0, softcap: float | None = None,
                       outputs: tuple[str, ...] = ("log_probs",), backend: str = "auto", gemm: str | None = None,
-                      mode: str = "lean") -> tuple[torch.Tensor | None, ...]:
+                      mode: str = "lean", memory_budget: int | None = None) -> tuple[torch.Tensor | None, ...]:
     """TRL's per-token fields of ``hidden`` [..., H] against already-shifted ``labels`` [...] (-100 = not scored):
     ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` shaped like ``labels``, 0 (False) where not
     scored, ``None`` for fields not in ``outputs`` (``log_probs`` is always computed). fp32 (``is_top1`` bool).
@@ -182,7 +146,8 @@ def fused_head_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     ``mode``: ``"lean"`` recomputes the logits in the backward (8·n·H·V FLOPs with the gradient); ``"fast"`` forms
     the gradient of ``Σ log_probs`` in the forward (6·n·H·V) and uses it when every scored row's upstream
     gradient is the same (a mean over tokens, as SFT's loss), else recomputes as lean (one host sync decides).
-    Without a gradient to form (no grad mode, frozen inputs) both are the forward pass alone."""
+    Without a gradient to form (no grad mode, frozen inputs) both are the forward pass alone. ``memory_budget``:
+    fast mode's bytes of kept logits (None: the device's default, as ``fastpref.DPOLoss``'s)."""
     outputs = check_outputs(outputs)
     check_choice("mode", mode, MODES)
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
@@ -194,7 +159,9 @@ def fused_head_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     layout = build_layout(labels.reshape(-1), ignore_index=-100, vocab_size=weight.shape[0])
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     fast = mode == "fast" and torch.is_grad_enabled() and any(needs)
-    rows = HeadFields.apply(flat_rows(hidden), weight, bias, layout, cfg, outputs, needs if fast else None)
+    check_memory_budget(memory_budget)
+    rows = HeadFields.apply(flat_rows(hidden), weight, bias, layout, cfg, outputs, needs if fast else None,
+                            memory_budget)
     return tuple(None if x is None else scatter_tokens(x, layout, labels.shape) for x in rows)
 
 

@@ -35,7 +35,7 @@ from .gemm_path import GemmPath
 from .head_pass import HeadPass, TokenStats, finalize_stats
 from .layout import TokenLayout
 from .plan import MAX_GROUPS_DIRECT_DW, default_memory_budget, plan_pair_groups, preferred_group_rows
-from .tile_ops import EntropyGrad, RowGrad, RowStats
+from .tile_ops import EntropyGrad, LogSumExp, RowGrad, RowStats
 
 # token_loss(logps [t], entropies [t] | None, rows: slice) -> the group's term of the loss (0-dim), differentiable
 # in logps and entropies; ``rows``: the group's scored rows [t0, t1) in layout order. The loss is the sum of the
@@ -98,6 +98,7 @@ class TokenResult:
 
     logps: torch.Tensor  # [n] fp32, layout order
     stats: TokenStats
+    lse: LogSumExp  # per row, for a recompute (a caller's lean fallback)
 
 
 class FastTokenLoss(torch.autograd.Function):
@@ -173,7 +174,7 @@ def _token_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     lse, logps, token_stats = finalize_stats(stats, vocab)
     if need_weight and pending.last is None and pending.d_weight is None:
         pending.d_weight = torch.zeros_like(weight)  # no scored row reached a gradient GEMM
-    return loss, TokenResult(logps=logps, stats=token_stats), pending
+    return loss, TokenResult(logps=logps, stats=token_stats, lse=lse), pending
 
 
 def fast_token_loss(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
