@@ -110,9 +110,9 @@ def _fold_logsumexp_kernel(
         rescale = tl.exp2((v_max - shift) * LOG2E)
         b_e = tl.where(m_v, tl.exp2((b_z - shift) * LOG2E), 0.0)
         if HAS_ENTROPY:
-            # Σ e·(z - max), relative to the lane's running max: the old sum moves by s·(m_old - m_new)
-            v_moved = v_sum * tl.where(v_sum > 0.0, v_max - shift, 0.0)
-            v_ent = (v_ent + v_moved) * rescale + b_e * tl.where(m_v, b_z - shift, 0.0)
+            # Σ e·(z - max), relative to the lane's running max: the old sum moves by s·(m_old - m_new) (a lane
+            # with nothing summed has s = 0 and m_old = -inf: the floor keeps 0·(-inf) out). b_e = 0 off the row.
+            v_ent = (v_ent + v_sum * tl.maximum(v_max - shift, -3.0e38)) * rescale + b_e * (b_z - shift)
         v_sum = v_sum * rescale + b_e
         v_max = new_max
     # one reduction per statistic, then the merge with the running statistics of the earlier chunks
