@@ -481,9 +481,10 @@ def _linear_fold_kernel(
         rescale = tl.exp2((b_max - new_max) * LOG2E)
         e = tl.exp2((z - new_max[:, None]) * LOG2E)
         if HAS_ENTROPY:
+            # Σ e·(z - max), relative to the running max as the sum is: the old sum moves by s·(m_old - m_new)
             block_sum = tl.sum(e, axis=1)
-            block_ent = tl.sum(e * z, axis=1)
-            b_ent = b_ent * rescale + block_ent
+            block_ent = tl.sum(e * (z - new_max[:, None]), axis=1)
+            b_ent = (b_ent + b_sum * tl.where(b_sum > 0.0, b_max - new_max, 0.0)) * rescale + block_ent
         else:
             block_sum = tl.sum(e, axis=1)
         b_sum = b_sum * rescale + block_sum
@@ -524,7 +525,8 @@ def _fold_combine_kernel(
 ):
     """Merge the per-split partials into the running statistics, splits in order 0, 1, ... (deterministic)::
 
-        M = max(m, part_max.amax(0)); s = s·exp(m - M) + (part_sum·exp(part_max - M)).sum(0)   # ent likewise
+        M = max(m, part_max.amax(0)); s = s·exp(m - M) + (part_sum·exp(part_max - M)).sum(0)
+        ent = (ent + s·(m - M))·exp(m - M) + ((part_ent + part_sum·(part_max - M))·exp(part_max - M)).sum(0)
         logit_sum += part_zsum.sum(0); max_before_target = max(max_before_target, part_before.amax(0))
     """
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -540,20 +542,25 @@ def _fold_combine_kernel(
     b_zsum = tl.load(p_logit_sum + o, mask=m_o, other=0.0)
     p_pm, p_ps, p_pz = p_part_max + o, p_part_sum + o, p_part_zsum + o
     if HAS_ENTROPY:
+        # Σ e·(z - max) moves with the max: + s·(m_old - M) (0 where nothing was summed yet)
         b_ent = tl.load(p_entropy_acc + o, mask=m_o, other=0.0) * rescale
+        b_ent += b_sum * tl.where(b_sum > 0.0, b_max - new_max, 0.0)  # b_sum: already rescaled
         p_pe = p_part_ent + o
     if HAS_TOP1:
         b_before = tl.load(p_max_before_target + o, mask=m_o, other=0.0)
         p_pb = p_part_before + o
     for _ in range(0, n_splits):
-        r = tl.exp2((tl.load(p_pm, mask=m_o, other=0.0) - new_max) * LOG2E)
-        b_sum += tl.load(p_ps, mask=m_o, other=0.0) * r
+        part_max = tl.load(p_pm, mask=m_o, other=0.0)
+        r = tl.exp2((part_max - new_max) * LOG2E)
+        part_sum = tl.load(p_ps, mask=m_o, other=0.0)
+        b_sum += part_sum * r
         b_zsum += tl.load(p_pz, mask=m_o, other=0.0)
         p_pm += n_rows
         p_ps += n_rows
         p_pz += n_rows
         if HAS_ENTROPY:
-            b_ent += tl.load(p_pe, mask=m_o, other=0.0) * r
+            part_moved = part_sum * tl.where(part_sum > 0.0, part_max - new_max, 0.0)
+            b_ent += (tl.load(p_pe, mask=m_o, other=0.0) + part_moved) * r
             p_pe += n_rows
         if HAS_TOP1:
             b_before = tl.maximum(b_before, tl.load(p_pb, mask=m_o, other=0.0))

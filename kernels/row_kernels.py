@@ -14,11 +14,12 @@ tile ``y = h @ W[v0:v1].T (+ b[v0:v1])`` of raw logits::
     m_new = torch.maximum(m, z.amax(-1)); s = s * exp(m - m_new) + exp(z - m_new[:, None]).sum(-1)
     target_logit = z.gather(-1, targets - v0)          # where the target falls in this chunk
     logit_sum += z.sum(-1)                              # -> mean logit (TRL's logits/chosen)
-    ent_acc = ent_acc * exp(m - m_new) + (exp(z - m_new) * z).sum(-1)      # HAS_ENTROPY
+    ent_acc = (ent_acc + s_old * (m - m_new)) * exp(m - m_new) + (exp(z - m_new) * (z - m_new)).sum(-1)  # HAS_ENTROPY
     max_before_target = max(max_before_target, z[:, :targets - v0].max())  # HAS_TOP1
 
     # logit_grad, in place: d(sum_t g_t * logp_t)/dy, the log-sum-exp given as lse = m + log(s)
     p = exp((z - m[:, None]) - log(s)[:, None]); y[:] = g[:, None] * (onehot(targets) - p) * dz/dy
+    y -= e[:, None] * p * (log(p) + H[:, None]) * dz/dy   # entropy_grad e and entropies H given: d(Σ e·H)/dy
 
 Nothing is stored between the forward and the backward but O(tokens) statistics (m, log s); the backward of
 the lean path recomputes each tile, the fused fast path keeps one pair group's tile.
@@ -108,9 +109,11 @@ def _fold_logsumexp_kernel(
         shift = tl.where(new_max == -float("inf"), 0.0, new_max)
         rescale = tl.exp2((v_max - shift) * LOG2E)
         b_e = tl.where(m_v, tl.exp2((b_z - shift) * LOG2E), 0.0)
-        v_sum = v_sum * rescale + b_e
         if HAS_ENTROPY:
-            v_ent = v_ent * rescale + b_e * tl.where(m_v, b_z, 0.0)
+            # Σ e·(z - max), relative to the lane's running max: the old sum moves by s·(m_old - m_new) (a lane
+            # with nothing summed has s = 0 and m_old = -inf: the floor keeps 0·(-inf) out). b_e = 0 off the row.
+            v_ent = (v_ent + v_sum * tl.maximum(v_max - shift, -3.0e38)) * rescale + b_e * (b_z - shift)
+        v_sum = v_sum * rescale + b_e
         v_max = new_max
     # one reduction per statistic, then the merge with the running statistics of the earlier chunks
     chunk_max = tl.max(v_max, axis=0)
@@ -120,12 +123,16 @@ def _fold_logsumexp_kernel(
     new_max = tl.maximum(b_max, chunk_max)
     old_scale = tl.exp2((b_max - new_max) * LOG2E)  # b_max = -inf on the first chunk: 0
     chunk_scale = tl.exp2((chunk_max - new_max) * LOG2E)
+    if HAS_ENTROPY:
+        # each lane's, the chunk's and the earlier chunks' sums moved to the new max (0 where nothing was summed)
+        lane_ent = v_ent + v_sum * tl.where(v_sum > 0.0, v_max - chunk_max, 0.0)
+        chunk_ent = tl.sum(lane_ent * lane_scale, axis=0) + chunk_sum * (chunk_max - new_max)
+        b_sum = tl.load(p_sumexp + row)
+        b_ent = tl.load(p_entropy_acc + row) + b_sum * tl.where(b_sum > 0.0, b_max - new_max, 0.0)
+        tl.store(p_entropy_acc + row, b_ent * old_scale + chunk_ent * chunk_scale)
     tl.store(p_max + row, new_max)
     tl.store(p_sumexp + row, tl.load(p_sumexp + row) * old_scale + chunk_sum * chunk_scale)
     tl.store(p_logit_sum + row, tl.load(p_logit_sum + row) + tl.sum(v_zsum, axis=0))
-    if HAS_ENTROPY:
-        chunk_ent = tl.sum(v_ent * lane_scale, axis=0)
-        tl.store(p_entropy_acc + row, tl.load(p_entropy_acc + row) * old_scale + chunk_ent * chunk_scale)
     if HAS_TOP1:
         tl.store(p_max_before_target + row, tl.maximum(tl.load(p_max_before_target + row), tl.max(v_before, axis=0)))
     if (local_target >= 0) & (local_target < n_cols):
@@ -136,6 +143,7 @@ def _fold_logsumexp_kernel(
 @triton.heuristics(
     {
         "HAS_SOFTCAP": lambda args: args["softcap"] > 0,
+        "HAS_ENTROPY": lambda args: args["p_entropy_grad"] is not None,
     }
 )
 @triton.jit
@@ -146,15 +154,19 @@ def _logit_grad_kernel(
     p_max,
     p_logsumexp,
     p_grad,
+    p_entropy_grad,
+    p_entropy,
     vocab_start,
     n_cols,
     logit_scale,
     softcap,
     inv_temperature,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Overwrite a tile of raw logits with g * (onehot(target) - softmax) * dz/dy (grid: rows x column blocks)."""
+    """Overwrite a tile of raw logits with g * (onehot(target) - softmax) * dz/dy (grid: rows x column blocks);
+    with HAS_ENTROPY, plus the entropy term -e * p * (log p + H) * dz/dy (e, H per row)."""
     row = tl.program_id(0).to(tl.int64)
     o_v = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     m_v = o_v < n_cols
@@ -170,6 +182,11 @@ def _logit_grad_kernel(
     b_g = tl.load(p_grad + row)
     is_target = (o_v + vocab_start) == tl.load(p_targets + row)
     b_dy = b_g * (is_target.to(tl.float32) - b_p) * (inv_temperature * logit_scale)
+    if HAS_ENTROPY:
+        # log p as the softmax's exponent: (z - m) first, then log s (exact at large logits)
+        b_logp = (b_z - tl.load(p_max + row)) - tl.load(p_logsumexp + row)
+        b_ent = tl.load(p_entropy_grad + row) * (b_logp + tl.load(p_entropy + row))
+        b_dy -= b_ent * b_p * (inv_temperature * logit_scale)
     if HAS_SOFTCAP:
         b_dy = b_dy * (1.0 - b_tanh * b_tanh)
     tl.store(p_row, b_dy.to(p_tile.dtype.element_ty), mask=m_v)
@@ -237,16 +254,23 @@ def logit_grad_(
     row_max: torch.Tensor,
     log_sumexp: torch.Tensor,
     grad_rows: torch.Tensor,
+    entropy_grad: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
     *,
     vocab_start: int,
     logit_scale: float,
     softcap: float | None,
     inv_temperature: float,
 ) -> torch.Tensor:
-    """Overwrite ``tile`` with the gradient of ``sum_r grad_rows[r] * logp_r`` w.r.t. its raw logits, the rows'
-    log-sum-exp given in two parts, ``row_max + log_sumexp`` (fp32 [rows] each)."""
+    """Overwrite ``tile`` with the gradient of ``sum_r grad_rows[r] * logp_r (+ entropy_grad[r] * H_r)`` w.r.t. its
+    raw logits, the rows' log-sum-exp given in two parts, ``row_max + log_sumexp``, and their entropies ``entropy``
+    where ``entropy_grad`` is given (fp32 [rows] each)."""
     n_rows, n_cols = tile.shape
-    _check_tile(tile, targets, row_max, log_sumexp, grad_rows)
+    if (entropy_grad is None) != (entropy is None):
+        raise ValueError("entropy_grad, entropy: expected both or neither, got "
+                         f"{'entropy_grad' if entropy is None else 'entropy'} alone")
+    extra = () if entropy is None else (entropy_grad, entropy)
+    _check_tile(tile, targets, row_max, log_sumexp, grad_rows, *extra)
     if n_rows == 0 or n_cols == 0:
         return tile
     grid = (n_rows, triton.cdiv(n_cols, GRAD_BLOCK_V))
@@ -259,6 +283,8 @@ def logit_grad_(
         row_max,
         log_sumexp,
         grad_rows,
+        entropy_grad,
+        entropy,
         vocab_start,
         n_cols,
         float(logit_scale),

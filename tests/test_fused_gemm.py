@@ -117,7 +117,7 @@ def _outputs(st, targets, vocab):
     lse = st["row_max"] + st["row_sumexp"].log()
     out = dict(lse=lse, logp=(st["target_logit"] - lse)[valid], mean=st["logit_sum"] / vocab)
     if st["entropy_acc"] is not None:
-        out["entropy"] = lse - st["entropy_acc"] / st["row_sumexp"]
+        out["entropy"] = st["row_sumexp"].log() - st["entropy_acc"] / st["row_sumexp"]
     if st["max_before_target"] is not None:
         t = st["target_logit"]
         out["top1"] = ((t >= st["row_max"]) & (t > st["max_before_target"]))[valid]

@@ -202,7 +202,8 @@ def test_no_tokens_by_vocab_allocation(mode):
     labels = torch.randint(0, vocab, (n,), generator=g)
     logits_bytes = n * vocab * 4
     with AllocationTracker(device="cpu") as mem:
-        fields = fused_head_fields(h, w, None, labels, outputs=FIELDS, backend="torch", mode=mode)
+        fields = fused_head_fields(h, w, None, labels, outputs=FIELDS, backend="torch", mode=mode,
+                                   memory_budget=CPU_TILE_BYTES)  # fast mode's kept logits: one tile's worth
         if mode == "lean":
             (fields[0].sum() + fields[1].sum()).backward()  # the entropy-gradient pass
         else:
@@ -354,8 +355,8 @@ def test_sft_flag_on_matches_stock_trl(tok, sft_data, case, monkeypatch):
     data = sft_data[kw.pop("data")]
     want = _logs(_sft(tok, data, None, **kw))
     fast_passes = []
-    original = trl_head._fast_pass
-    monkeypatch.setattr(trl_head, "_fast_pass", lambda *a: fast_passes.append(1) or original(*a))
+    original = trl_head.token_forward  # fast mode's pass (ops.fast_token_loss)
+    monkeypatch.setattr(trl_head, "token_forward", lambda *a: fast_passes.append(1) or original(*a))
     trainer = _sft(tok, data, True, **kw)
     base = trainer.model.get_base_model() if kw.get("peft") else trainer.model
     assert has_fastpref_head(base)

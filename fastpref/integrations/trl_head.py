@@ -7,15 +7,16 @@ context / sequence parallelism) returns TRL's own ``FusedCausalLMOutput`` — ``
 each zero where the label is -100; any other call is the original forward (generation unchanged). Only the scored
 positions are projected, in bounded tiles: no ``[tokens, vocab]`` logits.
 
-Gradients: ``log_probs`` through fastpref's recompute backward; ``entropy`` (GRPO's entropy bonus) exactly, by a
-tiled torch pass below (``dH/dz_j = -p_j (log p_j + H)``, with H re-summed as -Σ p log p: the forward's
-``lse - E[z]`` cancels on peaked rows), which the ops' row kernels do not offer. ``log_sum_sq_probs``,
+Gradients: ``log_probs`` and ``entropy`` (GRPO's entropy bonus) through fastpref's recompute backward
+(``head_pass.backward``; the row ops form ``dH/dz_j = -p_j (log p_j + H)`` beside the log-prob's term, with the
+forward's H, precise on peaked rows: ``RowStats.entropy_acc``). ``log_sum_sq_probs``,
 ``mean_logits`` and ``is_top1`` carry no gradient, as in TRL.
 
-Fast mode (``mode="fast"``, SFT): the forward also forms the gradient of ``Σ log_probs`` (each row chunk's logits
-over the whole vocabulary in one bounded buffer, folded, then turned into their gradient in place), and the
-backward scales it when every scored row's upstream gradient is the same (a mean over tokens); otherwise it
-recomputes as lean mode does.
+Fast mode (``mode="fast"``, SFT): the forward also forms the gradient of ``Σ log_probs`` through
+``ops.fast_token_loss`` (row groups of logits within the memory budget, turned into their gradient in place), and
+the backward scales it when every scored row's upstream gradient is the same (a mean over tokens); otherwise it
+recomputes as lean mode does (so does a batch whose rows do not fit the budget). The module runs no tile loop of
+its own: the passes are the ops'.
 
 ``log_sum_sq_probs`` is composed from the ops' log-sum-exp: ``log Σ p² = lse(2z) - 2·lse(z)``, the second
 log-sum-exp a forward-only pass at half the temperature (z/(T/2) = 2·z/T exactly in floating point), so it costs
@@ -39,9 +40,10 @@ import torch
 from ..ops import HeadPass, LogitTransform, build_layout, finalize_stats, flat_rows, scatter_tokens
 from ..ops import head_pass as _head_pass_ops
 from ..ops.backend import autocast_off
-from ..ops.tile_ops import LogSumExp, RowStats, row_ops
+from ..ops.fast_token_loss import TokenProblem, token_forward, token_groups
+from ..ops.tile_ops import EntropyGrad, LogSumExp
 from ..ops.vocab_shard import whole_head
-from ..utils.validation import check_choice
+from ..utils.validation import check_choice, check_memory_budget
 from .fused_head import _check_whole_vocabulary, _full, _gathered_head, head_transform
 
 _PATCH_ATTR = "_fastpref_trl_head"  # marks the patched forward (``has_fastpref_head``)
@@ -60,122 +62,14 @@ def check_outputs(outputs: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(outputs)
 
 
-def _entropy_backward(source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      targets: torch.Tensor, lse: LogSumExp, grad_logps: torch.Tensor,
-                      grad_entropy: torch.Tensor, cfg: HeadPass, needs: tuple[bool, bool, bool]):
-    """Gradients of ``Σ_r g_r·logp_r + e_r·H_r`` w.r.t. ``source`` [N, H] (0 outside ``index``), ``weight`` and
-    ``bias`` by recompute, tile by tile (tiles sized by the pass's plan), in torch: per row chunk one sweep for
-    ``H``, one for the logits' gradient ``g·(onehot - p) - e·p·(log p + H)`` times ``dz/dy``, rounded to the
-    compute dtype (as the ops' tiles are) and accumulated in fp32. 10·n·H·V FLOPs."""
-    need_hidden, need_weight, need_bias = needs
-    n, vocab = index.numel(), weight.shape[0]
-    cd, t = cfg.compute_dtype, cfg.transform
-    f32 = torch.float32
-    d_source = torch.zeros(source.shape, device=source.device, dtype=f32) if need_hidden else None
-    d_weight = torch.zeros(weight.shape, device=weight.device, dtype=f32) if need_weight else None
-    d_bias = torch.zeros(bias.shape, device=bias.device, dtype=f32) if need_bias and bias is not None else None
-    plan = cfg.plan(max(n, 1), max(vocab, 1))
-    scale = t.inv_temperature * t.logit_scale
-
-    def log_p_tile(h, v0, v1, row_max, log_sumexp):
-        w = weight[v0:v1].to(cd)
-        y = _head_pass_ops.project(torch.empty((h.shape[0], v1 - v0), device=h.device, dtype=cd), h, w,
-                                   None if bias is None else bias[v0:v1].to(cd)).float() * t.logit_scale
-        tanh = None
-        if t.softcap is not None:
-            tanh = torch.tanh(y / t.softcap)
-            y = t.softcap * tanh
-        return w, (y * t.inv_temperature - row_max) - log_sumexp, tanh
-
-    for t0 in range(0, n, plan.rows):
-        t1 = min(t0 + plan.rows, n)
-        rows = index[t0:t1]
-        h = source.index_select(0, rows).to(cd)
-        g, e = grad_logps[t0:t1, None], grad_entropy[t0:t1, None]
-        row_max, log_sumexp = lse.row_max[t0:t1, None], lse.log_sumexp[t0:t1, None]
-        # H = -Σ p log p in a first sweep: the forward's lse - E[z] cancels at |z|·2⁻²⁴ on peaked rows, and
-        # dH/dz = -p (log p + H) needs H to the precision of log p
-        ent = torch.zeros((t1 - t0, 1), device=source.device, dtype=f32)
-        for v0 in range(0, vocab, plan.cols):
-            log_p = log_p_tile(h, v0, min(v0 + plan.cols, vocab), row_max, log_sumexp)[1]
-            ent -= (log_p.exp() * log_p).sum(1, keepdim=True)
-        dh = torch.zeros((t1 - t0, source.shape[1]), device=source.device, dtype=f32) if need_hidden else None
-        for v0 in range(0, vocab, plan.cols):
-            v1 = min(v0 + plan.cols, vocab)
-            w, log_p, tanh = log_p_tile(h, v0, v1, row_max, log_sumexp)
-            p = log_p.exp()
-            grad = -(g * p) - e * p * (log_p + ent)
-            local = targets[t0:t1] - v0
-            in_chunk = (local >= 0) & (local < v1 - v0)
-            grad.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None], (g * in_chunk[:, None]))
-            grad.mul_(scale)
-            if tanh is not None:
-                grad.mul_(1 - tanh * tanh)
-            grad = grad.to(cd)
-            if dh is not None:
-                _head_pass_ops.accumulate_mm(dh, grad, w, first=False)
-            if d_weight is not None:
-                _head_pass_ops.accumulate_mm(d_weight[v0:v1], grad.t(), h, first=False)
-            if d_bias is not None:
-                d_bias[v0:v1] += grad.sum(0, dtype=f32)
-        if dh is not None:
-            d_source.index_copy_(0, rows, dh)
-    return (None if d_source is None else d_source.to(source.dtype),
-            None if d_weight is None else d_weight.to(weight.dtype),
-            None if d_bias is None else d_bias.to(bias.dtype))
-
-
-def _fast_pass(source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               targets: torch.Tensor, cfg: HeadPass, needs: tuple[bool, bool, bool]):
-    """Fast mode: the statistics of the scored rows and, in the same pass, the gradients of ``Σ_r logp_r`` (unit
-    per-row coefficients) w.r.t. ``source`` rows, ``weight`` and ``bias`` (fp32). Each row chunk's logits over the
-    whole vocabulary sit in one buffer of at most ``cfg.tile_bytes`` (the row ops' working set), are folded, then
-    turned into their gradient in place and fed to the two gradient GEMMs: 6·n·H·V FLOPs, no recompute.
-    Returns ``(RowStats, (dH [n, H] | None, dW [V, H] | None, db [V] | None))``."""
-    n, vocab, size = index.numel(), weight.shape[0], weight.shape[1]
-    cd, dev, f32 = cfg.compute_dtype, source.device, torch.float32
-    ops = row_ops(cfg.backend)
-    stats = RowStats.empty(n, dev, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
-    elem = 4 * 3 if cfg.backend == "torch" else torch.empty((), dtype=cd).element_size()
-    rows = max(1, min(n, cfg.tile_bytes // max(vocab * elem, 1)))
-    w = weight.to(cd)
-    b = None if bias is None else bias.to(cd)
-    d_rows = torch.empty((n, size), device=dev, dtype=f32) if needs[0] else None
-    d_weight = torch.zeros((vocab, size), device=dev, dtype=f32) if needs[1] else None
-    d_bias = torch.zeros((vocab,), device=dev, dtype=f32) if needs[2] and bias is not None else None
-    buf = torch.empty((rows, vocab), device=dev, dtype=cd)
-    ones = torch.ones((rows,), device=dev, dtype=f32)
-    for t0 in range(0, n, rows):
-        t1 = min(t0 + rows, n)
-        h = source.index_select(0, index[t0:t1]).to(cd)
-        tile = _head_pass_ops.project(buf[: t1 - t0], h, w, b)
-        chunk = stats.rows(t0, t1)
-        ops.fold(tile, targets[t0:t1], chunk, 0, cfg.transform)
-        ops.grad_(tile, targets[t0:t1], chunk.lse(), ones[: t1 - t0], 0, cfg.transform)
-        if d_rows is not None:
-            _head_pass_ops.accumulate_mm(d_rows[t0:t1], tile, w, first=True)
-        if d_weight is not None:
-            _head_pass_ops.accumulate_mm(d_weight, tile.t(), h, first=False)
-        if d_bias is not None:
-            d_bias += tile.sum(0, dtype=f32)
-    return stats, (d_rows, d_weight, d_bias)
+def _sum_of_logps(logps: torch.Tensor, _entropy: torch.Tensor | None, _rows: slice) -> torch.Tensor:
+    """Fast mode's loss: Σ log_probs (the upstream gradient, uniform for a mean over tokens, scales it)."""
+    return logps.sum()
 
 
 def _uniform(grad_rows: torch.Tensor) -> bool:
     """Whether every scored row got the same upstream gradient (SFT's mean: -1/num_items each); one host sync."""
     return grad_rows.numel() == 0 or bool((grad_rows == grad_rows[:1]).all())
-
-
-def _scaled(unit: tuple, c: torch.Tensor, source: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
-            bias: torch.Tensor | None):
-    """The fast pass's unit gradients times the uniform upstream coefficient ``c``, in the inputs' dtypes."""
-    d_rows, d_weight, d_bias = unit
-    d_source = None
-    if d_rows is not None:
-        d_source = torch.zeros_like(source)
-        d_source.index_copy_(0, index, (d_rows * c).to(source.dtype))
-    return (d_source, None if d_weight is None else (d_weight * c).to(weight.dtype),
-            None if d_bias is None else (d_bias * c).to(bias.dtype))
 
 
 class HeadFields(torch.autograd.Function):
@@ -185,16 +79,20 @@ class HeadFields(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, source, weight, bias, layout, cfg: HeadPass, outputs: tuple[str, ...],  # type: ignore[override]
-                fast_needs: tuple[bool, bool, bool] | None = None):
+                fast_needs: tuple[bool, bool, bool] | None = None, memory_budget: int | None = None):
         ctx.set_materialize_grads(False)  # an entropy used only for logging sends no gradient: skip its term
-        ctx.unit = None
+        ctx.pending = None
         with autocast_off(source.device.type), _gathered_head(weight, bias):
             vocab = weight.shape[0]  # read once gathered (a ZeRO-3 partition reads 0 rows)
-            if fast_needs is not None:
-                stats, ctx.unit = _fast_pass(source, layout.index, weight, bias, layout.targets, cfg, fast_needs)
+            groups = None if fast_needs is None else token_groups(layout, weight, cfg, memory_budget=memory_budget)
+            if groups is not None:
+                # fast: the gradient of Σ log_probs (unit coefficients) formed in the forward, scaled in backward
+                problem = TokenProblem(layout, groups, _sum_of_logps, cfg)
+                _, result, ctx.pending = token_forward(source, weight, bias, problem, fast_needs)
+                lse, logps, token_stats = result.lse, result.logps, result.stats
             else:
                 stats = _head_pass_ops.forward_stats(source, layout.index, weight, bias, layout.targets, cfg)
-            lse, logps, token_stats = finalize_stats(stats, vocab)
+                lse, logps, token_stats = finalize_stats(stats, vocab)
             sq = None
             if "log_sum_sq_probs" in outputs:
                 # lse(2z) - 2 lse(z), each in its two parts (row maxima exactly 2x apart, see the module doc)
@@ -206,41 +104,41 @@ class HeadFields(torch.autograd.Function):
         entropy = token_stats.entropy if "entropy" in outputs else None
         mean = token_stats.mean_logits if "mean_logits" in outputs else None
         top1 = token_stats.is_top1 if "is_top1" in outputs else None
-        ctx.save_for_backward(source, weight, bias, *lse)
+        # the entropies' gradient dH/dz = -p·(log p + H) reads H (precise on peaked rows: RowStats.entropy_acc)
+        ctx.save_for_backward(source, weight, bias, *lse, token_stats.entropy)
         ctx.layout, ctx.cfg = layout, cfg
         ctx.mark_non_differentiable(*(x for x in (sq, mean, top1) if x is not None))
         return logps, entropy, sq, mean, top1
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy, *_):  # type: ignore[override]
-        source, weight, bias, row_max, log_sumexp = ctx.saved_tensors
+        source, weight, bias, row_max, log_sumexp, entropy = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        none = (None, None, None, None)
+        none = (None,) * 5  # layout, cfg, outputs, fast_needs, memory_budget
         if (grad_logps is None and grad_entropy is None) or not any(needs):
             return (None, None, None, *none)
         layout, cfg = ctx.layout, ctx.cfg
-        unit, ctx.unit = ctx.unit, None
-        if unit is not None and grad_entropy is None and _uniform(grad_logps):
-            c = grad_logps[:1].float() if grad_logps.numel() else torch.zeros(1, device=source.device)
-            return (*_scaled(unit, c, source, layout.index, weight, bias), *none)
+        pending, ctx.pending = ctx.pending, None
+        if pending is not None and grad_entropy is None and grad_logps is not None and _uniform(grad_logps):
+            c = grad_logps[0].float() if grad_logps.numel() else torch.zeros((), device=source.device)
+            with autocast_off(source.device.type):
+                return (*pending.finish(c), *none)
         # lean: recompute (no fast pass, or per-row coefficients that differ, or an entropy gradient)
         lse = LogSumExp(row_max, log_sumexp)
         g = torch.zeros_like(row_max) if grad_logps is None else grad_logps.float().contiguous()
         # ZeRO-3 re-partitions the head after the forward: gather it again for the recompute, as TRL does
         with autocast_off(source.device.type), _gathered_head(weight, bias):
-            if grad_entropy is None:
-                grads = _head_pass_ops.backward(source, layout.index, weight, bias, layout.targets, lse, g, cfg,
-                                                need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2])
-            else:
-                grads = _entropy_backward(source, layout.index, weight, bias, layout.targets, lse, g,
-                                          grad_entropy.float().contiguous(), cfg, needs)
+            ent = None if grad_entropy is None else EntropyGrad(grad_entropy.float().contiguous(), entropy)
+            grads = _head_pass_ops.backward(source, layout.index, weight, bias, layout.targets, lse, g, cfg,
+                                            need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2],
+                                            entropy=ent)
         return (*grads, *none)
 
 
 def fused_head_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                       *, temperature: float = 1.0, logit_scale: float = 1.0, softcap: float | None = None,
                       outputs: tuple[str, ...] = ("log_probs",), backend: str = "auto", gemm: str | None = None,
-                      mode: str = "lean") -> tuple[torch.Tensor | None, ...]:
+                      mode: str = "lean", memory_budget: int | None = None) -> tuple[torch.Tensor | None, ...]:
     """TRL's per-token fields of ``hidden`` [..., H] against already-shifted ``labels`` [...] (-100 = not scored):
     ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` shaped like ``labels``, 0 (False) where not
     scored, ``None`` for fields not in ``outputs`` (``log_probs`` is always computed). fp32 (``is_top1`` bool).
@@ -249,7 +147,8 @@ def fused_head_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     ``mode``: ``"lean"`` recomputes the logits in the backward (8·n·H·V FLOPs with the gradient); ``"fast"`` forms
     the gradient of ``Σ log_probs`` in the forward (6·n·H·V) and uses it when every scored row's upstream
     gradient is the same (a mean over tokens, as SFT's loss), else recomputes as lean (one host sync decides).
-    Without a gradient to form (no grad mode, frozen inputs) both are the forward pass alone."""
+    Without a gradient to form (no grad mode, frozen inputs) both are the forward pass alone. ``memory_budget``:
+    fast mode's bytes of kept logits (None: the device's default, as ``fastpref.DPOLoss``'s)."""
     hidden, weight, bias = whole_head(hidden, weight, bias, who="fused_head_fields (TRL's fused head)")
     outputs = check_outputs(outputs)
     check_choice("mode", mode, MODES)
@@ -262,7 +161,9 @@ def fused_head_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     layout = build_layout(labels.reshape(-1), ignore_index=-100, vocab_size=weight.shape[0])
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     fast = mode == "fast" and torch.is_grad_enabled() and any(needs)
-    rows = HeadFields.apply(flat_rows(hidden), weight, bias, layout, cfg, outputs, needs if fast else None)
+    check_memory_budget(memory_budget)
+    rows = HeadFields.apply(flat_rows(hidden), weight, bias, layout, cfg, outputs, needs if fast else None,
+                            memory_budget)
     return tuple(None if x is None else scatter_tokens(x, layout, labels.shape) for x in rows)
 
 

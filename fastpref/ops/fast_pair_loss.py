@@ -114,6 +114,23 @@ class _PendingGrads:
     bias_dtype: torch.dtype | None
     last: LastGroup | None = None
 
+    @classmethod
+    def start(cls, cfg: HeadPass, path: GemmPath, source: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None, need: tuple[bool, ...], *, empty: bool) -> _PendingGrads:
+        """Nothing formed yet (``need``: whether source, weight and bias want a gradient; ``empty``: no scored row
+        will reach a gradient GEMM, so dW is 0)."""
+        need_hidden, need_weight, need_bias = need
+        pending = cls(
+            cfg=cfg, path=path,
+            d_source=torch.zeros_like(source) if need_hidden else None,  # unscored rows get 0
+            d_weight=None,
+            d_bias=torch.zeros(weight.shape[0], device=source.device, dtype=torch.float32)
+            if need_bias and bias is not None else None,
+            weight_like=torch.empty_like(weight, device="meta"), bias_dtype=None if bias is None else bias.dtype)
+        if need_weight and empty:
+            pending.d_weight = torch.zeros_like(weight)
+        return pending
+
     def finish(self, scale: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Scale everything by the upstream gradient ``scale`` (0-dim): fp32 math inside each op, one rounding
         to the gradient's dtype; the last dW GEMM takes the scale in a small operand (``scale·h``, or ``scale·c``
@@ -132,7 +149,7 @@ class _PendingGrads:
             # a fused kernel that cannot run here: cublas forms G from the kept raw logits (formed=False) instead
             gemm_path.run(self.cfg, lambda path: path.grad_weight(
                 last.tile, last.grad, last.rows, d_weight, self.d_bias, accumulate=earlier is not None, scale=scale,
-                formed=last.formed))
+                formed=last.formed), entropy_grad=last.grad.entropy is not None)
             d_weight = in_layout(d_weight, self.weight_like)
         elif self.d_weight is not None:  # the last group had no scored token (or nothing was scored at all)
             d_weight = in_layout(self.d_weight.mul_(scale), self.weight_like)
@@ -148,11 +165,12 @@ class _GroupedHead:
     (``keep``: fast mode's gradient GEMMs read them)."""
 
     def __init__(self, layout: TokenLayout, groups: PairGroups, weight: torch.Tensor, cfg: HeadPass, path: GemmPath,
-                 *, keep: bool = True) -> None:
+                 *, keep: bool = True, max_rows: int | None = None) -> None:
         self.layout, self.cfg, self.path = layout, cfg, path
         self.vocab = weight.shape[0]
         offs = layout.host_offsets
-        max_rows = max((offs[2 * e] - offs[2 * s] for s, e in groups), default=0)
+        if max_rows is None:  # the largest pair group's scored rows (``fast_token_loss``: its row groups')
+            max_rows = max((offs[2 * e] - offs[2 * s] for s, e in groups), default=0)
         self.buf = path.buffer(max_rows, self.vocab, weight.device, keep=keep)
         # Column chunks for the row ops and for casting the weight: the whole row for Triton (one launch),
         # bounded fp32 temporaries for the torch ops.
@@ -173,15 +191,50 @@ class _GroupedHead:
         seq sums, seg)."""
         offs = self.layout.host_offsets
         t0, t1 = offs[2 * p0], offs[2 * p1]
+        tile, h, group_stats = self.fold_rows(t0, t1, source, weight, bias, stats)
+        lse = group_stats.lse()
+        seg = self.layout.offsets[2 * p0 : 2 * p1 + 1] - t0
+        return tile, h, lse, segment_sum(lse.log_probs(group_stats.target_logit), seg), seg
+
+    def fold_rows(self, t0: int, t1: int, source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  stats: RowStats) -> tuple[torch.Tensor | None, torch.Tensor, RowStats]:
+        """Logits of the scored rows [t0, t1) (kept in the buffer), folded into ``stats``; returns (logits or
+        None, h, the rows' statistics)."""
         h = gather(source, self.layout.index, t0, t1, self.cfg.compute_dtype)
         tile = None if self.buf is None else self.buf[: t1 - t0]
         group_stats = stats.rows(t0, t1)
         self.path.fold(h, weight, bias, self.layout.targets[t0:t1], group_stats, tile=tile,
                        slabs=self.weight_columns(weight), fold_cols=self.op_cols)
         self.path.combine(group_stats)
-        lse = group_stats.lse()
-        seg = self.layout.offsets[2 * p0 : 2 * p1 + 1] - t0
-        return tile, h, lse, segment_sum(lse.log_probs(group_stats.target_logit), seg), seg
+        return tile, h, group_stats
+
+    def group_grads(self, tile: torch.Tensor, grad: RowGrad, h: torch.Tensor, t0: int, t1: int,
+                    source: torch.Tensor, weight: torch.Tensor, pending: _PendingGrads, *, last: bool,
+                    dw_dtype: torch.dtype, need_hidden: bool, need_weight: bool) -> None:
+        """One group's gradients from its kept logits: G (``path.grad_``, with the bias gradient), its dH rows (one
+        GEMM over the whole vocabulary, or fp32 over slabs of a cast weight) written straight into the rows of the
+        [N, H] gradient, and dW (the last group's left for the backward, ``pending.last``)."""
+        path, cd, vocab, dev = self.path, self.cfg.compute_dtype, self.vocab, source.device
+        # the kept logits -> what the gradient GEMMs read: G = c * (onehot - softmax) * dz/dy in place, with the
+        # bias gradient (cublas), or nothing (fused: G is formed in each gradient GEMM's prologue)
+        formed = path.grad_(tile, grad, d_bias=pending.d_bias, cols=self.op_cols)
+        if need_hidden:
+            one_gemm = weight.dtype == cd and path.grad_input_dtype(source.dtype) == source.dtype
+            dh = torch.empty((t1 - t0, weight.shape[1]), device=dev, dtype=source.dtype if one_gemm else torch.float32)
+            columns = [(0, vocab)] if weight.dtype == cd else self.columns(self.slab_cols)
+            for v0, v1 in columns:
+                path.grad_input(tile[:, v0:v1], grad, path.operand(weight[v0:v1].to(cd)), dh, vocab_start=v0,
+                                accumulate=v0 > 0)
+            path.reduce_grad_input(dh)
+            pending.d_source.index_copy_(0, self.layout.index[t0:t1], dh.to(source.dtype))
+        if need_weight:
+            if last:
+                pending.last = LastGroup(tile, grad, h, formed)
+            else:
+                first = pending.d_weight is None
+                if first:
+                    pending.d_weight = path.grad_buffer(weight, dw_dtype)
+                path.grad_weight(tile, grad, h, pending.d_weight, pending.d_bias, accumulate=not first, formed=formed)
 
 
 @torch.no_grad()
@@ -217,23 +270,14 @@ def fast_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def _fast_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, problem: PairProblem,
                   need: tuple[bool, ...], path: GemmPath) -> tuple[torch.Tensor, FastResult, _PendingGrads]:
-    need_hidden, need_weight, need_bias = need
+    need_hidden, need_weight, _ = need
     layout, groups, cfg, num_pairs = problem.layout, problem.groups, problem.cfg, problem.num_pairs
     dev = source.device
-    vocab = weight.shape[0]
-    cd = cfg.compute_dtype
     head = _GroupedHead(layout, groups, weight, cfg, path)
     stats = RowStats.empty(layout.num_scored, dev, with_entropy=cfg.with_entropy, with_top1=cfg.with_top1)
     seq_logps = torch.zeros(2 * num_pairs, device=dev, dtype=torch.float32)
     losses = torch.zeros(num_pairs, device=dev, dtype=torch.float32)
-    pending = _PendingGrads(
-        cfg=cfg, path=path,
-        d_source=torch.zeros_like(source) if need_hidden else None,  # unscored rows get 0
-        d_weight=None, d_bias=torch.zeros(vocab, device=dev, dtype=torch.float32) if need_bias and bias is not None
-        else None, weight_like=torch.empty_like(weight, device="meta"),
-        bias_dtype=None if bias is None else bias.dtype)
-    if need_weight and (not groups or layout.num_scored == 0):
-        pending.d_weight = torch.zeros_like(weight)
+    pending = _PendingGrads.start(cfg, path, source, weight, bias, need, empty=not groups or layout.num_scored == 0)
     # dW of the groups before the last: straight into a dW in its own dtype for up to MAX_GROUPS_DIRECT_DW
     # partial sums (one rounding each), else in an fp32 accumulator (one rounding at the end); in a dtype the
     # path's GEMMs write.
@@ -257,28 +301,9 @@ def _fast_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             continue
         c_tok = torch.repeat_interleave(c_seq.detach(), seg[1:] - seg[:-1], output_size=t1 - t0).contiguous()
         grad = RowGrad(layout.targets[t0:t1], lse, c_tok)
-        # 3) the kept logits -> what the gradient GEMMs read: G = c * (onehot - softmax) * dz/dy in place, with the
-        # bias gradient (cublas), or nothing (fused: G is formed in each gradient GEMM's prologue)
-        formed = path.grad_(tile, grad, d_bias=pending.d_bias, cols=head.op_cols)
-        # 4) the gradient GEMMs: the group's dH rows (one GEMM over the whole vocabulary, or fp32 over slabs of a
-        # cast weight), written straight into the rows of the [N, H] gradient; dW, the last group's in backward
-        if need_hidden:
-            one_gemm = weight.dtype == cd and path.grad_input_dtype(source.dtype) == source.dtype
-            dh = torch.empty((t1 - t0, weight.shape[1]), device=dev, dtype=source.dtype if one_gemm else torch.float32)
-            columns = [(0, vocab)] if weight.dtype == cd else head.columns(head.slab_cols)
-            for v0, v1 in columns:
-                path.grad_input(tile[:, v0:v1], grad, path.operand(weight[v0:v1].to(cd)), dh, vocab_start=v0,
-                                accumulate=v0 > 0)
-            path.reduce_grad_input(dh)
-            pending.d_source.index_copy_(0, layout.index[t0:t1], dh.to(source.dtype))
-        if need_weight:
-            if i == len(groups) - 1:
-                pending.last = LastGroup(tile, grad, h, formed)
-            else:
-                first = pending.d_weight is None
-                if first:
-                    pending.d_weight = path.grad_buffer(weight, dw_dtype)
-                path.grad_weight(tile, grad, h, pending.d_weight, pending.d_bias, accumulate=not first, formed=formed)
+        # 3) + 4) G from the kept logits, the group's dH rows, dW (the last group's in backward)
+        head.group_grads(tile, grad, h, t0, t1, source, weight, pending, last=i == len(groups) - 1, dw_dtype=dw_dtype,
+                         need_hidden=need_hidden, need_weight=need_weight)
     _, _, token_stats = finalize_stats(stats, cfg.vocab_size(weight))
     loss = losses.sum() * inv_pairs
     if need_weight and pending.last is None and pending.d_weight is None:

@@ -358,7 +358,7 @@ class CublasPath(_OneDevice):
         step = max(tile.shape[1] if cols is None else cols, 1)
         for c0 in range(0, tile.shape[1], step):
             self.rows.grad_(tile[:, c0 : c0 + step], grad.targets, grad.lse, grad.grad_rows, vocab_start + c0,
-                            self.transform)
+                            self.transform, grad.entropy)
         if d_bias is not None:
             d_bias.add_(tile.sum(0, dtype=torch.float32))
         return True
@@ -420,9 +420,17 @@ class FusedPath(_OneDevice):
     def grad_(self, tile, grad, *, vocab_start=0, d_bias=None, cols=None) -> bool:
         return False
 
+    @staticmethod
+    def _check(grad: RowGrad) -> None:
+        # the prologues form c·(onehot - p) only: an entropy term must never be dropped silently
+        if grad.entropy is not None:
+            raise ValueError("grad.entropy: the fused GEMM path forms no entropy gradient; a pass that needs one "
+                             "runs on cublas (gemm_path.implementation(..., entropy_grad=True))")
+
     def grad_input(self, tile, grad, weight, out, *, vocab_start=0, accumulate) -> None:
         from ..kernels import fused_gemm
 
+        self._check(grad)
         fused_gemm.linear_grad_input(tile, grad.targets, *grad.lse, grad.grad_rows, weight, out,
                                      vocab_start=vocab_start, accumulate=accumulate, **self.transform.kwargs())
 
@@ -430,6 +438,7 @@ class FusedPath(_OneDevice):
                     formed=True) -> None:
         from ..kernels import fused_gemm
 
+        self._check(grad)
         grad = grad if scale is None else grad.scaled(scale)  # the scale in the per-row factor c
         fused_gemm.linear_grad_weight(tile, grad.targets, *grad.lse, grad.grad_rows, rows, out, d_bias,
                                       vocab_start=vocab_start, accumulate=accumulate, **self.transform.kwargs())
@@ -469,20 +478,24 @@ class Shard(Protocol):
         ...
 
 
-def implementation(cfg: PassParams, *, bias_without_weight: bool = False) -> GemmPath:
+def implementation(cfg: PassParams, *, bias_without_weight: bool = False, entropy_grad: bool = False) -> GemmPath:
     """The path a pass runs: the fused GEMMs where ``cfg.gemm`` resolved to them, they have not failed for its key,
-    and they can form what the pass needs (the bias gradient comes with dW there); else cublas. On a vocabulary
-    shard, that path wrapped with the shard's collectives (``vocab_shard.ShardedPath``)."""
-    fused = cfg.gemm == "fused" and usable(cfg.gemm_key) and not bias_without_weight  # FusedPath.bias_with_weight
+    and they can form what the pass needs (the bias gradient comes with dW there; no entropy gradient: the
+    prologues form ``c·(onehot - p)`` only); else cublas. On a vocabulary shard, that path wrapped with the
+    shard's collectives (``vocab_shard.ShardedPath``)."""
+    fused = (cfg.gemm == "fused" and usable(cfg.gemm_key) and not bias_without_weight  # FusedPath.bias_with_weight
+             and not entropy_grad)
     path = (FusedPath if fused else CublasPath)(cfg.transform, cfg.compute_dtype, cfg.backend)
     return path if cfg.shard is None else cfg.shard.path(path, cfg.tile_bytes)
 
 
-def run(cfg: PassParams, pass_fn: Callable[[GemmPath], T], *, bias_without_weight: bool = False) -> T:
+def run(cfg: PassParams, pass_fn: Callable[[GemmPath], T], *, bias_without_weight: bool = False,
+        entropy_grad: bool = False) -> T:
     """``pass_fn(path)`` on the pass's path; if a fused kernel cannot run on the device, the key is marked unusable
     (a ``RuntimeWarning``, ``fallbacks()``) and the whole pass reruns on cublas. ``pass_fn`` must start afresh
-    (its own buffers and statistics): the failed attempt may have left its outputs half written."""
-    path = implementation(cfg, bias_without_weight=bias_without_weight)
+    (its own buffers and statistics): the failed attempt may have left its outputs half written. ``entropy_grad``:
+    the pass forms an entropy gradient (cublas only)."""
+    path = implementation(cfg, bias_without_weight=bias_without_weight, entropy_grad=entropy_grad)
     if path.name == CublasPath.name:
         return pass_fn(path)
     try:

@@ -28,7 +28,7 @@ from .gemm_path import fp32_out_matmul as fp32_out_matmul
 from .gemm_path import probe_fp32_out_matmul as probe_fp32_out_matmul
 from .layout import TokenLayout
 from .plan import TilePlan, default_tile_bytes, plan_tiles
-from .tile_ops import LogitTransform, LogSumExp, RowGrad, RowStats
+from .tile_ops import EntropyGrad, LogitTransform, LogSumExp, RowGrad, RowStats
 from .vocab_shard import VocabShard, global_vocab
 
 # The accumulation rule (docs/design.md): across chunks, an accumulator of the whole dW may take at most a handful
@@ -149,22 +149,25 @@ def backward(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    entropy: EntropyGrad | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``sum_r grad_rows[r] * logp_r`` w.r.t. ``source`` [N, H] (rows outside ``index`` get 0),
-    weight [V, H] and bias [V], by recompute; each in its tensor's dtype.
+    """Gradients of ``sum_r grad_rows[r] * logp_r (+ entropy.coef[r] * H_r)`` w.r.t. ``source`` [N, H] (rows
+    outside ``index`` get 0), weight [V, H] and bias [V], by recompute; each in its tensor's dtype. ``entropy``
+    (per scored row): the entropy term, formed by the row ops (the pass runs on cublas).
 
     Vocabulary slabs are the outer loop: each slab of the weight is cast once, its dW sums over the row chunks
     (directly for up to ``MAX_PARTIAL_SUMS`` chunks, else in fp32 over one slab) and dH sums over the slabs in
     an fp32 [n, H] accumulator (O(tokens·H)).
     """
     args = (source, index, weight, bias, targets, lse, grad_rows, cfg)
-    need = dict(need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+    need = dict(need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, entropy=entropy)
     return gemm_path.run(cfg, lambda path: _backward(*args, path, **need),
-                         bias_without_weight=need_bias and bias is not None and not need_weight)
+                         bias_without_weight=need_bias and bias is not None and not need_weight,
+                         entropy_grad=entropy is not None)
 
 
 def _backward(source, index, weight, bias, targets, lse, grad_rows, cfg: HeadPass, path: GemmPath, *,
-              need_hidden: bool, need_weight: bool, need_bias: bool):
+              need_hidden: bool, need_weight: bool, need_bias: bool, entropy: EntropyGrad | None = None):
     n, vocab = index.numel(), weight.shape[0]
     dev = source.device
     nothing_scored = n == 0 or vocab == 0
@@ -201,7 +204,8 @@ def _backward(source, index, weight, bias, targets, lse, grad_rows, cfg: HeadPas
             t1 = min(t0 + plan.rows, n)
             h = rows if rows is not None else gather(source, index, t0, t1, cd)
             tile = project(buf[: t1 - t0, : v1 - v0], h, w, b)  # the recompute: cuBLAS on both paths
-            grad = RowGrad(targets[t0:t1], lse.rows(t0, t1), grad_rows[t0:t1])
+            grad = RowGrad(targets[t0:t1], lse.rows(t0, t1), grad_rows[t0:t1],
+                           None if entropy is None else entropy.rows(t0, t1))
             formed = path.grad_(tile, grad, vocab_start=v0, d_bias=db_slab)
             if need_hidden:
                 path.grad_input(tile, grad, w, dh_acc[t0:t1], vocab_start=v0, accumulate=v0 > 0)
@@ -234,7 +238,7 @@ def finalize_stats(stats: RowStats, vocab: int) -> tuple[LogSumExp, torch.Tensor
     """``(lse in two parts, logps, token statistics)`` from the folded running statistics."""
     lse = stats.lse()
     logps = lse.log_probs(stats.target_logit)
-    entropy = None if stats.entropy_acc is None else lse.total() - stats.entropy_acc / stats.row_sumexp
+    entropy = None if stats.entropy_acc is None else lse.log_sumexp - stats.entropy_acc / stats.row_sumexp
     is_top1 = None
     if stats.max_before_target is not None:
         is_top1 = (stats.target_logit >= stats.row_max) & (stats.target_logit > stats.max_before_target)

@@ -2,7 +2,9 @@
 
 Both implement the ``RowOps`` protocol (see ``fastpref.kernels.row_kernels`` for the math as torch code):
 ``fold`` folds a tile of raw logits into per-row online log-sum-exp statistics, and ``grad_`` overwrites a
-tile with ``g * (onehot(target) - softmax) * dz/dy``. The chunk loops of ``fastpref.ops.head_pass`` and
+tile with ``g * (onehot(target) - softmax) * dz/dy``, plus an entropy term ``-e * p * (log p + H) * dz/dy``
+where per-row entropy coefficients ``e`` are given (``EntropyGrad``: GRPO's entropy bonus).
+The chunk loops of ``fastpref.ops.head_pass`` and
 ``fastpref.ops.fast_pair_loss`` do not care which one runs.
 
 The kernels' argument forms live here too, each converted once: ``LogitTransform`` (the user's triple;
@@ -60,7 +62,10 @@ class LogSumExp(NamedTuple):
 
 class RowStats(NamedTuple):
     """fp32 per-row running statistics of the online log-sum-exp (O(tokens), never O(tokens x vocab)), in the order
-    the kernel launchers take them (``fold_logsumexp(tile, targets, *stats, ...)``)."""
+    the kernel launchers take them (``fold_logsumexp(tile, targets, *stats, ...)``). ``entropy_acc`` is
+    ``Σ exp(z - row_max)·(z - row_max)``, relative to the running max like ``row_sumexp`` (so the entropy
+    ``log row_sumexp - entropy_acc / row_sumexp`` never subtracts two numbers of the logits' size: ``lse - E[z]``
+    would cancel at |z|·2⁻²⁴ on peaked rows)."""
 
     row_max: torch.Tensor
     row_sumexp: torch.Tensor
@@ -88,17 +93,32 @@ class RowStats(NamedTuple):
         return LogSumExp(self.row_max, torch.log(self.row_sumexp))
 
 
+class EntropyGrad(NamedTuple):
+    """An entropy term of a row gradient: per-row coefficients ``coef`` [rows] of the rows' entropies ``H`` and the
+    entropies themselves, ``value`` [rows] (fp32, as ``finalize_stats`` forms them): ``dH/dz_j = -p_j·(log p_j +
+    H)``."""
+
+    coef: torch.Tensor
+    value: torch.Tensor
+
+    def rows(self, start: int, end: int) -> EntropyGrad:
+        return EntropyGrad(self.coef[start:end], self.value[start:end])
+
+
 class RowGrad(NamedTuple):
-    """What forms the gradient of ``sum_r grad_rows[r] * logp_r`` w.r.t. a row block's raw logits,
-    ``G = grad_rows·(onehot(targets) - softmax(z))·dz/dy`` (``targets``: global vocabulary ids)."""
+    """What forms the gradient of ``sum_r grad_rows[r]·logp_r (+ entropy.coef[r]·H_r)`` w.r.t. a row block's raw
+    logits, ``G = (grad_rows·(onehot(targets) - p) - e·p·(log p + H))·dz/dy`` (``targets``: global vocabulary ids;
+    the entropy term only where ``entropy`` is given)."""
 
     targets: torch.Tensor
     lse: LogSumExp
     grad_rows: torch.Tensor
+    entropy: EntropyGrad | None = None
 
     def scaled(self, scale: torch.Tensor) -> RowGrad:
-        """The same gradient times an upstream scale (folded into the per-row factor)."""
-        return self._replace(grad_rows=self.grad_rows * scale)
+        """The same gradient times an upstream scale (folded into the per-row factors)."""
+        entropy = None if self.entropy is None else self.entropy._replace(coef=self.entropy.coef * scale)
+        return self._replace(grad_rows=self.grad_rows * scale, entropy=entropy)
 
 
 class RowOps(Protocol):
@@ -112,8 +132,9 @@ class RowOps(Protocol):
         ...
 
     def grad_(self, tile: torch.Tensor, targets: torch.Tensor, lse: LogSumExp, grad_rows: torch.Tensor,
-              vocab_start: int, transform: LogitTransform) -> torch.Tensor:
-        """Overwrite the tile with the gradient of ``sum_r grad_rows[r] * logp_r`` w.r.t. its raw logits."""
+              vocab_start: int, transform: LogitTransform, entropy: EntropyGrad | None = None) -> torch.Tensor:
+        """Overwrite the tile with the gradient of ``sum_r grad_rows[r] * logp_r (+ entropy.coef[r] * H_r)`` w.r.t.
+        its raw logits."""
         ...
 
 
@@ -173,14 +194,16 @@ class TorchRowOps:
         shifted = z.sub_(new_max.unsqueeze(1)) if z is not tile else z - new_max.unsqueeze(1)
         chunk_sum = torch.logsumexp(shifted, 1).exp_()  # this chunk's sum of exp(z - new_max)
         if stats.entropy_acc is not None:
-            # sum(e * z) with e = exp(z - new_max) = softmax_chunk(z) * chunk_sum, z = shifted + new_max
-            chunk_ent = ((torch.softmax(shifted, 1) * shifted).sum(1) + new_max) * chunk_sum
-            stats.entropy_acc.mul_(rescale).add_(chunk_ent)
+            # sum(e * (z - new_max)) with e = exp(z - new_max) = softmax_chunk(z) * chunk_sum; the running sum,
+            # relative to the old max, moves by s_old * (m_old - new_max) (0 before the first chunk)
+            chunk_ent = (torch.softmax(shifted, 1) * shifted).sum(1) * chunk_sum
+            moved = torch.where(stats.row_sumexp > 0, stats.row_max - new_max, 0.0) * stats.row_sumexp
+            stats.entropy_acc.add_(moved).mul_(rescale).add_(chunk_ent)
         stats.row_sumexp.mul_(rescale).add_(chunk_sum)
         stats.row_max.copy_(new_max)
 
     def grad_(self, tile: torch.Tensor, targets: torch.Tensor, lse: LogSumExp, grad_rows: torch.Tensor,
-              vocab_start: int, transform: LogitTransform) -> torch.Tensor:
+              vocab_start: int, transform: LogitTransform, entropy: EntropyGrad | None = None) -> torch.Tensor:
         n_rows, n_cols = tile.shape
         if n_rows == 0 or n_cols == 0:
             return tile
@@ -188,8 +211,14 @@ class TorchRowOps:
         tanh = self._transform(z, transform)
         scale = transform.inv_temperature * transform.logit_scale
         # -g * softmax * dz/dy (softmax = exp((z - row_max) - log_sumexp)), then + g * dz/dy at the target
-        g = z.sub_(lse.row_max.unsqueeze(1)).sub_(lse.log_sumexp.unsqueeze(1)).exp_()
-        g.mul_(grad_rows.unsqueeze(1) * -scale)
+        log_p = z.sub_(lse.row_max.unsqueeze(1)).sub_(lse.log_sumexp.unsqueeze(1))
+        if entropy is None:
+            g = log_p.exp_()
+            g.mul_(grad_rows.unsqueeze(1) * -scale)
+        else:
+            # -p·(g + e·(log p + H)): the entropy term beside the log-prob's, one more fp32 temporary
+            g = log_p.add(entropy.value.unsqueeze(1)).mul_(entropy.coef.unsqueeze(1)).add_(grad_rows.unsqueeze(1))
+            g.mul_(log_p.exp_()).mul_(-scale)
         local = targets - vocab_start
         in_chunk = (local >= 0) & (local < n_cols)
         # + g·scale at the target (0 where the target is in another chunk): no boolean indexing, so no host sync
@@ -222,8 +251,9 @@ class TritonRowOps:
         self._k.fold_logsumexp(tile, targets, *stats, vocab_start=vocab_start, **transform.kwargs())
 
     def grad_(self, tile: torch.Tensor, targets: torch.Tensor, lse: LogSumExp, grad_rows: torch.Tensor,
-              vocab_start: int, transform: LogitTransform) -> torch.Tensor:
-        return self._k.logit_grad_(tile, targets, *lse, grad_rows, vocab_start=vocab_start, **transform.kwargs())
+              vocab_start: int, transform: LogitTransform, entropy: EntropyGrad | None = None) -> torch.Tensor:
+        return self._k.logit_grad_(tile, targets, *lse, grad_rows, *(entropy or (None, None)),
+                                   vocab_start=vocab_start, **transform.kwargs())
 
 
 @functools.cache

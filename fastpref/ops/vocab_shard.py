@@ -71,12 +71,19 @@ class VocabShard:
         row_max = got["row_max"].amax(0)  # exact, order-free
         # exp(m_r - M) rescales rank r's sums to the global max; -inf - -inf (a row of -inf logits) reads 0
         rescale = torch.exp(got["row_max"] - row_max).nan_to_num_(nan=0.0)
-        for name in ("row_sumexp", "entropy_acc"):
-            if name in got:
-                total = torch.zeros_like(row_max)
-                for r in range(self.world):  # fixed order
-                    total.add_(got[name][r] * rescale[r])
-                getattr(stats, name).copy_(total)
+        sums = got["row_sumexp"]
+        if "entropy_acc" in got:
+            # rank r holds sum(e (z - m_r)) with e = exp(z - m_r); relative to the global max M that sum moves by
+            # s_r (m_r - M) before the rescale (0 where the rank saw no finite logit), as the fold's own update
+            total = torch.zeros_like(row_max)
+            for r in range(self.world):  # fixed order
+                moved = torch.where(sums[r] > 0, got["row_max"][r] - row_max, 0.0) * sums[r]
+                total.add_((got["entropy_acc"][r] + moved) * rescale[r])
+            stats.entropy_acc.copy_(total)
+        total = torch.zeros_like(row_max)
+        for r in range(self.world):  # fixed order
+            total.add_(sums[r] * rescale[r])
+        stats.row_sumexp.copy_(total)
         target = torch.zeros_like(row_max)
         logit_sum = torch.zeros_like(row_max)
         for r in range(self.world):

@@ -33,6 +33,7 @@ from ..ops import head_pass as passes
 from ..ops.fast_pair_loss import fast_forward
 from ..ops.gemm_path import key_of
 from ..ops.plan import CUDA_TILE_BYTES
+from ..ops.tile_ops import EntropyGrad
 
 GEMMS = ("cublas", "fused")
 
@@ -66,6 +67,10 @@ def record_shape(shape: Shape, dtype: torch.dtype, *, token_metrics: bool, softc
         stats = passes.forward_stats(source, layout.index, weight, None, layout.targets, cfg)  # lean / forward
         passes.backward(source, layout.index, weight, None, layout.targets, stats.lse(),
                         torch.empty(n, device="meta"), cfg, need_hidden=True, need_weight=True, need_bias=False)
+        if token_metrics:  # GRPO's entropy bonus: the lean backward with the entropy term (the cublas path's)
+            passes.backward(source, layout.index, weight, None, layout.targets, stats.lse(),
+                            torch.empty(n, device="meta"), cfg, need_hidden=True, need_weight=True, need_bias=False,
+                            entropy=EntropyGrad(torch.empty(n, device="meta"), torch.empty(n, device="meta")))
         grouped_sequence_logps(source, weight, None, layout, groups, cfg)  # the reference of a fast step
         _, _, pending = fast_forward(source, weight, None, PairProblem(layout, groups, pair_loss, cfg),
                                       (True, True, False))
