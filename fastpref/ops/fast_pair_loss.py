@@ -79,16 +79,21 @@ class FastPairLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _result):  # type: ignore[override]
-        pending, ctx.pending = ctx.pending, None
-        if pending is None:
-            raise RuntimeError("fastpref fast mode: the gradients formed during the forward were already handed "
-                               "to a first backward of this loss; backpropagating through it twice "
-                               "(retain_graph=True) needs mode='lean'")
-        if grad_loss is None:
-            return None, None, None, None
-        with autocast_off(grad_loss.device.type):
-            d_source, d_weight, d_bias = pending.finish(grad_loss)
-        return d_source, d_weight, d_bias, None
+        return finish_backward(ctx, grad_loss)
+
+
+def finish_backward(ctx, grad_loss: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """A fast-mode op's backward: the gradients its forward formed (``ctx.pending``), scaled by the upstream
+    gradient, once; (d_source, d_weight, d_bias, None for the problem)."""
+    pending, ctx.pending = ctx.pending, None
+    if pending is None:
+        raise RuntimeError("fastpref fast mode: the gradients formed during the forward were already handed "
+                           "to a first backward of this loss; backpropagating through it twice "
+                           "(retain_graph=True) needs mode='lean'")
+    if grad_loss is None:
+        return None, None, None, None
+    with autocast_off(grad_loss.device.type):
+        return (*pending.finish(grad_loss), None)
 
 
 class LastGroup(NamedTuple):

@@ -30,7 +30,7 @@ import torch
 
 from . import gemm_path
 from .backend import autocast_off
-from .fast_pair_loss import _GroupedHead, _PendingGrads
+from .fast_pair_loss import _GroupedHead, _PendingGrads, finish_backward
 from .gemm_path import GemmPath
 from .head_pass import HeadPass, TokenStats, finalize_stats
 from .layout import TokenLayout
@@ -114,15 +114,7 @@ class FastTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _result):  # type: ignore[override]
-        pending, ctx.pending = ctx.pending, None
-        if pending is None:
-            raise RuntimeError("fastpref fast mode: the gradients formed during the forward were already handed "
-                               "to a first backward of this loss; backpropagating through it twice "
-                               "(retain_graph=True) needs lean mode")
-        if grad_loss is None:
-            return None, None, None, None
-        with autocast_off(grad_loss.device.type):
-            return (*pending.finish(grad_loss), None)
+        return finish_backward(ctx, grad_loss)
 
 
 def token_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, problem: TokenProblem,
