@@ -47,6 +47,32 @@ def _check_rows(rows: list[dict[str, str]], regimes: tuple[str, ...] = ("uniform
     assert {r["status"] for r in rows} <= {"ok", "skipped"}, [r for r in rows if r["status"] not in ("ok", "skipped")]
 
 
+
+class _Bar:
+    """A stand-in for the harness's progress bar that records its total and its count."""
+
+    def __init__(self, total):
+        self.total, self.n = total, 0
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix_str(self, s): ...
+
+    def close(self): ...
+
+
+def _fake_progress(monkeypatch, harness) -> list[_Bar]:
+    """Replace the harness's progress bar; the bars it makes are appended to the returned list."""
+    bars: list[_Bar] = []
+
+    def make(total, enabled, desc):
+        bars.append(_Bar(total))
+        return bars[-1]
+
+    monkeypatch.setattr(harness, "_progress", make)
+    return bars
+
 def test_fastpref_bench_dry(tmp_path, capsys):
     from fastpref.cli import main
 
@@ -297,21 +323,7 @@ def test_progress_bar_counts_every_run(monkeypatch):
     from fastpref.benchmark import BenchConfig, harness, run_bench
     from fastpref.benchmark.workload import SHAPES
 
-    bars = []
-
-    class Bar:
-        def __init__(self, total):
-            self.total, self.n = total, 0
-            bars.append(self)
-
-        def update(self, n=1):
-            self.n += n
-
-        def set_postfix_str(self, s): ...
-
-        def close(self): ...
-
-    monkeypatch.setattr(harness, "_progress", lambda total, enabled, desc: Bar(total))
+    bars = _fake_progress(monkeypatch, harness)
     run_bench(BenchConfig(shapes=[SHAPES["tiny"]], regimes=["uniform"], impls=["fastpref-fast", "reference"],
                           tasks=["step", "logps"], repeats=2))
     (bar,) = bars
@@ -557,21 +569,7 @@ def test_progress_bar_counts_the_task_rows(monkeypatch):
     from fastpref.benchmark import BenchConfig, harness, run_bench
     from fastpref.benchmark.workload import SHAPES
 
-    bars = []
-
-    class Bar:
-        def __init__(self, total):
-            self.total, self.n = total, 0
-            bars.append(self)
-
-        def update(self, n=1):
-            self.n += n
-
-        def set_postfix_str(self, s): ...
-
-        def close(self): ...
-
-    monkeypatch.setattr(harness, "_progress", lambda total, enabled, desc: Bar(total))
+    bars = _fake_progress(monkeypatch, harness)
     rows = run_bench(BenchConfig(shapes=[SHAPES["tiny"]], regimes=["uniform"], impls=["fastpref-lean", "reference"],
                                  tasks=["step", "sft"], repeats=1))
     (bar,) = bars
