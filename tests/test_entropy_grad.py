@@ -74,8 +74,9 @@ def _reference_grads(h, w, b, index, targets, g, e, t: LogitTransform, dtype):
 
 @pytest.mark.parametrize("transform", list(TRANSFORMS), ids=list(TRANSFORMS))
 @pytest.mark.parametrize(("backend", "gemm"), PATHS, ids=PATH_IDS)
-@pytest.mark.parametrize(("dtype", "std"), [(torch.float32, 3.0), (torch.bfloat16, 10.0), (torch.bfloat16, 30.0)],
-                         ids=["fp32", "bf16-std10", "bf16-std30"])
+@pytest.mark.parametrize(("dtype", "std"), [(torch.float32, 3.0), (torch.bfloat16, 10.0), (torch.bfloat16, 30.0),
+                                           (torch.float16, 10.0), (torch.float16, 30.0)],
+                         ids=["fp32", "bf16-std10", "bf16-std30", "fp16-std10", "fp16-std30"])
 def test_entropy_gradient_matches_float64(backend, gemm, transform, dtype, std):
     """``head_pass.backward`` with an entropy term: every gradient against float64 at odd shapes (several row and
     vocabulary tiles), within 2x the materialised torch path's error in the same dtype. The fused path runs the
