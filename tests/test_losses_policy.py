@@ -15,6 +15,8 @@ from fastpref.losses.policy import (
     POLICY_LOSS_TYPES,
     Normalisation,
     PolicyLossConfig,
+    PolicyStep,
+    RlooStep,
     policy_loss,
     rloo_loss,
     token_weights,
@@ -86,7 +88,8 @@ def _config(loss_type: str, **kw) -> PolicyLossConfig:
 
 
 CASES = [dict(), dict(beta=0.04), dict(beta=0.04, use_bias_correction_kl=False), dict(delta=1.5),
-         dict(off_policy_mask_threshold=0.05), dict(entropy_coef=0.01)]
+         dict(off_policy_mask_threshold=0.05), dict(entropy_coef=0.01),
+         dict(beta=0.04, level="token", entropy_coef=0.01), dict(beta=0.04, level="sequence")]  # both levels
 
 
 @pytest.mark.parametrize(("loss_type", "case"), list(itertools.product(POLICY_LOSS_TYPES, range(len(CASES)))))
@@ -154,10 +157,64 @@ def test_rloo_matches_trl() -> None:
     torch.testing.assert_close(torch.autograd.grad(loss, ours_lp)[0], torch.autograd.grad(expected, theirs_lp)[0])
 
 
+def _partition(mask: torch.Tensor, whole_sequences: bool, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The mask's tokens (row-major) cut into random contiguous parts: at sequence boundaries only where asked."""
+    b, t = mask.nonzero(as_tuple=True)
+    g = torch.Generator().manual_seed(seed)
+    if whole_sequences:
+        cuts = torch.nonzero(b[1:] != b[:-1]).flatten() + 1
+        starts = [0] + [int(k) for k in cuts if torch.rand((), generator=g) < 0.5]
+    else:
+        starts = sorted({0, *torch.randint(1, b.numel(), (3,), generator=g).tolist()})
+    ends = [*starts[1:], b.numel()]
+    return [(b[s:e], t[s:e]) for s, e in zip(starts, ends)]
+
+
+@pytest.mark.parametrize(("loss_type", "case"), list(itertools.product(POLICY_LOSS_TYPES, range(len(CASES)))))
+@pytest.mark.parametrize("advantage_shape", ["per_sequence", "per_token"])
+def test_rows_loss_over_any_partition_is_the_loss(loss_type: str, case: int, advantage_shape: str) -> None:
+    """Fast mode's form of the loss (``PolicyStep.rows_loss``, one row group at a time): the parts' values and
+    gradients (log-probs and entropies) sum to ``policy_loss``'s, in float64, over random partitions."""
+    mask, logps, old, ref, adv, ent = _batch(b=4, t=9, seed=case)
+    if advantage_shape == "per_token":
+        noise = torch.randn(mask.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        adv = adv[:, None] + 0.1 * noise
+    cfg = _config(loss_type, **CASES[case])
+    norm = Normalisation(grad_accum=3, num_items_in_batch=float(mask.sum() * 2), steps_per_generation=2)
+    is_ratio = torch.rand(mask.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.5
+    inputs = dict(old_logps=old, ref_logps=ref, is_ratio=is_ratio)
+    lp, en = logps.clone().requires_grad_(), ent.clone().requires_grad_()
+    want = policy_loss(cfg, lp, mask, adv, norm=norm, entropies=en, **inputs).loss
+    want_grads = torch.autograd.grad(want, [lp, en], allow_unused=True)
+    step = PolicyStep(cfg, mask, adv, norm, **inputs)
+    for seed in range(3):
+        lp, en = logps.clone().requires_grad_(), ent.clone().requires_grad_()
+        got = sum(step.rows_loss(lp[b, t], en[b, t], b, t, slice(int(b.min()), int(b.max()) + 1))
+                  for b, t in _partition(mask, step.whole_sequences, seed))
+        grads = torch.autograd.grad(got, [lp, en], allow_unused=True)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(torch.zeros_like(lp) if g is None else g,
+                                       torch.zeros_like(lp) if w is None else w, rtol=1e-12, atol=1e-14)
+
+
+def test_rloo_rows_loss_over_whole_sequences_is_the_loss() -> None:
+    mask, logps, old, _, adv, _ = _batch(b=5, t=6, seed=4)
+    old_sums = (old * mask).sum(1)
+    lp = logps.clone().requires_grad_()
+    want = rloo_loss(lp, old_sums, mask, adv, epsilon_low=0.2, epsilon_high=0.28)
+    (want_grad,) = torch.autograd.grad(want, lp)
+    step = RlooStep(mask, old_sums, adv, 0.2, 0.28)
+    lp = logps.clone().requires_grad_()
+    got = sum(step.rows_loss(lp[b, t], None, b, t, slice(int(b.min()), int(b.max()) + 1))
+              for b, t in _partition(mask, True, 0))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(got, lp)[0], want_grad, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(loss_type="ppo"), "loss_type: expected one of"),
     (dict(loss_type="dr_grpo"), "max_completion_length: loss_type 'dr_grpo'"),
-    (dict(loss_type="luspo"), "importance_sampling_level: loss_type 'luspo' expects 'sequence'"),
     (dict(beta=-0.1), "beta: expected a finite number in [0, inf)"),
     (dict(delta=0.0), "delta: expected a finite number in (0, inf)"),
     (dict(importance_sampling_level="token_mean"), "importance_sampling_level: expected one of"),

@@ -28,19 +28,25 @@ one more 2·n·H·V forward when requested (TRL folds it into the same pass).
 
 from __future__ import annotations
 
+import bisect
+import collections
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import types
+import warnings
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 from ..ops import HeadPass, LogitTransform, build_layout, finalize_stats, flat_rows, scatter_tokens
 from ..ops import head_pass as _head_pass_ops
 from ..ops.backend import autocast_off
-from ..ops.fast_token_loss import TokenProblem, token_forward, token_groups
+from ..ops.fast_token_loss import TokenLoss, TokenProblem, token_forward, token_groups
+from ..ops.layout import TokenLayout
 from ..ops.tile_ops import EntropyGrad, LogSumExp
 from ..ops.vocab_shard import whole_head
 from ..utils.validation import check_choice, check_memory_budget
@@ -67,29 +73,123 @@ def _sum_of_logps(logps: torch.Tensor, _entropy: torch.Tensor | None, _rows: sli
     return logps.sum()
 
 
-def _uniform(grad_rows: torch.Tensor) -> bool:
-    """Whether every scored row got the same upstream gradient (SFT's mean: -1/num_items each); one host sync."""
-    return grad_rows.numel() == 0 or bool((grad_rows == grad_rows[:1]).all())
+class GridLoss(Protocol):
+    """A loss of per-token log-probs (and entropies) on a [B, T] grid of completion tokens, known before they are:
+    ``fastpref.losses.policy.PolicyStep`` (GRPO) and ``RlooStep``. ``rows_loss`` is the loss restricted to the
+    tokens ``(b, t)``, all in sequences ``seqs``; summed over a partition of the scored tokens it is the loss
+    (parts of whole sequences where ``whole_sequences``). ``entropy``: it differentiates the entropies."""
+
+    whole_sequences: bool
+    entropy: bool
+    mask: torch.Tensor  # [B, T]
+
+    def rows_loss(self, logps: torch.Tensor, entropies: torch.Tensor | None, b: torch.Tensor, t: torch.Tensor,
+                  seqs: slice) -> torch.Tensor: ...
+
+
+PATHS = ("fast", "recomputed", "lean")
+
+
+@dataclass
+class PredictedLoss:
+    """The loss of the next differentiable fused-head call, known before the call (``predicting``): fast mode
+    forms its gradient in the forward (``ops.fast_token_loss``). ``loss`` is on the grid of the call's last T label
+    columns (TRL's ``logits_to_keep``; T = ``loss.mask.shape[1]``).
+
+    The backward checks the prediction: when the upstream gradient of the log-probs and entropies is the predicted
+    one times a scalar (the Trainer's accumulation division, a loss scaler; within ``PREDICTION_RTOL`` of its
+    largest element) the forward's gradients are used, scaled; otherwise the head is recomputed as lean mode does,
+    from the upstream gradient itself, so a loss that is not the predicted one still gets its exact gradient.
+    ``paths`` counts how each call's gradient was formed (``PATHS``): "fast"; "recomputed" (the prediction did not
+    match); "lean" (no fast pass: a sequence longer than the memory budget allows, or a call of another shape).
+    The first fallback of a counter warns."""
+
+    loss: GridLoss
+    paths: collections.Counter = field(default_factory=collections.Counter)
+
+    def record(self, path: str, why: str = "") -> None:
+        self.paths[path] += 1
+        if path != "fast" and self.paths["recomputed"] + self.paths["lean"] == 1:
+            warnings.warn(f"fastpref: the fused head ran {path} instead of fast mode ({why}); counted in "
+                          "`paths` (FastPref{GRPO,RLOO}Trainer.fastpref_head_paths)", RuntimeWarning, stacklevel=2)
+
+
+PREDICTION_RTOL = 1e-5
+_PREDICTED: contextvars.ContextVar[PredictedLoss | None] = contextvars.ContextVar("fastpref_predicted_loss",
+                                                                                  default=None)
+
+
+@contextlib.contextmanager
+def predicting(predicted: PredictedLoss | None) -> Iterator[None]:
+    """Within the block, the first differentiable call of a patched head (``add_fused_lm_head``) runs fast mode for
+    ``predicted`` (None: nothing predicted)."""
+    token = _PREDICTED.set(predicted)
+    try:
+        yield
+    finally:
+        _PREDICTED.reset(token)
+
+
+def _take_prediction() -> PredictedLoss | None:
+    predicted = _PREDICTED.get()
+    if predicted is not None and torch.is_grad_enabled():
+        _PREDICTED.set(None)  # one call: a second differentiable call in the block is not the predicted one
+        return predicted
+    return None
+
+
+@dataclass(frozen=True)
+class FastRequest:
+    """What fast mode forms in the forward: the gradient of ``token_loss`` (``ops.fast_token_loss.TokenLoss``) for
+    the inputs ``needs`` (source, weight, bias), its row groups kept to whole sequences where asked, and where
+    it was predicted from (``predicted``, None for SFT's ``Σ log_probs``)."""
+
+    needs: tuple[bool, bool, bool]
+    token_loss: TokenLoss
+    whole_sequences: bool = False
+    entropy: bool = False
+    predicted: PredictedLoss | None = None
+
+
+def prediction_scale(grad_logps: torch.Tensor | None, grad_entropy: torch.Tensor | None, coef: torch.Tensor,
+                     ent_coef: torch.Tensor | None, rtol: float = PREDICTION_RTOL) -> torch.Tensor | None:
+    """The scalar s with (grad_logps, grad_entropy) = s·(coef, ent_coef) within ``rtol`` of the largest upstream
+    element (a missing tensor reads as zeros), as a 0-dim fp32 tensor; None when there is none. One host sync."""
+    def both(x: torch.Tensor | None, y: torch.Tensor | None) -> list[torch.Tensor]:
+        return [] if x is None and y is None else [(torch.zeros_like(y) if x is None else x).double()]
+    a = torch.cat(both(grad_logps, coef) + both(grad_entropy, ent_coef))
+    p = torch.cat(both(coef, grad_logps) + both(ent_coef, grad_entropy))
+    if a.numel() == 0:
+        return torch.zeros((), device=coef.device)
+    pp = (p * p).sum()
+    s = torch.where(pp > 0, (a * p).sum() / pp.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    if not bool((a - s * p).abs().max() <= rtol * a.abs().max()):
+        return None
+    return s.float()
 
 
 class HeadFields(torch.autograd.Function):
     """``source`` [N, H], ``weight`` [V, H], ``bias`` [V] | None, the scored rows ``layout`` and the pass ``cfg``
     -> TRL's per-row fields ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` [n] (``None`` where
-    not requested). ``log_probs`` and ``entropy`` are differentiable."""
+    not requested). ``log_probs`` and ``entropy`` are differentiable. ``fast``: fast mode's request (None: lean)."""
 
     @staticmethod
     def forward(ctx, source, weight, bias, layout, cfg: HeadPass, outputs: tuple[str, ...],  # type: ignore[override]
-                fast_needs: tuple[bool, bool, bool] | None = None, memory_budget: int | None = None):
+                fast: FastRequest | None = None, memory_budget: int | None = None):
         ctx.set_materialize_grads(False)  # an entropy used only for logging sends no gradient: skip its term
-        ctx.pending = None
+        ctx.pending, ctx.fast = None, fast
         with autocast_off(source.device.type), _gathered_head(weight, bias):
             vocab = weight.shape[0]  # read once gathered (a ZeRO-3 partition reads 0 rows)
-            groups = None if fast_needs is None else token_groups(layout, weight, cfg, memory_budget=memory_budget)
+            groups = None if fast is None else token_groups(layout, weight, cfg, memory_budget=memory_budget,
+                                                            whole_sequences=fast.whole_sequences)
+            if fast is not None and groups is None and fast.predicted is not None:
+                fast.predicted.record("lean", "a sequence's logits exceed the memory budget")
             if groups is not None:
-                # fast: the gradient of Σ log_probs (unit coefficients) formed in the forward, scaled in backward
-                problem = TokenProblem(layout, groups, _sum_of_logps, cfg)
-                _, result, ctx.pending = token_forward(source, weight, bias, problem, fast_needs)
+                # fast: the gradient of the request's loss formed in the forward, scaled in the backward
+                problem = TokenProblem(layout, groups, fast.token_loss, cfg, entropy=fast.entropy)
+                _, result, ctx.pending = token_forward(source, weight, bias, problem, fast.needs)
                 lse, logps, token_stats = result.lse, result.logps, result.stats
+                ctx.predicted_grads = (result.grad_logps, result.grad_entropy)
             else:
                 stats = _head_pass_ops.forward_stats(source, layout.index, weight, bias, layout.targets, cfg)
                 lse, logps, token_stats = finalize_stats(stats, vocab)
@@ -119,11 +219,15 @@ class HeadFields(torch.autograd.Function):
             return (None, None, None, *none)
         layout, cfg = ctx.layout, ctx.cfg
         pending, ctx.pending = ctx.pending, None
-        if pending is not None and grad_entropy is None and grad_logps is not None and _uniform(grad_logps):
-            c = grad_logps[0].float() if grad_logps.numel() else torch.zeros((), device=source.device)
-            with autocast_off(source.device.type):
-                return (*pending.finish(c), *none)
-        # lean: recompute (no fast pass, or per-row coefficients that differ, or an entropy gradient)
+        if pending is not None:
+            scale = prediction_scale(grad_logps, grad_entropy, *ctx.predicted_grads)
+            if ctx.fast.predicted is not None:
+                ctx.fast.predicted.record("fast" if scale is not None else "recomputed",
+                                          "the loss's gradient is not the predicted loss's")
+            if scale is not None:
+                with autocast_off(source.device.type):
+                    return (*pending.finish(scale), *none)
+        # lean: recompute (no fast pass, or an upstream gradient that is not the fast pass's times a scalar)
         lse = LogSumExp(row_max, log_sumexp)
         g = torch.zeros_like(row_max) if grad_logps is None else grad_logps.float().contiguous()
         # ZeRO-3 re-partitions the head after the forward: gather it again for the recompute, as TRL does
@@ -138,7 +242,8 @@ class HeadFields(torch.autograd.Function):
 def fused_head_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                       *, temperature: float = 1.0, logit_scale: float = 1.0, softcap: float | None = None,
                       outputs: tuple[str, ...] = ("log_probs",), backend: str = "auto", gemm: str | None = None,
-                      mode: str = "lean", memory_budget: int | None = None) -> tuple[torch.Tensor | None, ...]:
+                      mode: str = "lean", memory_budget: int | None = None,
+                      predicted: PredictedLoss | None = None) -> tuple[torch.Tensor | None, ...]:
     """TRL's per-token fields of ``hidden`` [..., H] against already-shifted ``labels`` [...] (-100 = not scored):
     ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` shaped like ``labels``, 0 (False) where not
     scored, ``None`` for fields not in ``outputs`` (``log_probs`` is always computed). fp32 (``is_top1`` bool).
@@ -148,7 +253,11 @@ def fused_head_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     the gradient of ``Σ log_probs`` in the forward (6·n·H·V) and uses it when every scored row's upstream
     gradient is the same (a mean over tokens, as SFT's loss), else recomputes as lean (one host sync decides).
     Without a gradient to form (no grad mode, frozen inputs) both are the forward pass alone. ``memory_budget``:
-    fast mode's bytes of kept logits (None: the device's default, as ``fastpref.DPOLoss``'s)."""
+    fast mode's bytes of kept logits (None: the device's default, as ``fastpref.DPOLoss``'s).
+
+    ``predicted`` (any ``mode``): the loss these log-probs (and entropies) feed, known now (``PredictedLoss``; its
+    grid is the last ``T`` columns of 2-D ``labels``): fast mode forms that loss's gradient in the forward, and the
+    backward uses it when the upstream gradient matches."""
     hidden, weight, bias = whole_head(hidden, weight, bias, who="fused_head_fields (TRL's fused head)")
     outputs = check_outputs(outputs)
     check_choice("mode", mode, MODES)
@@ -158,13 +267,42 @@ def fused_head_fields(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
     cfg = HeadPass.for_inputs(hidden, weight, backend=backend, transform=transform, gemm=gemm,
                               with_entropy="entropy" in outputs, with_top1="is_top1" in outputs)
-    layout = build_layout(labels.reshape(-1), ignore_index=-100, vocab_size=weight.shape[0])
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    fast = mode == "fast" and torch.is_grad_enabled() and any(needs)
     check_memory_budget(memory_budget)
-    rows = HeadFields.apply(flat_rows(hidden), weight, bias, layout, cfg, outputs, needs if fast else None,
-                            memory_budget)
+    differentiable = torch.is_grad_enabled() and any(needs)
+    layout, fast = None, None
+    if predicted is not None and differentiable:
+        layout, fast = _predicted_request(labels, weight.shape[0], predicted, needs)
+    if layout is None:
+        layout = build_layout(labels.reshape(-1), ignore_index=-100, vocab_size=weight.shape[0])
+        fast = FastRequest(needs, _sum_of_logps) if mode == "fast" and differentiable else None
+    rows = HeadFields.apply(flat_rows(hidden), weight, bias, layout, cfg, outputs, fast, memory_budget)
     return tuple(None if x is None else scatter_tokens(x, layout, labels.shape) for x in rows)
+
+
+def _predicted_request(labels: torch.Tensor, vocab: int, predicted: PredictedLoss,
+                       needs: tuple[bool, bool, bool]) -> tuple[TokenLayout | None, FastRequest | None]:
+    """The scored rows grouped by batch row and fast mode's request for ``predicted``'s loss, whose grid is the last
+    T columns of ``labels`` [B, L]; ``(None, None)`` (counted as lean) where this call is not on that grid."""
+    grid = tuple(predicted.loss.mask.shape)
+    if labels.dim() != 2 or labels.shape[0] != grid[0] or labels.shape[1] < grid[1]:
+        predicted.record("lean", f"labels of shape {tuple(labels.shape)} are not on the loss's grid {grid}")
+        return None, None
+    rows, cols = labels.shape
+    seq_ids = torch.arange(rows, device=labels.device).repeat_interleave(cols)
+    layout = build_layout(labels.reshape(-1), ignore_index=-100, vocab_size=vocab, seq_ids=seq_ids, num_seqs=rows)
+    b = layout.index // cols
+    t = layout.index % cols - (cols - grid[1])
+    if layout.num_scored and int(t.min()) < 0:  # TRL masks the prompt: a scored token there is not on the grid
+        predicted.record("lean", "a scored token lies before the loss's grid")
+        return None, None
+    offsets = layout.host_offsets
+
+    def token_loss(logps: torch.Tensor, entropies: torch.Tensor | None, part: slice) -> torch.Tensor:
+        seqs = slice(bisect.bisect_right(offsets, part.start) - 1, bisect.bisect_right(offsets, part.stop - 1))
+        return predicted.loss.rows_loss(logps, entropies, b[part], t[part], seqs)
+
+    return layout, FastRequest(needs, token_loss, predicted.loss.whole_sequences, predicted.loss.entropy, predicted)
 
 
 def _backbone_attr(model: Any) -> str:
@@ -193,11 +331,12 @@ def _router_aux_loss(model: Any, text_config: Any, router_logits: Any, attention
 
 def add_fused_lm_head(model: Any, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                       outputs: tuple[str, ...] = ("log_probs",), *, backend: str = "auto",
-                      gemm: str | None = None, mode: str = "lean") -> None:
+                      gemm: str | None = None, mode: str = "lean", memory_budget: int | None = None) -> None:
     """fastpref's drop-in for ``trl.trainer.utils.add_fused_lm_head`` (same arguments, same
     ``FusedCausalLMOutput``); ``backend`` and ``gemm`` choose fastpref's kernels (``fastpref.token_logps``'s),
-    ``mode`` ``"lean"`` / ``"fast"`` as in ``fused_head_fields`` (fast pays off where the loss is a mean of
-    ``-log_probs``: SFT).
+    ``mode`` ``"lean"`` / ``"fast"`` and ``memory_budget`` as in ``fused_head_fields`` (fast pays off where the
+    loss is a mean of ``-log_probs``: SFT). Within ``predicting(...)`` the first differentiable call runs fast mode
+    for the predicted loss (GRPO, RLOO), whatever ``mode``.
 
     Patches ``model.forward`` in place: ``fused_lm_head=True`` with ``labels`` (unshifted) or ``shift_labels``
     (pre-shifted) and optional ``num_items_in_batch`` runs the backbone and fastpref's head; anything else is the
@@ -208,6 +347,7 @@ def add_fused_lm_head(model: Any, temperature: float = 1.0, cast_lm_head_to_fp32
     outputs = check_outputs(outputs)
     check_choice("backend", backend, ("auto", "triton", "torch"))
     check_choice("mode", mode, MODES)
+    check_memory_budget(memory_budget)
     original_forward = model.forward
     text_config = model.config.get_text_config()
     transform = head_transform(model)
@@ -243,7 +383,8 @@ def add_fused_lm_head(model: Any, temperature: float = 1.0, cast_lm_head_to_fp32
             autocast_ctx = torch.autocast(hidden.device.type, enabled=False)
         with autocast_ctx, _gathered_head(weight, bias):  # ZeRO-3: the whole head for the call, as TRL gathers it
             fields = fused_head_fields(hidden, weight, bias, labels, temperature=temperature, outputs=outputs,
-                                       backend=backend, gemm=gemm, mode=mode, **transform)
+                                       backend=backend, gemm=gemm, mode=mode, memory_budget=memory_budget,
+                                       predicted=_take_prediction(), **transform)
         mask = labels != -100
         log_probs = fields[0]
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
@@ -272,17 +413,19 @@ def has_fastpref_head(model: Any) -> bool:
 
 @contextlib.contextmanager
 def swap_fused_head(module: types.ModuleType, *, backend: str = "auto", gemm: str | None = None,
-                    mode: str = "lean") -> Iterator[None]:
+                    mode: str = "lean", memory_budget: int | None = None) -> Iterator[None]:
     """Within the block, ``module.add_fused_lm_head`` (a TRL trainer module's import of TRL's head) is fastpref's,
     with ``backend``, ``gemm`` and ``mode``; TRL's is restored on exit. The trainers call it only in
     ``__init__``."""
     previous = module.add_fused_lm_head
-    module.add_fused_lm_head = functools.partial(add_fused_lm_head, backend=backend, gemm=gemm, mode=mode)
+    module.add_fused_lm_head = functools.partial(add_fused_lm_head, backend=backend, gemm=gemm, mode=mode,
+                                                 memory_budget=memory_budget)
     try:
         yield
     finally:
         module.add_fused_lm_head = previous
 
 
-__all__ = ["FIELDS", "MODES", "HeadFields", "add_fused_lm_head", "check_outputs", "fused_head_fields",
-           "has_fastpref_head", "swap_fused_head"]
+__all__ = ["FIELDS", "MODES", "PATHS", "PREDICTION_RTOL", "FastRequest", "GridLoss", "HeadFields", "PredictedLoss",
+           "add_fused_lm_head", "check_outputs", "fused_head_fields", "has_fastpref_head", "predicting",
+           "prediction_scale", "swap_fused_head"]

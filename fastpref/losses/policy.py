@@ -27,6 +27,7 @@ over sequences (TRL's Trainer divides by the accumulation steps).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -88,12 +89,7 @@ class PolicyLossConfig:
                 raise ValueError("max_completion_length: loss_type 'dr_grpo' normalises by B * "
                                  "max_completion_length; expected an int >= 1, got None")
             check_int("max_completion_length", self.max_completion_length, low=1)
-        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
-            raise ValueError("importance_sampling_level: loss_type 'luspo' expects 'sequence' (as TRL), got "
-                             f"{self.importance_sampling_level!r}")
-        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
-            raise ValueError("importance_sampling_level: loss_type 'vespo' expects 'token' (as TRL), got "
-                             f"{self.importance_sampling_level!r}")
+        # luspo at token level and vespo at sequence level are allowed, as TRL allows them (it only warns)
 
     @property
     def eps_high(self) -> float:
@@ -257,3 +253,100 @@ def rloo_loss(logps: Tensor, old_logps: Tensor, mask: Tensor, advantages: Tensor
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     ratio = ((logps * mask.to(logps.dtype)).sum(-1) - old_logps).exp()
     return -torch.min(ratio * advantages, ratio.clamp(1 - epsilon_low, 1 + eps_high) * advantages).mean()
+
+
+def _rows(x: Tensor | None, seqs: slice) -> Tensor | None:
+    return None if x is None else x[seqs]
+
+
+def _grid(values: Tensor, base: Tensor, at: tuple[Tensor, Tensor]) -> Tensor:
+    """``base`` [b, T] with ``values`` [n] put at ``at`` (differentiable in ``values``)."""
+    return base.to(values.dtype).index_put(at, values)
+
+
+@dataclass(frozen=True)
+class PolicyStep:
+    """One micro-batch of TRL 1.16's GRPO loss with everything but the policy's log-probs and entropies known: the
+    completion ``mask`` [B, T], ``advantages`` ([B] or [B, T]), the normalisation and the old / reference / sampler
+    log-probs and vLLM ratios (``per_token_losses``'s ``inputs``). ``cfg.entropy_coef`` is the coefficient this
+    step applies (TRL's adaptive controller may set it to 0).
+
+    ``rows_loss`` is the loss restricted to some of its tokens; summed over a partition of the scored tokens it is
+    ``policy_loss(...).loss`` (without ``top_entropy_quantile``, whose mask needs every entropy first), so fast mode
+    can form the gradient of one row group as soon as its log-probs are known. Where a term reads a whole sequence
+    (``whole_sequences``), each part must hold whole sequences."""
+
+    cfg: PolicyLossConfig
+    mask: Tensor
+    advantages: Tensor
+    norm: Normalisation = Normalisation()
+    old_logps: Tensor | None = None
+    ref_logps: Tensor | None = None
+    sampling_logps: Tensor | None = None
+    is_ratio: Tensor | None = None
+
+    @property
+    def whole_sequences(self) -> bool:
+        """A term reads a whole sequence: sequence-level importance weights, VESPO's weights, the off-policy mask."""
+        cfg = self.cfg
+        return (cfg.importance_sampling_level == "sequence" or cfg.loss_type == "vespo"
+                or cfg.off_policy_mask_threshold is not None)
+
+    @property
+    def entropy(self) -> bool:
+        """The loss differentiates the entropies (the entropy bonus)."""
+        return self.cfg.entropy_coef != 0.0
+
+    @functools.cached_property
+    def weights(self) -> Tensor:
+        """``token_weights`` in float64 (each part casts them to its loss's dtype)."""
+        return token_weights(self.cfg, self.mask, self.norm, torch.float64)
+
+    @functools.cached_property
+    def entropy_tokens(self) -> Tensor:
+        """The entropy bonus's denominator: the completion tokens (at least 1), on the device."""
+        return self.mask.sum().double().clamp(min=1.0)
+
+    def rows_loss(self, logps: Tensor, entropies: Tensor | None, b: Tensor, t: Tensor, seqs: slice) -> Tensor:
+        """The loss's terms at the tokens ``(b[k], t[k])`` of the [B, T] grid, with log-probs ``logps`` [n] and
+        entropies [n] (read when ``entropy``); every ``b`` lies in ``seqs``. 0-dim, differentiable."""
+        cfg, mask = self.cfg, self.mask[seqs]
+        at = (b - seqs.start, t)
+        base = torch.zeros(mask.shape, device=logps.device) if self.old_logps is None else self.old_logps[seqs]
+        grid = _grid(logps, base, at)  # tokens outside the rows hold their old log-prob (ratio 1): never NaN
+        inside = torch.zeros(mask.shape, dtype=torch.bool, device=logps.device).index_put(
+            at, torch.ones((), dtype=torch.bool, device=logps.device))
+        terms = per_token_losses(cfg, grid, mask, self.advantages[seqs], old_logps=_rows(self.old_logps, seqs),
+                                 ref_logps=_rows(self.ref_logps, seqs), sampling_logps=_rows(self.sampling_logps, seqs),
+                                 is_ratio=_rows(self.is_ratio, seqs))
+        loss = torch.where(inside, terms.loss * self.weights[seqs].to(terms.loss.dtype), 0.0).sum()
+        if self.entropy:
+            if entropies is None:
+                raise ValueError(f"entropies: entropy_coef={cfg.entropy_coef} needs the per-token entropies, got None")
+            accum = self.norm.grad_accum if self.norm.training else 1
+            e = mask.to(entropies.dtype)
+            bonus = torch.where(inside, _grid(entropies, torch.zeros_like(e), at) * e, 0.0).sum()
+            loss = loss - cfg.entropy_coef * bonus / self.entropy_tokens.to(bonus.dtype) / accum
+        return loss
+
+
+@dataclass(frozen=True)
+class RlooStep:
+    """One micro-batch of TRL 1.16's RLOO loss (``rloo_loss``) with everything but the policy's log-probs known:
+    ``rows_loss`` as ``PolicyStep``'s; every term reads a whole sequence."""
+
+    mask: Tensor
+    old_logps: Tensor
+    advantages: Tensor
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None
+    whole_sequences: bool = True
+    entropy: bool = False
+
+    def rows_loss(self, logps: Tensor, entropies: Tensor | None, b: Tensor, t: Tensor, seqs: slice) -> Tensor:
+        """The mean over the batch restricted to the sequences ``seqs`` (all of whose tokens are in the rows)."""
+        mask = self.mask[seqs]
+        grid = _grid(logps, torch.zeros(mask.shape, device=logps.device), (b - seqs.start, t))
+        part = rloo_loss(grid, self.old_logps[seqs], mask, self.advantages[seqs], epsilon_low=self.epsilon_low,
+                         epsilon_high=self.epsilon_high)
+        return part * ((seqs.stop - seqs.start) / self.mask.shape[0])

@@ -99,6 +99,10 @@ class TokenResult:
     logps: torch.Tensor  # [n] fp32, layout order
     stats: TokenStats
     lse: LogSumExp  # per row, for a recompute (a caller's lean fallback)
+    # the coefficients the gradients were formed with: dL/dlogp [n] and dL/dH [n] (None: not read), fp32; 0 where
+    # no gradient was formed
+    grad_logps: torch.Tensor | None = None
+    grad_entropy: torch.Tensor | None = None
 
 
 class FastTokenLoss(torch.autograd.Function):
@@ -138,6 +142,8 @@ def _token_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     dw_dtype = path.out_dtype(weight.dtype if len(groups) <= MAX_GROUPS_DIRECT_DW else torch.float32)
     wants_grad = need_hidden or need_weight or pending.d_bias is not None
     loss = torch.zeros((), device=dev, dtype=torch.float32)
+    coef = torch.zeros(layout.num_scored, device=dev, dtype=torch.float32)
+    ent_coef = torch.zeros_like(coef) if problem.entropy else None
     for i, (t0, t1) in enumerate(groups):
         # 1) the group's logits, kept, their statistics, its log-probs and entropies
         tile, h, group_stats = head.fold_rows(t0, t1, source, weight, bias, stats)
@@ -155,9 +161,11 @@ def _token_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         if not wants_grad or t1 == t0:
             continue
         c = torch.zeros_like(logps) if grads[0] is None else grads[0].detach().float().contiguous()
+        coef[t0:t1] = c
         ent_grad = None
         if ent is not None:
             e = torch.zeros_like(logps) if grads[1] is None else grads[1].detach().float().contiguous()
+            ent_coef[t0:t1] = e
             ent_grad = EntropyGrad(e, entropy)
         grad = RowGrad(layout.targets[t0:t1], lse, c, ent_grad)
         # 3) + 4) G in place, the group's dH rows, dW (the last group's in backward)
@@ -166,7 +174,7 @@ def _token_forward(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     lse, logps, token_stats = finalize_stats(stats, cfg.vocab_size(weight))
     if need_weight and pending.last is None and pending.d_weight is None:
         pending.d_weight = torch.zeros_like(weight)  # no scored row reached a gradient GEMM
-    return loss, TokenResult(logps=logps, stats=token_stats, lse=lse), pending
+    return loss, TokenResult(logps=logps, stats=token_stats, lse=lse, grad_logps=coef, grad_entropy=ent_coef), pending
 
 
 def fast_token_loss(source: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -198,9 +198,9 @@ def check_choice(name: str, value: object, choices: tuple[str, ...] | list[str])
     return value  # type: ignore[return-value]
 
 
-def check_memory_budget(memory_budget: object) -> int | None:
+def check_memory_budget(memory_budget: object, name: str = "memory_budget") -> int | None:
     """A positive int of bytes, or None (the device's default budget)."""
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget <= 0):
-        raise ValueError(f"memory_budget: expected a positive int (bytes) or None, got {memory_budget!r}")
+        raise ValueError(f"{name}: expected a positive int (bytes) or None, got {memory_budget!r}")
     return memory_budget
