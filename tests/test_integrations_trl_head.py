@@ -413,7 +413,7 @@ ONLINE_METRICS = ("loss", "grad_norm", "entropy", "kl", "reward", "reward_std", 
 def _online(kind, flag, tok, path, **kw):
     cfg_cls, tr_cls, fp_cfg, fp_tr = ONLINE[kind]
     extra = {} if flag is None else dict(use_fastpref=flag, fastpref_backend="torch")
-    common = _common(learning_rate=0.1, num_generations=4, max_completion_length=6, **kw)
+    common = _common(**{"learning_rate": 0.1, "num_generations": 4, "max_completion_length": 6, **kw})
     cfg = (fp_cfg if flag is not None else cfg_cls)(**common, **extra)
     data = datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in toy_preference_records(16, seed=0)])
     return (fp_tr if flag is not None else tr_cls)(path, reward_funcs=_reward, args=cfg, train_dataset=data,
