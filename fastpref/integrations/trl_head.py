@@ -12,11 +12,14 @@ Gradients: ``log_probs`` and ``entropy`` (GRPO's entropy bonus) through fastpref
 forward's H, precise on peaked rows: ``RowStats.entropy_acc``). ``log_sum_sq_probs``,
 ``mean_logits`` and ``is_top1`` carry no gradient, as in TRL.
 
-Fast mode (``mode="fast"``, SFT): the forward also forms the gradient of ``Σ log_probs`` through
-``ops.fast_token_loss`` (row groups of logits within the memory budget, turned into their gradient in place), and
-the backward scales it when every scored row's upstream gradient is the same (a mean over tokens); otherwise it
-recomputes as lean mode does (so does a batch whose rows do not fit the budget). The module runs no tile loop of
-its own: the passes are the ops'.
+Fast mode: the forward also forms the gradient of a loss of the fields through ``ops.fast_token_loss`` (row groups
+of logits within the memory budget, turned into their gradient in place) — of ``Σ log_probs`` with
+``mode="fast"`` (SFT), or of a loss known before the call (``PredictedLoss``, set by ``predicting``: GRPO's and
+RLOO's, ``fastpref.losses.policy``). The backward uses it, scaled, when the upstream gradient is the predicted one
+times a scalar (``prediction_scale``: a mean over tokens for SFT; the Trainer's accumulation division or a loss
+scaler); otherwise it recomputes as lean mode does (so does a batch whose rows do not fit the budget): the
+gradient returned is always the upstream gradient's. The module runs no tile loop of its own: the passes are the
+ops'.
 
 ``log_sum_sq_probs`` is composed from the ops' log-sum-exp: ``log Σ p² = lse(2z) - 2·lse(z)``, the second
 log-sum-exp a forward-only pass at half the temperature (z/(T/2) = 2·z/T exactly in floating point), so it costs

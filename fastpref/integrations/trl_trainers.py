@@ -8,8 +8,11 @@ generation and rewards, losses and their normalisations, metrics. So SFT's per-t
 cross-entropy (``-log_probs``, ``fastpref.linear_cross_entropy(reduction="none")``) under TRL's reduction (sum
 over the scored tokens / ``num_items_in_batch``: packed sequences, completion-only and assistant-only masks as
 TRL builds them), and its ``entropy`` / ``mean_token_accuracy`` come from the same kernel pass; in fast mode
-(``fastpref_mode``, SFT only) that pass also forms the loss's gradient. With the flag off each class *is* TRL's:
-no method is changed.
+(``fastpref_mode``) that pass also forms the loss's gradient. GRPO's and RLOO's fast mode runs TRL's own
+``_compute_loss`` while the head knows the loss it will feed (``grpo_step`` / ``losses.policy.RlooStep``, read
+from the trainer and the batch as TRL reads them; ``trl_head.PredictedLoss``): the head forms that loss's gradient
+in its forward and checks it against the gradient TRL's loss sends before using it. With the flag off each class
+*is* TRL's: no method is changed.
 
 Supported TRL versions: those of the ``trl`` extra (``fastpref.integrations.trl.check_trl_version``).
 """
