@@ -68,8 +68,9 @@ def _assert_steps(got, want, rtol=1e-5):
     for step, (g, w) in enumerate(zip(got, want)):
         keys = [k for k in (*ONLINE_METRICS, *LOSS_METRICS) if k in w]
         assert [k for k in (*ONLINE_METRICS, *LOSS_METRICS) if k in g] == keys, step
-        for key in keys:
-            assert g[key] == pytest.approx(w[key], rel=rtol, abs=1e-6), (step, key, g[key], w[key])
+        for key in keys:  # None: TRL logs no number where every value was NaN (nothing scored)
+            assert (g[key] is None) if w[key] is None else g[key] == pytest.approx(w[key], rel=rtol, abs=1e-6), (
+                step, key, g[key], w[key])
 
 
 def _micro_batches(trainer):
@@ -94,6 +95,9 @@ GRPO_CASES = {
     "vespo": dict(loss_type="vespo", num_iterations=2),
     "off_policy_mask": dict(loss_type="dapo", off_policy_mask_threshold=0.0, num_iterations=2),
     "no_bias_correction": dict(loss_type="grpo", beta=0.1, use_bias_correction_kl=False, num_iterations=2),
+    "steps_per_generation": dict(loss_type="dapo", beta=0.1, steps_per_generation=2, per_device_train_batch_size=2),
+    "cast_lm_head_to_fp32": dict(loss_type="grpo", beta=0.1, cast_lm_head_to_fp32=True, num_iterations=2),
+    "mask_truncated": dict(loss_type="dapo", mask_truncated_completions=True),  # all truncated: nothing scored
     "adaptive_entropy": dict(loss_type="dapo", use_adaptive_entropy=True, entropy_coef=0.5, entropy_target=6.0,
                              gradient_accumulation_steps=2, per_device_train_batch_size=2),
 }
@@ -160,6 +164,21 @@ def test_lean_where_the_loss_needs_every_entropy_first_or_when_asked(tok, toy_pa
     got = _logs(trainer)
     _assert_steps(got, want)
     assert trainer.fastpref_head_paths == collections.Counter()
+
+
+def test_grpo_evaluate_matches_stock_trl(tok, toy_path):  # noqa: F811
+    """Evaluation runs no gradient: nothing is predicted, TRL's numbers, before and after training."""
+    evals = datasets.Dataset.from_list([{"prompt": p} for p in ("a b c", "b c d", "c d e", "d e f")])
+    runs = []
+    for flag in (None, True):
+        trainer = _online("grpo", flag, tok, toy_path, beta=0.1, max_steps=2)
+        before = trainer.evaluate(evals)
+        trainer.train()
+        runs.append((before, trainer.evaluate(evals)))
+    assert trainer.fastpref_head_paths == collections.Counter(fast=2)
+    for got, want in zip(runs[1], runs[0]):
+        for key in ("eval_loss", "eval_entropy", "eval_kl", "eval_reward"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
 
 
 def test_fast_with_an_entropy_quantile_is_refused_naming_the_field():

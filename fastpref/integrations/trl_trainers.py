@@ -24,6 +24,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from .trl import check_trl_version
 
 check_trl_version()
@@ -160,7 +162,8 @@ class _OnlineFast(_HeadSwap):
         super().__init__(*args, **kwargs)
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Any:
-        loss = self._predicted_loss(inputs) if self.use_fastpref and self.args.fastpref_mode != "lean" else None
+        fast = self.use_fastpref and self.args.fastpref_mode != "lean" and torch.is_grad_enabled()  # not in eval
+        loss = self._predicted_loss(inputs) if fast else None
         if loss is None:
             return super()._compute_loss(model, inputs)  # type: ignore[misc]
         with predicting(PredictedLoss(loss, self.fastpref_head_paths)):
@@ -217,10 +220,11 @@ def grpo_step(trainer: Any, inputs: dict[str, Any]) -> PolicyStep | None:
     if "tool_mask" in inputs:
         mask = mask * inputs["tool_mask"]
     num_items = inputs.get("num_items_in_batch")
-    norm = Normalisation(grad_accum=trainer.current_gradient_accumulation_steps,
+    training = trainer.model.training
+    norm = Normalisation(grad_accum=trainer.current_gradient_accumulation_steps if training else 1,
                          num_items_in_batch=None if num_items is None else float(num_items),
                          num_processes=trainer.accelerator.num_processes,
-                         steps_per_generation=args.steps_per_generation, training=trainer.model.training)
+                         steps_per_generation=args.steps_per_generation, training=training)
     vllm_is = trainer.use_vllm and trainer.vllm_importance_sampling_correction
     is_ratio = inputs.get("importance_sampling_ratio") if vllm_is or cfg.loss_type == "vespo" else None
     old = inputs.get("old_per_token_logps")
