@@ -444,8 +444,6 @@ def test_online_flag_on_matches_stock_trl(tok, toy_path, kind, kw, rtol):
 @pytest.mark.parametrize("field,value", [("fastpref_backend", "cuda"), ("fastpref_gemm", "cuBLAS"),
                                          ("fastpref_mode", "quick")])
 def test_bad_fastpref_field_raises_naming_it(cls, field, value):
-    if field == "fastpref_mode" and cls is not FastPrefSFTConfig:
-        pytest.skip("only SFT has a fast mode")
     with pytest.raises(ValueError, match=field):
         cls(output_dir="/tmp/fastpref-test-trl-head", use_cpu=True, report_to=[], use_fastpref=True,
             **{field: value})

@@ -21,30 +21,154 @@ import torch
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
+from fastpref.kernels.launch import count_flops  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from fastpref.integrations.trl_head import (  # noqa: E402
     PredictedLoss,
     _predicted_request,
+    fused_head_fields,
     has_fastpref_head,
     prediction_scale,
 )
 from fastpref.integrations.trl_trainers import FastPrefGRPOConfig, FastPrefGRPOTrainer, grpo_step  # noqa: E402
-from fastpref.losses.policy import Normalisation, PolicyLossConfig, PolicyStep  # noqa: E402
+from fastpref.losses.policy import Normalisation, PolicyLossConfig, PolicyStep, RlooStep, policy_loss, rloo_loss  # noqa: E402
 from fastpref.ops import HeadPass, LogitTransform  # noqa: E402
 from fastpref.ops.fast_token_loss import token_groups  # noqa: E402
 from fastpref.ops.plan import DEFAULT_BUDGET_CAP  # noqa: E402
 from fastpref.testing.toy import toy_llama  # noqa: E402
+from tests.helpers import PATH_IDS, PATHS  # noqa: E402
 from tests.test_integrations_trl_head import (  # noqa: E402
     ONLINE_METRICS,
+    TRANSFORMS,
     _common,
     _logs,
     _online,
+    _reference,
     _reward,
     toy_path,  # noqa: F401  (the fixture)
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# -- head level: the predicted loss's gradient against float64, every path and dtype ------------------------------
+
+HEAD_LOSSES = {
+    "dapo-beta": lambda: PolicyLossConfig(loss_type="dapo", beta=0.04),
+    "grpo-entropy-delta": lambda: PolicyLossConfig(loss_type="grpo", entropy_coef=0.1, delta=1.2),
+    "gspo-beta": lambda: PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence", beta=0.04),
+    "rloo": lambda: None,
+}
+DTYPES = {"fp32-std10": (torch.float32, 10.0), "fp32-std30": (torch.float32, 30.0),
+          "bf16-std20": (torch.bfloat16, 20.0), "fp16-std10": (torch.float16, 10.0)}
+
+
+def _head_batch(dtype, std, rows=3, length=9, window=6, h=24, v=301, seed=0):
+    """A TRL head call's inputs: hidden [B, L, H], labels [B, L] scored in the last ``window`` columns (the
+    completion) up to random padding, and the loss's old / reference log-probs near the exact ones."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, length, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * std / h ** 0.5).to(dtype)
+    bias = torch.randn(v, generator=g).to(dtype)
+    labels = torch.randint(0, v, (rows, length), generator=g)
+    labels[:, : length - window] = -100
+    labels[0, -2:] = -100  # padding after an early EOS
+    mask = (labels[:, -window:] != -100).long()
+    adv = torch.randn(rows, generator=g)
+    noise = torch.randn(2, rows, window, generator=g)
+    return hidden, weight, bias, labels, mask, adv, noise
+
+
+def _head_loss(name, fields, mask, adv, old, ref):
+    """TRL's loss of the head's fields (their last T columns)."""
+    t = mask.shape[1]
+    lp, ent = fields[0][:, -t:], fields[1][:, -t:]
+    cfg = HEAD_LOSSES[name]()
+    if cfg is None:
+        return rloo_loss(lp, (old * mask).sum(1), mask, adv)
+    norm = Normalisation(num_items_in_batch=float(mask.sum()))
+    return policy_loss(cfg, lp, mask, adv, norm=norm, entropies=ent, old_logps=old, ref_logps=ref).loss
+
+
+def _step(name, mask, adv, old, ref):
+    cfg = HEAD_LOSSES[name]()
+    if cfg is None:
+        return RlooStep(mask, (old * mask).sum(1), adv)
+    return PolicyStep(cfg, mask, adv, Normalisation(num_items_in_batch=float(mask.sum())), old_logps=old,
+                      ref_logps=ref if cfg.beta else None)
+
+
+@pytest.mark.parametrize("loss", list(HEAD_LOSSES))
+@pytest.mark.parametrize("dtype_std", list(DTYPES))
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_predicted_loss_gradient_matches_float64(loss, dtype_std, path):
+    """The fast pass's gradient of TRL's loss (formed in the forward, used after the check) against float64
+    materialised logits, at logit std 10-30 with a softcapped, scaled, tempered transform, odd shapes, row groups
+    that split sequences (or keep them whole): as close to lean mode's (the recompute) as half the plain same-dtype
+    path's error, and within 2x the error of the plain path or of lean mode (RLOO's exp(Σ log p) turns one
+    rounding of a sum into the whole gradient's error: which of two same-dtype paths errs more is chance)."""
+    backend, gemm = path
+    dtype, std = DTYPES[dtype_std]
+    if backend == "triton" and (dtype_std != "bf16-std20" or loss == "rloo"):
+        pytest.skip("the Triton interpreter is slow: bf16 on each path and loss")
+    t = TRANSFORMS["T0.7-softcap30-scale1.3"]
+    hidden, weight, bias, labels, mask, adv, noise = _head_batch(dtype, std)
+    h64, w64, b64 = (x.double().requires_grad_() for x in (hidden, weight, bias))
+    flat = labels.reshape(-1)
+    exact = [x.reshape(labels.shape) for x in _reference(h64.reshape(-1, h64.shape[-1]), w64, b64, flat,
+                                                         dtype=torch.float64, **t)]
+    window = mask.shape[1]
+    old = (exact[0][:, -window:].detach() + 0.3 * noise[0].double()) * mask
+    ref = (exact[0][:, -window:].detach() + 0.3 * noise[1].double()) * mask
+    truth = torch.autograd.grad(_head_loss(loss, exact, mask, adv.double(), old, ref), (h64, w64, b64))
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    plain_fields = [x.reshape(labels.shape) for x in _reference(leaves[0].reshape(-1, leaves[0].shape[-1]),
+                                                                leaves[1], leaves[2], flat, dtype=dtype, **t)]
+    old32, ref32 = old.float(), ref.float()
+    plain = torch.autograd.grad(_head_loss(loss, plain_fields, mask, adv, old32, ref32), leaves)
+    predicted = PredictedLoss(_step(loss, mask, adv, old32, ref32))
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    rows_per_group = 5 if not predicted.loss.whole_sequences else 6  # split sequences where the loss allows
+    fields = fused_head_fields(*leaves, labels, outputs=("log_probs", "entropy"), backend=backend, gemm=gemm,
+                               memory_budget=rows_per_group * weight.shape[0] * 4, predicted=predicted, **t)
+    got = torch.autograd.grad(_head_loss(loss, fields, mask, adv, old32, ref32), leaves)
+    assert predicted.paths == collections.Counter(fast=1)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    fields = fused_head_fields(*leaves, labels, outputs=("log_probs", "entropy"), backend=backend, gemm=gemm, **t)
+    lean = torch.autograd.grad(_head_loss(loss, fields, mask, adv, old32, ref32), leaves)
+    for name, x, e, p, r in zip("hwb", got, truth, plain, lean):
+        assert x.dtype == dtype
+        err, base, lean_err = ((y.double() - e).norm().item() for y in (x, p, r))
+        atol = 1e-6 * e.norm().item() + 1e-30
+        assert (x.double() - r.double()).norm().item() <= 0.5 * base + atol, (name, err, base, lean_err)
+        assert err <= 2 * max(base, lean_err) + atol, (name, err, base, lean_err)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_predicted_loss_flops_are_6nhv_fast_and_8nhv_lean(path):
+    """The head's matmul FLOPs for the policy with the gradient (FlopCounterMode, plus the Triton launches'
+    own count): fast mode 6·n·H·V (one group: the in-place ``addmm_`` of several groups' dW is not counted),
+    lean 8·n·H·V; n = the scored completion tokens."""
+    backend, gemm = path
+    hidden, weight, bias, labels, mask, adv, noise = _head_batch(torch.float32, 3.0)
+    n, (vocab, h) = int((labels != -100).sum()), weight.shape
+    step = PolicyStep(PolicyLossConfig(loss_type="dapo", beta=0.04), mask, adv,
+                      Normalisation(num_items_in_batch=float(mask.sum())), old_logps=-noise[0].abs(),
+                      ref_logps=-noise[1].abs())
+    counts = {}
+    for mode in ("fast", "lean"):
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+        predicted = PredictedLoss(step) if mode == "fast" else None
+        with FlopCounterMode(display=False) as counter, count_flops() as triton_flops:
+            fields = fused_head_fields(*leaves, labels, outputs=("log_probs", "entropy"), backend=backend,
+                                       gemm=gemm, predicted=predicted)
+            t = mask.shape[1]
+            loss = policy_loss(step.cfg, fields[0][:, -t:], mask, adv, norm=step.norm, old_logps=step.old_logps,
+                               ref_logps=step.ref_logps).loss
+            loss.backward()
+        counts[mode] = counter.get_total_flops() + sum(triton_flops.values())
+    assert counts == {"fast": 6 * n * h * vocab, "lean": 8 * n * h * vocab}
+
 
 # The metrics TRL logs that read the per-token log-probs, beside ONLINE_METRICS
 LOSS_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
@@ -228,7 +352,7 @@ def test_prediction_scale():
 
 def test_trainer_step_flops_fast_saves_one_logits_gemm(tok, toy_path):  # noqa: F811
     """One training micro-batch (TRL's compute_loss and its backward), counted: lean − fast = 2·n·H·V (the
-    logits recomputed in lean's backward; n = the scored completion tokens), and lean = stock TRL's head."""
+    logits recomputed in lean's backward; n = the scored completion tokens)."""
     trainer = _online("grpo", True, tok, toy_path, beta=0.0)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop
