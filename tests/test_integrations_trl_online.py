@@ -37,6 +37,7 @@ from fastpref.ops import HeadPass, LogitTransform  # noqa: E402
 from fastpref.ops.fast_token_loss import token_groups  # noqa: E402
 from fastpref.ops.plan import DEFAULT_BUDGET_CAP  # noqa: E402
 from fastpref.testing.toy import toy_llama  # noqa: E402
+from fastpref.utils.memory import AllocationTracker  # noqa: E402
 from tests.helpers import PATH_IDS, PATHS  # noqa: E402
 from tests.test_integrations_trl_head import (  # noqa: E402
     ONLINE_METRICS,
@@ -168,6 +169,28 @@ def test_predicted_loss_flops_are_6nhv_fast_and_8nhv_lean(path):
             loss.backward()
         counts[mode] = counter.get_total_flops() + sum(triton_flops.values())
     assert counts == {"fast": 6 * n * h * vocab, "lean": 8 * n * h * vocab}
+
+
+@pytest.mark.parametrize("loss", ["dapo-beta", "gspo-beta", "grpo-entropy-delta"])
+def test_predicted_loss_allocates_nothing_tokens_by_vocab(loss):
+    """Fast mode for GRPO's loss: beside the gradients, only the budgeted buffer of kept logits (and its row-op
+    temporaries) is of size rows x vocabulary, far below the logits; sequence-level losses keep sequences whole
+    within the same budget."""
+    rows, length, window, h, vocab = 8, 160, 150, 16, 32768
+    hidden, weight, bias, labels, mask, adv, noise = _head_batch(torch.float32, 3.0, rows=rows, length=length,
+                                                                 window=window, h=h, v=vocab)
+    leaves = [x.requires_grad_() for x in (hidden, weight, bias)]
+    predicted = PredictedLoss(_step(loss, mask, adv, -noise[0].abs(), -noise[1].abs()))
+    budget = window * vocab * 4  # one completion's fp32 logits per group
+    with AllocationTracker(device="cpu") as mem:
+        fields = fused_head_fields(*leaves, labels, outputs=("log_probs", "entropy"), backend="torch",
+                                   memory_budget=budget, predicted=predicted)
+        _head_loss(loss, fields, mask, adv, -noise[0].abs(), -noise[1].abs()).backward()
+    assert predicted.paths == collections.Counter(fast=1)
+    logits_bytes = int(mask.sum()) * vocab * 4
+    grads = 2 * sum(x.numel() for x in leaves) * 4
+    assert mem.largest_bytes <= max(budget, weight.numel() * 4), mem.largest
+    assert mem.peak_bytes <= grads + 3 * budget < logits_bytes / 2, mem.summary()
 
 
 # The metrics TRL logs that read the per-token log-probs, beside ONLINE_METRICS
