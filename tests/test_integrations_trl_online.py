@@ -346,17 +346,28 @@ class _WrongPrediction(FastPrefGRPOTrainer):
                           ref_logps=step.ref_logps)
 
 
-def test_a_wrong_prediction_is_recomputed_counted_and_warned(tok, toy_path):  # noqa: F811
+class _Unpredictable(FastPrefGRPOTrainer):
+    """A batch the prediction cannot read (as a future TRL's might be)."""
+
+    def _predicted_loss(self, inputs):
+        raise KeyError("a field this reading of TRL does not know")
+
+
+@pytest.mark.parametrize("cls,path,message", [
+    (_WrongPrediction, "recomputed", "ran recomputed instead of fast mode (the loss's gradient is not the predicted"),
+    (_Unpredictable, "lean", "ran lean instead of fast mode (the loss could not be predicted: KeyError"),
+], ids=["wrong", "unpredictable"])
+def test_a_wrong_or_failed_prediction_falls_back_counted_and_warned(tok, toy_path, cls, path, message):  # noqa: F811
     kw = dict(beta=0.1, num_iterations=2, learning_rate=0.5)
     want = _logs(_online("grpo", None, tok, toy_path, **kw))
     trainer = _online("grpo", True, tok, toy_path, **kw)
-    trainer.__class__ = _WrongPrediction
+    trainer.__class__ = cls
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = _logs(trainer)
     _assert_steps(got, want)  # still TRL's gradient
-    assert trainer.fastpref_head_paths == collections.Counter(recomputed=4)
-    assert sum("ran recomputed instead of fast mode" in str(w.message) for w in caught) == 1  # once per trainer
+    assert trainer.fastpref_head_paths == collections.Counter({path: 4})
+    assert sum(message in str(w.message) for w in caught) == 1  # once per trainer
 
 
 def test_prediction_scale():

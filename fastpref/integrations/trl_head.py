@@ -111,10 +111,15 @@ class PredictedLoss:
     paths: collections.Counter = field(default_factory=collections.Counter)
 
     def record(self, path: str, why: str = "") -> None:
-        self.paths[path] += 1
-        if path != "fast" and self.paths["recomputed"] + self.paths["lean"] == 1:
-            warnings.warn(f"fastpref: the fused head ran {path} instead of fast mode ({why}); counted in "
-                          "`paths` (FastPref{GRPO,RLOO}Trainer.fastpref_head_paths)", RuntimeWarning, stacklevel=2)
+        record_path(self.paths, path, why)
+
+
+def record_path(paths: collections.Counter, path: str, why: str = "") -> None:
+    """Count how a call's gradient was formed (``PATHS``); the first fallback a counter sees warns, naming why."""
+    paths[path] += 1
+    if path != "fast" and paths["recomputed"] + paths["lean"] == 1:
+        warnings.warn(f"fastpref: the fused head ran {path} instead of fast mode ({why}); counted in "
+                      "`paths` (FastPref{GRPO,RLOO}Trainer.fastpref_head_paths)", RuntimeWarning, stacklevel=3)
 
 
 PREDICTION_RTOL = 1e-5
@@ -431,4 +436,4 @@ def swap_fused_head(module: types.ModuleType, *, backend: str = "auto", gemm: st
 
 __all__ = ["FIELDS", "MODES", "PATHS", "PREDICTION_RTOL", "FastRequest", "GridLoss", "HeadFields", "PredictedLoss",
            "add_fused_lm_head", "check_outputs", "fused_head_fields", "has_fastpref_head", "predicting",
-           "prediction_scale", "swap_fused_head"]
+           "prediction_scale", "record_path", "swap_fused_head"]

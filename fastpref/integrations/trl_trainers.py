@@ -38,7 +38,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFT
 from ..losses.policy import Normalisation, PolicyLossConfig, PolicyStep, RlooStep  # noqa: E402
 from ..ops.gemm_path import check_gemm  # noqa: E402
 from ..utils.validation import check_choice, check_memory_budget  # noqa: E402
-from .trl_head import GridLoss, PredictedLoss, predicting, swap_fused_head  # noqa: E402
+from .trl_head import GridLoss, PredictedLoss, predicting, record_path, swap_fused_head  # noqa: E402
 
 _BACKENDS = ("auto", "triton", "torch")
 
@@ -163,7 +163,11 @@ class _OnlineFast(_HeadSwap):
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Any:
         fast = self.use_fastpref and self.args.fastpref_mode != "lean" and torch.is_grad_enabled()  # not in eval
-        loss = self._predicted_loss(inputs) if fast else None
+        try:
+            loss = self._predicted_loss(inputs) if fast else None
+        except (KeyError, TypeError, ValueError) as e:  # a batch or a config this reading of TRL does not know
+            record_path(self.fastpref_head_paths, "lean", f"the loss could not be predicted: {e!r}")
+            loss = None
         if loss is None:
             return super()._compute_loss(model, inputs)  # type: ignore[misc]
         with predicting(PredictedLoss(loss, self.fastpref_head_paths)):
@@ -229,9 +233,11 @@ def grpo_step(trainer: Any, inputs: dict[str, Any]) -> PolicyStep | None:
     is_ratio = inputs.get("importance_sampling_ratio") if vllm_is or cfg.loss_type == "vespo" else None
     old = inputs.get("old_per_token_logps")
     sampling = inputs.get("sampling_per_token_logps", old) if cfg.off_policy_mask_threshold is not None else None
-    return PolicyStep(cfg, mask, inputs["advantages"], norm, old_logps=old,
+    step = PolicyStep(cfg, mask, inputs["advantages"], norm, old_logps=old,
                       ref_logps=inputs.get("ref_per_token_logps") if cfg.beta != 0.0 else None,
                       sampling_logps=sampling, is_ratio=is_ratio)
+    step.weights  # noqa: B018  (the normalisation's inputs checked now, before the forward)
+    return step
 
 
 __all__ = ["FastPrefGRPOConfig", "FastPrefGRPOTrainer", "FastPrefRLOOConfig", "FastPrefRLOOTrainer",
