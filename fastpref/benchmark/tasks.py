@@ -196,9 +196,11 @@ class FastprefPolicyImpl(FastprefHeadImpl):
 
     Each differentiable step's ``PredictedLoss.paths`` is kept (``paths``: their sum): a step whose backward did not
     take "fast" marks the row (``fallback``: its times and errors are another path's), and ``step_flops`` counts the
-    path the latest step took (a prediction that missed pays the fast forward and the recompute: 12 units)."""
+    path the latest step took. A prediction that missed pays the fast forward and the lean recompute: 10 units with
+    one row group (the last group's dW GEMM waits for the backward, which then does not run it), up to 12 with many
+    (counted as 10: the row groups are the op's plan)."""
 
-    PATH_UNITS: ClassVar[dict[str, int]] = {"fast": 6, "lean": 8, "recomputed": 12}
+    PATH_UNITS: ClassVar[dict[str, int]] = {"fast": 6, "lean": 8, "recomputed": 10}
     WHY: ClassVar[dict[str, str]] = {
         "lean": "lean (no fast pass: a group's logits over the memory budget, or labels off the loss's grid)",
         "recomputed": "recomputed (the upstream gradient was not the predicted loss's)",
