@@ -516,7 +516,7 @@ def test_bench_tasks_every_row_checked_against_float64(tmp_path, capsys):
     by = {(r["task"], r["impl"]): r for r in rows}
     expected = {"kto": ["fastpref-fast", "fastpref-lean", "reference", "trl", "liger"],
                 "sft": ["fastpref-fast", "fastpref-lean", "fastpref-lce", "reference", "trl"],
-                "grpo": ["fastpref-lean", "reference", "trl", "liger"]}
+                "grpo": ["fastpref-fast", "fastpref-lean", "reference", "trl", "liger"]}
     for task, impls in expected.items():
         for impl in impls:
             r = by[(task, impl)]
@@ -527,6 +527,7 @@ def test_bench_tasks_every_row_checked_against_float64(tmp_path, capsys):
             if impl != "liger":  # Liger's losses return no per-sequence log-probs
                 assert float(r["err_logps"]) < 0.05, (task, impl, r["err_logps"])
     assert by[("sft", "liger")]["status"] == "skipped" and "CUDA" in by[("sft", "liger")]["note"]
+    assert "fallback" not in by[("grpo", "fastpref-fast")]["note"]  # its backward took the fast path
     assert not any(r["task"] in ("step", "logps") for r in rows)
     printed = capsys.readouterr().out
     assert "kto = policy fwd+bwd" in printed and "grpo = " in printed and "step = " not in printed
@@ -576,3 +577,85 @@ def test_progress_bar_counts_the_task_rows(monkeypatch):
     assert bar.total == 2 * (1 + 2 * (1 + 1)) and bar.n == bar.total  # per family: truth + 2 impls x (check + 1)
     assert [(r.task, r.impl) for r in rows] == [("step", "fastpref-lean"), ("step", "reference"),
                                                 ("sft", "fastpref-lean"), ("sft", "reference")]
+
+
+def _counted_step(impl, w):
+    """``impl``'s step, forward and backward, and its matmul FLOPs as ``FlopCounterMode`` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    w.zero_grad()
+    with FlopCounterMode(display=False) as counter:
+        out = impl.step(w)
+        out.loss.backward()
+    return out, counter.get_total_flops()
+
+
+def test_grpo_fast_row_takes_the_fast_path_at_6nhv():
+    """GRPO's fastpref-fast row is the TRL head told the task's loss before the call: its backward takes the fast
+    path (the ``PredictedLoss`` counter) and its step counts 6·n·H·V matmul FLOPs (FlopCounterMode; one row group,
+    so no in-place dW accumulation it would miss) against fastpref-lean's 8, each as its ``step_flops`` says;
+    loss, per-token log-probs, dH and dW within 2x the materialised fp32 path's error of the float64 truth."""
+    from collections import Counter
+
+    from fastpref.benchmark.checks import ERR_ATOL, ERR_FACTOR, step_errors
+    from fastpref.benchmark.tasks import TASK_SPECS, task_implementations, task_truth
+
+    shape = Shape("grpo-flops", 2, 24, 16, 300)
+    w = make_workload(shape, "peaked", dtype=torch.float32)
+    impls = {i.name: i for i in task_implementations("grpo", ("fastpref-fast", "fastpref-lean", "reference"),
+                                                     backend="torch")}
+    truth = task_truth(TASK_SPECS["grpo"], w)
+    unit = w.n_scored * shape.hidden * shape.vocab
+    errors = {}
+    for name, units in (("fastpref-fast", 6), ("fastpref-lean", 8), ("reference", None)):
+        out, flops = _counted_step(impls[name], w)
+        if units is not None:
+            assert flops == units * unit == impls[name].step_flops(w), (name, flops / unit)
+        errors[name] = step_errors(out, w, truth)
+    assert impls["fastpref-fast"].paths == Counter(fast=1)
+    assert impls["fastpref-fast"].fallback(w) is None
+    for key, err in errors["fastpref-fast"].items():
+        assert err <= ERR_FACTOR * errors["reference"][key] + ERR_ATOL, (key, err, errors["reference"][key])
+
+
+@pytest.mark.parametrize("cause", ["memory_budget", "prediction"])
+def test_grpo_fast_row_that_falls_back_says_so(cause, monkeypatch):
+    """A fastpref-fast GRPO row whose backward did not take the fast path is not reported as fast: a memory budget
+    below one row of logits (no fast pass: lean) or a predicted loss whose gradient is not the task's times a scalar
+    (the prediction misses: recomputed) marks the row's note ``fallback: <path>``, and its FLOPs are the path's
+    (lean 8; recomputed: the fast forward without the last group's dW, 4, then the recompute, 6; counted) — while
+    its float64 check still passes (the fallback is exact)."""
+    from fastpref.benchmark import BenchConfig, run_bench
+    from fastpref.benchmark import tasks as tasks_mod
+    from fastpref.losses.policy import PolicyStep
+
+    made = []
+
+    def make(spec, backend, compiled):
+        if cause == "memory_budget":
+            impl = tasks_mod.FastprefPolicyImpl(spec, backend, memory_budget=1)
+        else:
+            impl = tasks_mod.FastprefPolicyImpl(spec, backend)
+            step = impl.policy_step
+            # advantages A + 1: a loss whose gradient is no scalar multiple of the task's (A's are not all equal)
+            impl.policy_step = lambda w: PolicyStep(step(w).cfg, w.mask, w.advantages + 1.0, step(w).norm)
+        made.append(impl)
+        return impl
+
+    monkeypatch.setitem(tasks_mod.TASK_IMPLS, "grpo", {"fastpref-fast": make,
+                                                       "reference": tasks_mod.TASK_IMPLS["grpo"]["reference"]})
+    shape = Shape("grpo-fallback", 1, 16, 32, 200)
+    with pytest.warns(RuntimeWarning, match="instead of fast mode"):
+        rows = run_bench(BenchConfig(shapes=[shape], regimes=["peaked"], tasks=["grpo"], dtype=torch.float32,
+                                     repeats=1, progress=False))
+    fast = next(r for r in rows if r.impl == "fastpref-fast")
+    path, units = {"memory_budget": ("lean", 8), "prediction": ("recomputed", 10)}[cause]
+    assert fast.note.startswith(f"fallback: {path} ("), fast.note
+    assert fast.note.count("fallback") == 1, fast.note
+    assert fast.status == "ok" and fast.max_err < 1e-5, fast
+    assert fast.flops == units * fast.n_scored * shape.hidden * shape.vocab
+    (impl,) = made  # its FLOPs counted on one more step: what step_flops says for that path
+    w = make_workload(shape, "peaked", dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="instead of fast mode"):
+        _, flops = _counted_step(impl, w)
+    assert flops == impl.step_flops(w) == fast.flops

@@ -228,7 +228,7 @@ def cost_table(shapes: Iterable[Shape] | None = None) -> str:
 TASK_COST_PATHS: dict[str, tuple[str, ...]] = {
     "kto": ("fastpref-fast", "fastpref-lean", "reference", "trl", "liger"),
     "sft": ("fastpref-fast", "fastpref-lean", "reference", "trl", "liger"),
-    "grpo": ("fastpref-lean", "reference", "trl", "liger"),
+    "grpo": ("fastpref-fast", "fastpref-lean", "reference", "trl", "liger"),
 }
 
 

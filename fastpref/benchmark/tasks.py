@@ -4,13 +4,16 @@ Each task is a ``TaskSpec``: the loss a trainer computes from the policy's per-t
 reference's), the fields TRL 1.16's trainer asks its fused head for, and the FLOP floor. Every implementation of a
 task produces the per-token log-probs its own way, then the task's loss — the same formula for the materialised
 reference, TRL's chunked head and fastpref's lean head (``HeadImpl``) — or runs its own fused loss (fastpref's fast
-KTO, Liger's chunked losses). The float64 truth is the materialised reference in float64 (``task_truth``).
+KTO, Liger's chunked losses). GRPO's fast row tells fastpref's head the task's loss before the call, as
+``FastPrefGRPOTrainer`` does (``FastprefPolicyImpl``). The float64 truth is the materialised reference in float64
+(``task_truth``).
 
-Adding an implementation of a task is one entry of ``TASK_IMPLS`` (e.g. the GRPO fast op, when it lands).
+Adding an implementation of a task is one entry of ``TASK_IMPLS``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import losses
-from ..losses.policy import Normalisation, PolicyLossConfig, policy_loss
+from ..losses.policy import Normalisation, PolicyLossConfig, PolicyStep, policy_loss
 from .peers import Impl, StepOutput, TrlImpl, flops_unit, module_version
 from .workload import BETA, IGNORE_INDEX, KTO_KL, Workload
 
@@ -40,10 +43,20 @@ def sft_task_loss(tok: torch.Tensor, ref: torch.Tensor | None, w: Workload) -> t
     return -tok.sum() / max(w.n_scored, 1)
 
 
+def _grpo_norm(w: Workload) -> Normalisation:
+    # one micro-batch, one process: dapo divides by the batch's completion tokens
+    return Normalisation(num_items_in_batch=w.n_scored)
+
+
 def grpo_task_loss(tok: torch.Tensor, ref: torch.Tensor | None, w: Workload) -> torch.Tensor:
     """TRL 1.16 ``GRPOTrainer``'s default loss (``fastpref.losses.policy``: ``dapo``, β = 0, old = current)."""
-    norm = Normalisation(num_items_in_batch=w.n_scored)
-    return policy_loss(GRPO_CONFIG, tok, w.mask, w.advantages.to(tok.dtype), norm=norm).loss
+    return policy_loss(GRPO_CONFIG, tok, w.mask, w.advantages.to(tok.dtype), norm=_grpo_norm(w)).loss
+
+
+def grpo_policy_step(w: Workload) -> PolicyStep:
+    """``grpo_task_loss`` as the loss fastpref's head is told before the call (``trl_head.PredictedLoss``), what
+    ``FastPrefGRPOTrainer`` builds from its batch: the same config, mask, advantages and normalisation."""
+    return PolicyStep(GRPO_CONFIG, w.mask, w.advantages, _grpo_norm(w))
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,60 @@ class FastprefHeadImpl(HeadImpl):
                                  mode=self.mode)[0]
 
 
+class FastprefPolicyImpl(FastprefHeadImpl):
+    """fastpref's TRL head in fast mode as ``FastPrefGRPOTrainer`` runs it: told the task's loss before the call
+    (``PredictedLoss(grpo_policy_step(w))``), the head forms that loss's gradient in the forward (6·n·H·V) and the
+    backward uses it when the upstream gradient is the predicted one times a scalar, else recomputes (lean).
+
+    Each differentiable step's ``PredictedLoss.paths`` is kept (``paths``: their sum): a step whose backward did not
+    take "fast" marks the row (``fallback``: its times and errors are another path's), and ``step_flops`` counts the
+    path the latest step took. A prediction that missed pays the fast forward and the lean recompute: 10 units with
+    one row group (the last group's dW GEMM waits for the backward, which then does not run it), up to 12 with many
+    (counted as 10: the row groups are the op's plan)."""
+
+    PATH_UNITS: ClassVar[dict[str, int]] = {"fast": 6, "lean": 8, "recomputed": 10}
+    WHY: ClassVar[dict[str, str]] = {
+        "lean": "lean (no fast pass: a group's logits over the memory budget, or labels off the loss's grid)",
+        "recomputed": "recomputed (the upstream gradient was not the predicted loss's)",
+        "none": "no path recorded (no backward through the head)"}
+
+    def __init__(self, spec: TaskSpec, backend: str = "auto", memory_budget: int | None = None) -> None:
+        super().__init__(spec, "fast", backend)
+        self.memory_budget = memory_budget
+        self.label += ", loss predicted"
+        self._steps: list[Counter] = []
+
+    def policy_step(self, w: Workload) -> PolicyStep:
+        return grpo_policy_step(w)
+
+    @property
+    def paths(self) -> Counter:
+        """How the gradient of every differentiable step so far was formed (``trl_head.PATHS``)."""
+        return sum(self._steps, Counter())
+
+    def token_logps(self, hidden: torch.Tensor, weight: torch.Tensor, w: Workload) -> torch.Tensor:
+        from ..integrations.trl_head import PredictedLoss, fused_head_fields
+
+        predicted = None
+        if torch.is_grad_enabled():
+            predicted = PredictedLoss(self.policy_step(w))
+            self._steps.append(predicted.paths)  # filled by the head's backward
+        fields = ("log_probs", *self.spec.trl_fields) if predicted is not None else ("log_probs",)
+        return fused_head_fields(hidden, weight, None, w.labels, outputs=fields, backend=self.backend, mode="fast",
+                                 memory_budget=self.memory_budget, predicted=predicted)[0]
+
+    def fallback(self, w: Workload) -> str | None:
+        other = {p for c in self._steps for p in c if p != "fast"}
+        if not all(self._steps):
+            other.add("none")
+        return "fallback: " + ", ".join(self.WHY[p] for p in sorted(other)) if other else None
+
+    def step_flops(self, w: Workload) -> int:
+        # one path per step; before any step, the path the row is named for
+        last = next(iter(self._steps[-1]), "lean") if self._steps else "fast"
+        return self.PATH_UNITS[last] * flops_unit(w)
+
+
 class FastprefLceImpl(HeadImpl):
     """``fastpref.linear_cross_entropy`` (the public SFT op; no metric fields): ``reduction="none"``, then the mean
     over the scored tokens (the same passes as ``"mean"``; the row reports its sequence sums for the check)."""
@@ -278,8 +345,7 @@ class LigerTaskImpl(Impl):
         return (policy + 2 * self.spec.uses_ref) * flops_unit(w, w.shape.batch * w.shape.seq_len)
 
 
-# Per task, its implementations by row name (a factory of (spec, backend, liger_compiled)). fastpref-fast of GRPO
-# is the fast per-token op (helper ``online``, not merged yet): one line here when it lands.
+# Per task, its implementations by row name (a factory of (spec, backend, liger_compiled)).
 TASK_IMPLS: dict[str, dict[str, Callable[[TaskSpec, str, bool], Impl]]] = {
     "kto": {
         "fastpref-fast": lambda s, b, c: FastprefKtoImpl("fast", b),
@@ -297,6 +363,7 @@ TASK_IMPLS: dict[str, dict[str, Callable[[TaskSpec, str, bool], Impl]]] = {
         "liger": lambda s, b, c: LigerTaskImpl(s, c),
     },
     "grpo": {
+        "fastpref-fast": lambda s, b, c: FastprefPolicyImpl(s, b),
         "fastpref-lean": lambda s, b, c: FastprefHeadImpl(s, "lean", b),
         "reference": lambda s, b, c: TaskReferenceImpl(s),
         "trl": lambda s, b, c: TaskTrlImpl(s),
@@ -315,5 +382,6 @@ def task_implementations(task: str, names: tuple[str, ...] | None = None, *, bac
 
 
 __all__ = ["GRPO_CONFIG", "TASK_IMPLS", "TASK_IMPL_NAMES", "TASK_SPECS", "FastprefHeadImpl", "FastprefKtoImpl",
-           "FastprefLceImpl", "HeadImpl", "LigerTaskImpl", "TaskReferenceImpl", "TaskSpec", "TaskTrlImpl",
-           "TaskTruth", "grpo_task_loss", "kto_task_loss", "sft_task_loss", "task_implementations", "task_truth"]
+           "FastprefLceImpl", "FastprefPolicyImpl", "HeadImpl", "LigerTaskImpl", "TaskReferenceImpl", "TaskSpec",
+           "TaskTrlImpl", "TaskTruth", "grpo_policy_step", "grpo_task_loss", "kto_task_loss", "sft_task_loss",
+           "task_implementations", "task_truth"]
