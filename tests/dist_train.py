@@ -18,8 +18,9 @@ process and step, sampled by TRL with the same seed in both (so flag on and stoc
 the same launch, not across launches: each process samples its own), a fixed reward, ``beta`` 0.1 (a reference
 model, loaded from the policy's path as TRL does: rank 0 saves the toy model first), GRPO's
 ``loss_type="dapo"`` (its normaliser divides by the number of processes) and ``num_iterations=2`` (the second step
-reuses the first's completions: importance ratios away from 1). The JSON also holds every rank's
-``fastpref_head_paths`` (``paths``).
+reuses the first's completions: importance ratios away from 1). A comma-separated ``--trainer`` list trains
+them one after the other in the same processes; the JSON then maps each name to its run. A run also holds every
+rank's ``fastpref_head_paths`` (``paths``) and the size of rank 0's head after training (``head_numel``).
 
 CPU-only shims (a GPU run needs neither):
 - ``--cpu-fsdp-shim``: accelerate 1.16 applies its FSDP plugin only for accelerator device types; on the CPU
@@ -228,7 +229,10 @@ def main() -> None:
                       "ref": type(getattr(trainer, "ref_model", None)).__name__,
                       "distributed_type": str(trainer.accelerator.distributed_type),
                       "logs": [h for h in trainer.state.log_history if "loss" in h],
-                      "paths": rank_paths(getattr(trainer, "fastpref_head_paths", {}))}
+                      "paths": rank_paths(getattr(trainer, "fastpref_head_paths", {})),
+                      # this rank's head outside the step: 0 where ZeRO-3 keeps it partitioned
+                      "head_numel": trainer.accelerator.unwrap_model(trainer.model_wrapped)
+                      .get_output_embeddings().weight.numel()}
     if trainer.accelerator.is_main_process and tp_rank in (None, 0):
         with open(opts.out, "w") as f:
             json.dump(runs if names[0] in ONLINE else runs[names[0]], f)
