@@ -9,7 +9,10 @@ and with stock TRL.
   ``torchrun`` on 127.0.0.1, FSDP2 (``accelerate launch`` with an FSDP2 config), DeepSpeed ZeRO-3
   (``TrainingArguments(deepspeed=...)`` under ``torchrun``, and ``accelerate launch`` with a ZeRO-3 config; the
   reference model a ZeRO-3 engine too), and ``FastPrefTrainer`` under ZeRO-3; every logged metric of every step
-  equals, to fp32 rounding, stock trl 1.16 ``DPOTrainer`` in one process and the fused trainer in one process.
+  equals, to fp32 rounding, stock trl 1.16 ``DPOTrainer`` in one process and the fused trainer in one process;
+- online, one launch per engine (DDP, ZeRO-3 with the head partitioned between steps, FSDP2) training stock TRL
+  and ``FastPref{GRPO,RLOO}Trainer(use_fastpref=True)`` one after the other: every logged metric within 1e-5 of
+  stock TRL under the same launch, every rank's head gradient formed in the forward.
 
 CPU-only shims (documented in tests/dist_train.py and the README's "Many GPUs"): accelerate 1.16 applies its
 FSDP plugin only on accelerator device types, so the FSDP2 run turns accelerate's ``MULTI_CPU`` state into
