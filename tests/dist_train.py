@@ -1,6 +1,7 @@
-"""Three DPO steps on a tiny Llama, as users launch them: the worker of tests/test_integrations_distributed.py.
+"""Three DPO (or GRPO / RLOO) steps on a tiny Llama, as users launch them: the worker of
+tests/test_integrations_distributed.py.
 
-    python tests/dist_train.py --out logs.json [--trainer trl|trl-stock|hf|hf-stock]       # one process
+    python tests/dist_train.py --out logs.json [--trainer trl|trl-stock|hf|hf-stock|grpo|grpo-stock|rloo|rloo-stock]
     torchrun --nproc_per_node 2 tests/dist_train.py --out logs.json                          # DDP (gloo)
     torchrun --nproc_per_node 2 tests/dist_train.py --out logs.json --deepspeed tests/dist_configs/zero3.json
     accelerate launch --config_file tests/dist_configs/zero3.yaml tests/dist_train.py --out logs.json
@@ -10,6 +11,16 @@ Rank 0 writes the logged metrics of every step (and how the policy and the refer
 as JSON. The global batch is 4 pairs whatever the number of processes, so every launch sees the same data in the
 same order. ``--trainer``: ``FastPrefDPOTrainer`` with the flag on (``trl``) or off (``trl-stock``: trl's own
 ``DPOTrainer``), ``FastPrefTrainer`` with the flag on (``hf``) or off (``hf-stock``).
+
+Online (``grpo``, ``rloo``: ``FastPrefGRPOTrainer`` / ``FastPrefRLOOTrainer`` with the flag on, in fast mode;
+``-stock``: trl's own ``GRPOTrainer`` / ``RLOOTrainer``): 4 completions of up to 6 tokens of one prompt per
+process and step, sampled by TRL with the same seed in both (so flag on and stock see the same completions under
+the same launch, not across launches: each process samples its own), a fixed reward, ``beta`` 0.1 (a reference
+model, loaded from the policy's path as TRL does: rank 0 saves the toy model first), GRPO's
+``loss_type="dapo"`` (its normaliser divides by the number of processes) and ``num_iterations=2`` (the second step
+reuses the first's completions: importance ratios away from 1). A comma-separated ``--trainer`` list trains
+them one after the other in the same processes; the JSON then maps each name to its run. A run also holds every
+rank's ``fastpref_head_paths`` (``paths``) and the size of rank 0's head after training (``head_numel``).
 
 CPU-only shims (a GPU run needs neither):
 - ``--cpu-fsdp-shim``: accelerate 1.16 applies its FSDP plugin only for accelerator device types; on the CPU
@@ -33,6 +44,8 @@ import torch
 
 STEPS = 3
 GLOBAL_BATCH = 4
+PREFERENCE = ("trl", "trl-stock", "hf", "hf-stock")
+ONLINE = ("grpo", "grpo-stock", "rloo", "rloo-stock")
 
 
 def cpu_fsdp_shim() -> None:
@@ -84,10 +97,88 @@ def tp_head_shim() -> int:
     return torch.distributed.get_rank()
 
 
+def preference_trainer(kind: str, common: dict, tok, no_ref_model: bool, tp_head: bool):
+    """DPO: ``FastPrefDPOTrainer`` (``trl``, ``trl-stock``) or ``FastPrefTrainer`` (``hf``, ``hf-stock``)."""
+    from datasets import Dataset
+
+    from fastpref.testing.toy import toy_llama, toy_preference_records
+
+    records = toy_preference_records(16, seed=0)
+    model = toy_llama(tok, hidden_size=32, num_layers=2)
+    ref_model = None if no_ref_model else toy_llama(tok, hidden_size=32, num_layers=2)
+    if tp_head:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+        for m in (model, ref_model):
+            if m is not None:
+                parallelize_module(m, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+    if kind.startswith("trl"):
+        from fastpref.integrations.trl import FastPrefDPOConfig, FastPrefDPOTrainer
+
+        return FastPrefDPOTrainer(model, ref_model=ref_model, args=FastPrefDPOConfig(**common),
+                                  train_dataset=Dataset.from_list(records), processing_class=tok)
+    from fastpref.integrations.hf import FastPrefTrainer, FastPrefTrainingArguments
+
+    return FastPrefTrainer(model, FastPrefTrainingArguments(**common), ref_model=ref_model,
+                           train_dataset=records, processing_class=tok)
+
+
+def rank_paths(paths: dict) -> list[dict]:
+    """Every rank's ``fastpref_head_paths`` (an all-gather: every rank calls it)."""
+    if not torch.distributed.is_initialized():
+        return [dict(paths)]
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, dict(paths))
+    return gathered
+
+
+def online_trainer(kind: str, common: dict, tok):
+    """GRPO / RLOO on the toy model (see the module doc); ``common``: the DPO run's arguments, partly replaced."""
+    import trl
+    from datasets import Dataset
+
+    from fastpref.integrations.trl_trainers import (
+        FastPrefGRPOConfig,
+        FastPrefGRPOTrainer,
+        FastPrefRLOOConfig,
+        FastPrefRLOOTrainer,
+    )
+    from fastpref.testing.toy import toy_llama, toy_preference_records
+
+    common = dict(common)
+    flag = common.pop("use_fastpref")
+    common.update(per_device_train_batch_size=4, num_generations=4, max_completion_length=6, beta=0.1,
+                  num_iterations=2, learning_rate=0.1)
+    if kind.startswith("grpo"):
+        common.update(loss_type="dapo")
+        config, trainer_cls = ((FastPrefGRPOConfig, FastPrefGRPOTrainer) if flag else
+                               (trl.GRPOConfig, trl.GRPOTrainer))
+    else:
+        common.update(learning_rate=0.01)  # its gradients are ~10x GRPO's: the 2nd step not all clipped
+        config, trainer_cls = ((FastPrefRLOOConfig, FastPrefRLOOTrainer) if flag else
+                               (trl.RLOOConfig, trl.RLOOTrainer))
+    args = config(**common, **(dict(use_fastpref=True) if flag else {}))
+    path = os.path.join(common["output_dir"], "toy-llama")  # TRL loads the reference from the policy's path
+    with args.main_process_first(local=False, desc="saving the toy model"):  # only the main process writes
+        if args.process_index == 0:
+            toy_llama(tok, hidden_size=32, num_layers=2).save_pretrained(path)
+    data = Dataset.from_list([{"prompt": r["prompt"]} for r in toy_preference_records(16, seed=0)])
+    return trainer_cls(path, reward_funcs=online_reward, args=args, train_dataset=data, processing_class=tok)
+
+
+def online_reward(completions: list[str], **_) -> list[float]:
+    """Fixed and varied: the completions of one prompt get different rewards (advantages not all 0)."""
+    return [float(sum(map(ord, c)) % 7) for c in completions]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--trainer", default="trl", choices=["trl", "trl-stock", "hf", "hf-stock"])
+    parser.add_argument("--trainer", default="trl",
+                        help=f"one of {PREFERENCE + ONLINE}, or a comma-separated list of online ones")
     parser.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config for TrainingArguments")
     parser.add_argument("--cpu-fsdp-shim", action="store_true")
     parser.add_argument("--no-ref-model", action="store_true", help="hf: the trainer's frozen copy as reference")
@@ -105,49 +196,46 @@ def main() -> None:
     if opts.deepspeed:
         cpu_deepspeed_shim()
 
-    from datasets import Dataset
-
-    from fastpref.testing.toy import toy_llama, toy_preference_records, toy_tokenizer
+    from fastpref.testing.toy import toy_tokenizer
 
     tok = toy_tokenizer()
-    records = toy_preference_records(16, seed=0)
     common = dict(output_dir=os.path.join(os.path.dirname(os.path.abspath(opts.out)), "trainer-out"),
                   max_steps=STEPS, logging_steps=1, report_to=[], learning_rate=0.5, optim="sgd",
                   lr_scheduler_type="constant", save_strategy="no", bf16=False, seed=0, data_seed=0,
-                  per_device_train_batch_size=GLOBAL_BATCH // world, beta=0.5,
-                  use_fastpref=not opts.trainer.endswith("-stock"), deepspeed=opts.deepspeed,
+                  per_device_train_batch_size=GLOBAL_BATCH // world, beta=0.5, deepspeed=opts.deepspeed,
                   accelerator_config={"use_configured_state": True} if opts.deepspeed else None)
     if world > 1:
         # gloo: without it accelerate finds no backend for DeepSpeed on the CPU (and DDP would pick none)
         common.update(ddp_backend="gloo", use_cpu=os.environ.get("ACCELERATE_USE_DEEPSPEED") is None)
-    model = toy_llama(tok, hidden_size=32, num_layers=2)
-    ref_model = None if opts.no_ref_model else toy_llama(tok, hidden_size=32, num_layers=2)
-    if tp_rank is not None:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Replicate
-        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    names = opts.trainer.split(",")
+    if not set(names) <= set(PREFERENCE + ONLINE) or (len(names) > 1 and not set(names) <= set(ONLINE)):
+        parser.error(f"--trainer: expected one of {PREFERENCE + ONLINE} or a comma-separated list of {ONLINE}, "
+                     f"got {opts.trainer!r}")
+    runs = {}
+    for i, name in enumerate(names):  # one after the other in these processes (each trainer seeds itself)
+        if i:
+            # accelerate refuses a second Accelerator with a DeepSpeed plugin: forget the first one's state (the
+            # process group, in PartialState, stays)
+            from accelerate.state import AcceleratorState
 
-        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
-        for m in (model, ref_model):
-            if m is not None:
-                parallelize_module(m, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
-    if opts.trainer.startswith("trl"):
-        from fastpref.integrations.trl import FastPrefDPOConfig, FastPrefDPOTrainer
-
-        trainer = FastPrefDPOTrainer(model, ref_model=ref_model, args=FastPrefDPOConfig(**common),
-                                     train_dataset=Dataset.from_list(records), processing_class=tok)
-    else:
-        from fastpref.integrations.hf import FastPrefTrainer, FastPrefTrainingArguments
-
-        trainer = FastPrefTrainer(model, FastPrefTrainingArguments(**common), ref_model=ref_model,
-                                  train_dataset=records, processing_class=tok)
-    trainer.train()
+            AcceleratorState._reset_state()
+        common_run = dict(common, use_fastpref=not name.endswith("-stock"))
+        if name in ONLINE:
+            trainer = online_trainer(name, common_run, tok)
+        else:
+            trainer = preference_trainer(name, common_run, tok, opts.no_ref_model, tp_rank is not None)
+        trainer.train()
+        runs[name] = {"world": trainer.args.world_size, "wrapped": type(trainer.model_wrapped).__name__,
+                      "ref": type(getattr(trainer, "ref_model", None)).__name__,
+                      "distributed_type": str(trainer.accelerator.distributed_type),
+                      "logs": [h for h in trainer.state.log_history if "loss" in h],
+                      "paths": rank_paths(getattr(trainer, "fastpref_head_paths", {})),
+                      # this rank's head outside the step: 0 where ZeRO-3 keeps it partitioned
+                      "head_numel": trainer.accelerator.unwrap_model(trainer.model_wrapped)
+                      .get_output_embeddings().weight.numel()}
     if trainer.accelerator.is_main_process and tp_rank in (None, 0):
         with open(opts.out, "w") as f:
-            json.dump({"world": trainer.args.world_size, "wrapped": type(trainer.model_wrapped).__name__,
-                       "ref": type(getattr(trainer, "ref_model", None)).__name__,
-                       "distributed_type": str(trainer.accelerator.distributed_type),
-                       "logs": [h for h in trainer.state.log_history if "loss" in h]}, f)
+            json.dump(runs if names[0] in ONLINE else runs[names[0]], f)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank done with every collective before teardown
     # Skip interpreter teardown: gloo's destructors can race its threads and abort an otherwise finished rank.

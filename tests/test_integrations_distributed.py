@@ -9,7 +9,10 @@ and with stock TRL.
   ``torchrun`` on 127.0.0.1, FSDP2 (``accelerate launch`` with an FSDP2 config), DeepSpeed ZeRO-3
   (``TrainingArguments(deepspeed=...)`` under ``torchrun``, and ``accelerate launch`` with a ZeRO-3 config; the
   reference model a ZeRO-3 engine too), and ``FastPrefTrainer`` under ZeRO-3; every logged metric of every step
-  equals, to fp32 rounding, stock trl 1.16 ``DPOTrainer`` in one process and the fused trainer in one process.
+  equals, to fp32 rounding, stock trl 1.16 ``DPOTrainer`` in one process and the fused trainer in one process;
+- online, one launch per engine (DDP, ZeRO-3 with the head partitioned between steps, FSDP2) training stock TRL
+  and ``FastPref{GRPO,RLOO}Trainer(use_fastpref=True)`` one after the other: every logged metric within 1e-5 of
+  stock TRL under the same launch, every rank's head gradient formed in the forward.
 
 CPU-only shims (documented in tests/dist_train.py and the README's "Many GPUs"): accelerate 1.16 applies its
 FSDP plugin only on accelerator device types, so the FSDP2 run turns accelerate's ``MULTI_CPU`` state into
@@ -371,3 +374,76 @@ def test_zero3_accelerate_launch_hf_trainer_matches_stock_trl_and_single_process
     run = _run(tmp_path, "zero3-hf", _accelerate("zero3.yaml"), "--trainer", "hf")
     _check(run, single, trainer="hf", wrapped="DeepSpeedEngine", distributed_type="DEEPSPEED")
     assert run["ref"] == "DeepSpeedEngine", run["ref"]
+
+
+# ------------------------------------------- trainer level, online: GRPO and RLOO fast mode vs stock TRL
+# One launch per engine trains the four trainers one after the other (stock TRL first); each process samples its
+# own completions, so a run is compared with stock TRL under the same launch (not with one process).
+ONLINE_RUNS = "grpo-stock,grpo,rloo-stock,rloo"
+ONLINE_LAUNCHES = {
+    "ddp": (lambda: _torchrun(), (), "DistributedDataParallel", "MULTI_CPU"),
+    # nothing persistent and every parameter released as soon as DeepSpeed may: the head is partitioned outside
+    # its use (the default threshold keeps the toy model's small parameters whole)
+    "zero3": (lambda: _torchrun(), ("--deepspeed", str(CONFIGS / "zero3_eager.json")), "DeepSpeedEngine",
+              "DEEPSPEED"),
+    "fsdp2": (lambda: _accelerate("fsdp2.yaml"), ("--cpu-fsdp-shim",), "FSDP", "FSDP"),
+}
+TIMINGS = {"step_time"}  # wall-clock metrics: not compared
+
+
+@pytest.fixture(scope="module")
+def online(tmp_path_factory):
+    """The online launches, once per session and on demand (``ONLINE_LAUNCHES``): engine -> {trainer: run}."""
+    cache: dict[str, dict] = {}
+
+    def get(engine: str) -> dict:
+        if engine not in cache:
+            launcher, args, _, _ = ONLINE_LAUNCHES[engine]
+            folder = _once(tmp_path_factory, f"dist-online-{engine}",
+                           lambda d: _run(d, engine, launcher(), "--trainer", ONLINE_RUNS, *args))
+            cache[engine] = json.loads((folder / f"{engine}.json").read_text())
+        return cache[engine]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+@pytest.mark.parametrize("engine", list(ONLINE_LAUNCHES))
+def test_online_trainer_fast_mode_matches_stock_trl_under_each_engine(online, engine, kind):
+    """``FastPref{GRPO,RLOO}Trainer(use_fastpref=True)`` on 2 processes (DDP under ``torchrun``; ZeRO-3 through
+    ``TrainingArguments(deepspeed=...)``, the reference a ZeRO-3 engine too; FSDP2 under ``accelerate launch``):
+    three steps of GRPO ``loss_type="dapo"`` (its normaliser divides by the number of processes) / RLOO with
+    ``beta`` 0.1 and ``num_iterations=2``, every logged metric within 1e-5 of stock TRL under the same launch, and
+    every micro-batch of every rank's head gradient formed in the forward (``fastpref_head_paths``: fast only).
+
+    ZeRO-3 (``zero3_eager.json``: the head partitioned outside its use): fast mode's backward returns the dW
+    [V, H] its forward formed, reading no weight (the head's own gather is the forward's). That is right because
+    the head is whole when the gradient lands, as autograd's accumulation into the parameter needs in either mode:
+    the fused head reads ``lm_head.weight`` inside the model's forward, so DeepSpeed registers it as an external
+    parameter of the model, gathered again by the model's pre-backward hook and released after its backward.
+    DeepSpeed then reduces dW into the partitions (grad_norm and the later steps see it)."""
+    pytest.importorskip("trl")
+    if engine == "zero3":
+        pytest.importorskip("deepspeed")
+    _, _, wrapped, distributed_type = ONLINE_LAUNCHES[engine]
+    runs = online(engine)
+    got, want = runs[kind], runs[f"{kind}-stock"]
+    for run in (got, want):
+        assert run["world"] == WORLD, run["world"]
+        assert run["wrapped"].startswith(wrapped), run["wrapped"]
+        assert run["distributed_type"] == f"DistributedType.{distributed_type}", run["distributed_type"]
+    if engine == "zero3":
+        assert got["ref"] == "DeepSpeedEngine", got["ref"]  # the fast head's reference under ZeRO-3 too
+        assert got["head_numel"] == 0, got["head_numel"]  # partitioned between steps
+    assert got["paths"] == [{"fast": 3}] * WORLD, got["paths"]  # one training micro-batch per rank and step
+    assert want["paths"] == [{}] * WORLD, want["paths"]
+    assert len(got["logs"]) == len(want["logs"]) == 3
+    for step, (g, w) in enumerate(zip(got["logs"], want["logs"]), 1):
+        assert g.keys() == w.keys(), (engine, kind, step, sorted(g.keys() ^ w.keys()))
+        for key in w.keys() - TIMINGS:
+            assert g[key] == pytest.approx(w[key], **TOL), (engine, kind, step, key, g[key], w[key])
+    # something to compare: varied rewards, a gradient at every step, the reference engaged by the last step
+    assert any(w["reward_std"] > 0 for w in want["logs"] if "reward_std" in w)
+    assert all(w["grad_norm"] > 0 for w in want["logs"])
+    assert want["logs"][-1]["kl"] > 0
