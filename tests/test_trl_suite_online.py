@@ -107,8 +107,12 @@ def _train(kind, flag, tok, model, *, reward_funcs=_reward, data=None, peft_conf
     args = _common(**{"learning_rate": 0.5, "num_generations": 3, "per_device_train_batch_size": 3,
                       "max_completion_length": 8, "max_steps": 3, **kw})
     config = fp_cfg(**args, use_fastpref=True, fastpref_backend="torch") if flag else cfg_cls(**args)
+    if not isinstance(model, str):
+        with torch.random.fork_rng(devices=[]):  # the same adapter initialisation in both runs
+            torch.manual_seed(0)
+            model = model()
     trainer = (fp_tr if flag else tr_cls)(
-        model if isinstance(model, str) else model(), reward_funcs=reward_funcs, args=config,
+        model, reward_funcs=reward_funcs, args=config,
         train_dataset=_prompts() if data is None else data, processing_class=tok, peft_config=peft_config,
         **(trainer_kw or {}))
     if train:
@@ -243,4 +247,178 @@ def test_grpo_cast_lm_head_to_fp32_on_a_bf16_checkpoint(tok, arch_path, arch):
     """As TRL's test: the hub checkpoints are bf16 (loaded as such), the head cast to fp32."""
     got, _ = _compare("grpo", tok, arch_path(arch, torch.bfloat16), cast_lm_head_to_fp32=True, beta=0.1)
     assert got.model.get_output_embeddings().weight.dtype == torch.float32
+    _assert_fast(got)
+
+
+# -- PEFT: test_train_peft_config / _peft_model / _moe_peft_model / _peft_with_gradient_checkpointing, and the
+# head-related PEFT checks of TRL's liger tests (modules_to_save=["lm_head"], prompt learning, an adapter on lm_head)
+def _peft_cases():
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
+
+    return {
+        "lora-default": dict(peft_config=LoraConfig()),
+        "lora-beta": dict(peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), beta=0.1,
+                          num_iterations=2),
+        # the head itself trained (a copy of lm_head, ModulesToSaveWrapper): dW formed in the forward as well
+        "modules_to_save-lm_head": dict(peft_config=LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                                        beta=0.1),
+        "prompt_tuning": dict(peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+        # stock TRL 1.16 with prefix tuning crashes in generation under gradient checkpointing (its default): off
+        "prefix_tuning": dict(peft_config=PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+                              gradient_checkpointing=False),
+        "lora-no_gradient_checkpointing": dict(peft_config=LoraConfig(), gradient_checkpointing=False),
+    }
+
+
+PEFT_CASES = ["lora-default", "lora-beta", "modules_to_save-lm_head", "prompt_tuning", "prefix_tuning",
+              "lora-no_gradient_checkpointing"]
+
+
+@pytest.mark.parametrize("kind", list(ONLINE))
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_trl_peft_cases(tok, arch_path, kind, case):
+    pytest.importorskip("peft")
+    if kind == "rloo" and case not in ("lora-default", "modules_to_save-lm_head", "prompt_tuning"):
+        pytest.skip("RLOO: the PEFT cases of its own test file")
+    kw = _peft_cases()[case]
+    got, want = _compare(kind, tok, lambda: _arch("llama", tok), **kw)
+    _assert_fast(got)
+    trained = {n for n, p in got.model.named_parameters() if p.requires_grad}
+    if case == "modules_to_save-lm_head":
+        assert any("lm_head" in n for n in trained)
+    for (n, p), (_, q) in zip(got.model.named_parameters(), want.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)  # the same update (and adapters) after training
+
+
+def test_grpo_peft_model_passed_in_and_moe_target_parameters(tok):
+    """test_train_peft_model (a PeftModel passed in) and test_train_moe_peft_model (LoRA on GPT-OSS's expert
+    parameters, beta > 0: the reference is the base model under disabled adapters)."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    got, _ = _compare("grpo", tok, lambda: get_peft_model(_arch("llama", tok), LoraConfig()))
+    _assert_fast(got)
+    lora = LoraConfig(target_parameters=["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
+    got, _ = _compare("grpo", tok, lambda: get_peft_model(_arch("gpt_oss", tok), lora), beta=0.1)
+    _assert_fast(got)
+
+
+@pytest.mark.parametrize("kind", list(ONLINE))
+def test_lora_on_lm_head_is_refused_as_trl_refuses_it(tok, arch_path, kind):
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    errors = []
+    for flag in (False, True):
+        with pytest.raises(ValueError) as err:
+            _train(kind, flag, tok, arch_path("llama"), train=False,
+                   peft_config=LoraConfig(target_modules=["q_proj", "lm_head"]))
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and "lm_head" in errors[0]
+
+
+# -- rewards: test_train_different_reward_model, _reward_func_*, _multiple_reward_funcs*, _mixed_*, weights ---------
+def _len_reward(completions, **_):
+    return [float(len(c)) for c in completions]
+
+
+def _letters_reward(completions, **_):
+    return [float(len(set(c if isinstance(c, str) else c[0]["content"]))) for c in completions]
+
+
+async def _async_reward(completions, **_):
+    return [float(len(set(c))) for c in completions]
+
+
+def _none_reward(completions, **_):
+    return [None] * len(completions)
+
+
+def _column_reward(completions, some_values, **_):
+    return [float(abs(len(c) - v)) for c, v in zip(completions, some_values, strict=True)]
+
+
+def _state_reward(completions, trainer_state=None, **_):
+    assert trainer_state is not None
+    return [float(len(c) + trainer_state.global_step) for c in completions]
+
+
+def _logging_reward(completions, log_metric=None, log_extra=None, **_):
+    log_metric("custom_accuracy", 0.75)
+    log_extra("test_column", [c[:5] for c in completions])
+    return [float(len(c)) for c in completions]
+
+
+def _const(value):
+    def reward(completions, **_):
+        return [value] * len(completions)
+    reward.__name__ = f"constant_reward_{value}"
+    return reward
+
+
+def _reward_model(tok):
+    from transformers import LlamaForSequenceClassification
+
+    config = toy_llama(tok, hidden_size=16, num_layers=1).config
+    config.num_labels = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = LlamaForSequenceClassification(config)
+    with torch.no_grad():  # rewards spread as a trained model's (a random one's differ by ~1e-3: ill-conditioned)
+        model.score.weight.mul_(100.0)
+    return model
+
+
+REWARD_CASES = {
+    "reward_model-conversational": lambda tok: dict(reward_funcs=_reward_model(tok), data=_prompts(conversational=True),
+                                                    trainer_kw=dict(reward_processing_classes=tok)),
+    "reward_func-conversational": lambda tok: dict(reward_funcs=_letters_reward, data=_prompts(conversational=True)),
+    "multiple_reward_funcs-weights": lambda tok: dict(reward_funcs=[_len_reward, _reward], reward_weights=[0.3, 1.0]),
+    "sync_and_async": lambda tok: dict(reward_funcs=[_len_reward, _const(1.0), _async_reward]),
+    "with_None_output": lambda tok: dict(reward_funcs=[_len_reward, _none_reward]),
+    "mixed_model_and_func": lambda tok: dict(reward_funcs=[_reward, _reward_model(tok)],
+                                             trainer_kw=dict(reward_processing_classes=[None, tok])),
+    "additional_column-trainer_state": lambda tok: dict(reward_funcs=[_column_reward, _state_reward],
+                                                        data=_prompts(some_values=list(range(12)))),
+    "log_metric-log_extra": lambda tok: dict(reward_funcs=_logging_reward, log_completions=True),
+    "normalize_then_sum": lambda tok: dict(reward_funcs=[_len_reward, _reward],
+                                           multi_objective_aggregation="normalize_then_sum"),
+    # constant rewards: every advantage 0, the predicted gradient (and TRL's) exactly 0
+    "constant_rewards-weights": lambda tok: dict(reward_funcs=[_const(1.0), _const(0.0)], reward_weights=[0.7, 0.3],
+                                                 multi_objective_aggregation="sum_then_normalize"),
+}
+
+
+@pytest.mark.parametrize("kind", list(ONLINE))
+@pytest.mark.parametrize("case", list(REWARD_CASES))
+def test_trl_reward_cases(tok, arch_path, kind, case):
+    if kind == "rloo" and case not in ("reward_model-conversational", "multiple_reward_funcs-weights",
+                                       "with_None_output"):
+        pytest.skip("RLOO: rewards only change the advantages; three cases")
+    kw = REWARD_CASES[case](tok)
+    if kind == "rloo":
+        kw.pop("multi_objective_aggregation", None)
+    got, want = _compare(kind, tok, arch_path("llama"), **kw)
+    _assert_fast(got)
+    if case == "constant_rewards-weights":
+        assert want.state.log_history[-2]["reward"] == pytest.approx(0.7)
+
+
+# -- evaluation: test_train_with_eval, _num_generations_eval, _eval_on_start -----------------------------------------
+@pytest.mark.parametrize("kind,kw", [
+    ("grpo", dict(loss_type="grpo", eval_on_start=True)),
+    ("grpo", dict(num_generations_eval=1, beta=0.1)),
+    ("rloo", dict(num_generations_eval=1, beta=0.1)),
+])
+def test_trl_train_with_eval(tok, arch_path, kind, kw):
+    """Evaluation computes TRL's loss without a gradient: nothing predicted there (the paths count training only)."""
+    got, want = _compare(kind, tok, arch_path("llama"), eval_strategy="steps", eval_steps=2,
+                         per_device_eval_batch_size=3, max_steps=4, trainer_kw=dict(eval_dataset=_prompts(6)), **kw)
+    assert any("eval_loss" in h for h in want.state.log_history)
+    _assert_fast(got)
+
+
+def test_grpo_iterable_dataset(tok, arch_path):
+    got, _ = _compare("grpo", tok, arch_path("llama"), data=_prompts().to_iterable_dataset())
+    assert got.args.accelerator_config.dispatch_batches is False
     _assert_fast(got)
