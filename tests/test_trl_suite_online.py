@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import math
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -422,3 +423,101 @@ def test_grpo_iterable_dataset(tok, arch_path):
     got, _ = _compare("grpo", tok, arch_path("llama"), data=_prompts().to_iterable_dataset())
     assert got.args.accelerator_config.dispatch_batches is False
     _assert_fast(got)
+
+
+# -- test_train_with_mask_truncated_completions: TRL mocks generate (one truncated completion, one that stops early,
+# one whose EOS is the last allowed token) ---------------------------------------------------------------------------
+def _fake_generate(tok):
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    patterns = torch.tensor([[10, 11, 12, 13, 14, 15, 16, 17],  # truncated
+                             [20, 21, 22, eos, pad, pad, pad, pad],  # stops early
+                             [30, 31, 32, 33, 34, 35, 36, eos]])  # EOS just within the limit
+
+    def generate(input_ids=None, **_):
+        rows = patterns[torch.arange(input_ids.shape[0]) % len(patterns)]
+        return torch.cat([input_ids, rows.to(input_ids.device)], dim=1)
+
+    return generate
+
+
+@pytest.mark.parametrize("kind", list(ONLINE))
+def test_trl_mask_truncated_completions_with_mocked_generate(tok, arch_path, kind):
+    kw = dict(mask_truncated_completions=True, beta=0.1, num_iterations=2, **({"loss_type": "dapo"}
+                                                                               if kind == "grpo" else {}))
+    with patch("transformers.generation.utils.GenerationMixin.generate", side_effect=_fake_generate(tok)):
+        got, want = _compare(kind, tok, arch_path("llama"), **kw)
+    assert want.state.log_history[0]["completions/clipped_ratio"] == pytest.approx(1 / 3)
+    _assert_fast(got)
+
+
+# -- what TRL's tests reach only through tools (tool_mask) or vLLM (importance_sampling_ratio, sampling log-probs):
+# the training step's loss and gradient on one batch with those inputs, flag on vs stock ---------------------------
+STEP_CASES = {
+    "tool_mask": dict(loss_type="dapo", beta=0.1),
+    "vllm_is-token": dict(loss_type="grpo", vllm=True),
+    "vllm_is-sequence": dict(loss_type="grpo", importance_sampling_level="sequence", vllm=True, is_shape="sequence"),
+    "vllm_is-off_policy_mask": dict(loss_type="dapo", off_policy_mask_threshold=0.05, vllm=True),
+    "vespo-is_ratio": dict(loss_type="vespo"),
+}
+
+
+def _batch_with(trainer, case, **opts):
+    """A training batch of ``trainer`` with old-policy log-probs and the case's extra inputs (fixed noise)."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    mask = inputs["completion_mask"]
+    g = torch.Generator().manual_seed(0)
+    noise = lambda: 0.2 * torch.randn(mask.shape, generator=g)
+    with torch.no_grad():
+        logps = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], mask], 1), mask.shape[1])[0]
+    inputs["old_per_token_logps"] = logps + noise()
+    if "beta" in opts or trainer.beta:
+        inputs["ref_per_token_logps"] = logps + noise()
+    if case == "tool_mask":  # tool-output tokens are in the completion but not trained on
+        inputs["tool_mask"] = (torch.rand(mask.shape, generator=g) > 0.3).long()
+    if case.startswith("vllm") or case.startswith("vespo"):
+        shape = (mask.shape[0], 1) if opts.get("is_shape") == "sequence" else mask.shape
+        inputs["importance_sampling_ratio"] = torch.exp(0.3 * torch.randn(shape, generator=g)).clamp(max=2.0)
+        inputs["sampling_per_token_logps"] = logps + noise()
+    return inputs
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_grpo_step_inputs_of_tools_and_vllm(tok, arch_path, case):
+    opts = dict(STEP_CASES[case])
+    vllm, is_shape = opts.pop("vllm", False), opts.pop("is_shape", None)
+    results = []
+    for flag in (False, True):
+        trainer = _train("grpo", flag, tok, arch_path("llama"), train=False, **opts)
+        inputs = _batch_with(trainer, case, is_shape=is_shape, **opts) if not results else results[0][2]
+        if vllm:  # what TRL's vLLM path sets (after the batch: its generation is TRL's own here)
+            trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, inputs))
+    (want, want_grads, _), (got, got_grads, _) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert sorted(got_grads) == sorted(want_grads)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert trainer.fastpref_head_paths == collections.Counter(fast=1)
+
+
+def test_grpo_entropies_require_grad_as_trl_s(tok, arch_path):
+    """test_entropy_bonus_flows_gradients: the entropies TRL's scoring returns carry a gradient exactly when stock
+    TRL's do (TRL 1.16: with the bonus on and off)."""
+    ids = torch.tensor([[7, 8, 9, 10, 11, 12, 13, 14]])
+    seen = []
+    for flag in (False, True):
+        trainer = _train("grpo", flag, tok, arch_path("llama"), train=False, entropy_coef=0.1)
+        for bonus in (True, False):
+            trainer._entropy_bonus_enabled = bonus
+            ent = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids), 4,
+                                                            compute_entropy=True)[1]
+            seen.append(ent.requires_grad)
+    assert seen[:2] == seen[2:]
