@@ -524,3 +524,86 @@ def test_grpo_entropies_require_grad_as_trl_s(tok, arch_path):
                                                             compute_entropy=True)[1]
             seen.append(ent.requires_grad)
     assert seen[:2] == seen[2:]
+
+
+# -- TestGRPOTrainerVLM: the trainers' VLM runs need a hub processor and image datasets; what the head sees of a
+# vision-language model (pixel inputs through the backbone, the text config's head) is checked at model level -----
+def _vlm(name: str, tok):
+    import transformers as tf
+
+    image_token = tok.convert_tokens_to_ids("<unk>")
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=8)
+    if name == "llava":
+        config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**vision, patch_size=4, projection_dim=16),
+                                text_config=tf.LlamaConfig(**text), image_token_index=image_token,
+                                vision_feature_layer=-2, image_seq_length=4)
+        model_cls = tf.LlavaForConditionalGeneration
+    else:  # gemma3: tied, softcapped (the tiny hub checkpoint's text config caps at 30)
+        config = tf.Gemma3Config(vision_config=tf.SiglipVisionConfig(**vision, patch_size=2),
+                                 text_config=tf.Gemma3TextConfig(**text, head_dim=8, final_logit_softcapping=5.0,
+                                                                 sliding_window=4),
+                                 image_token_index=image_token, mm_tokens_per_image=4)
+        model_cls = tf.Gemma3ForConditionalGeneration
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = model_cls(config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, len(tok), (2, 14), generator=g)
+    ids[:, 1:5] = image_token  # four image tokens per row, then text; the completion is the last 6 columns
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 8, 8, generator=g))
+    if name == "gemma3":
+        inputs["token_type_ids"] = (ids == image_token).long()
+    return model, inputs
+
+
+@pytest.mark.parametrize("name", ["llava", "gemma3"])
+def test_vlm_head_fast_mode_matches_trl_s_head(tok, name):
+    """One GRPO loss (dapo, beta > 0, the entropy bonus) through a tiny LLaVA / Gemma3 (pixel inputs, tied softcapped
+    head): fastpref's head in fast mode (formed in the forward, ``fast`` counted) against TRL's head, each against
+    TRL's head in float64: every gradient within twice TRL's own fp32 error (deep in the vision tower, where the
+    gradients reach 1e4, both err by ~1e-3)."""
+    import copy
+
+    from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
+
+    from fastpref.integrations.trl_head import PredictedLoss, add_fused_lm_head, predicting
+    from fastpref.losses.policy import Normalisation, PolicyLossConfig, PolicyStep, policy_loss
+
+    base, inputs = _vlm(name, tok)
+    window = 6
+    labels = inputs["input_ids"].clone()
+    labels[:, :-window] = -100
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(2, window, dtype=torch.long)
+    mask[0, -2:] = 0
+    cfg = PolicyLossConfig(loss_type="dapo", beta=0.1, entropy_coef=0.1)
+    old, ref = (-3.0 + 0.3 * torch.randn(2, window, generator=g) for _ in range(2))
+    step = PolicyStep(cfg, mask, torch.tensor([1.0, -0.5]), Normalisation(num_items_in_batch=float(mask.sum())),
+                      old_logps=old, ref_logps=ref)
+    paths = collections.Counter()
+
+    def run(head, dtype=torch.float32):
+        model = copy.deepcopy(base).to(dtype)
+        if head == "trl":
+            trl_add_fused_lm_head(model, temperature=0.9, outputs=("log_probs", "entropy"))
+        else:
+            add_fused_lm_head(model, temperature=0.9, outputs=("log_probs", "entropy"), backend="torch")
+        cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        with predicting(PredictedLoss(step, paths) if head == "fast" else None):
+            out = model(**cast, labels=labels, fused_lm_head=True)
+        lp, ent = out.log_probs[:, -window:], out.entropy[:, -window:]
+        loss = policy_loss(cfg, lp, mask, step.advantages, norm=step.norm, entropies=ent, old_logps=old.to(dtype),
+                           ref_logps=ref.to(dtype)).loss
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        return [loss.detach(), lp.detach(), ent.detach(), *grads]
+
+    exact, theirs, ours = run("trl", torch.float64), run("trl"), run("fast")
+    assert paths == collections.Counter(fast=1)
+    names = ["loss", "log_probs", "entropy", *(n for n, _ in base.named_parameters())]
+    for name, e, t, o in zip(names, exact, theirs, ours):
+        assert (e is None) == (t is None) == (o is None), name
+        if e is not None:
+            err, trl_err = ((x.double() - e).norm().item() for x in (o, t))
+            assert err <= 2 * trl_err + 1e-6 * e.norm().item() + 1e-12, (name, err, trl_err)
