@@ -607,3 +607,35 @@ def test_vlm_head_fast_mode_matches_trl_s_head(tok, name):
         if e is not None:
             err, trl_err = ((x.double() - e).norm().item() for x in (o, t))
             assert err <= 2 * trl_err + 1e-6 * e.norm().item() + 1e-12, (name, err, trl_err)
+
+
+# -- rollout_func (TestGRPORolloutDispatch, the environments' path without vLLM): TRL takes the completions, their
+# sampling log-probs and an ``env_mask`` (trained on as ``tool_mask``) from the function ------------------------------
+def _rollout(tok):
+    eos = tok.eos_token_id
+
+    def rollout_func(prompts, trainer):
+        out = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "env_mask": []}
+        for i, prompt in enumerate(prompts):
+            ids = tok(prompt)["input_ids"]
+            length = 3 + (i * 5 + len(ids)) % 6  # 3..8 tokens, some stopped by EOS
+            completion = [7 + (i * 11 + 3 * j + len(ids)) % 150 for j in range(length)]
+            if length < 8:
+                completion[-1] = eos
+            out["prompt_ids"].append(ids)
+            out["completion_ids"].append(completion)
+            out["logprobs"].append([-4.5 - 0.1 * ((i + j) % 5) for j in range(length)])
+            out["env_mask"].append([0 if 1 <= j <= 2 else 1 for j in range(length)])  # an environment's reply
+        return out
+
+    return rollout_func
+
+
+@pytest.mark.parametrize("kw", [dict(beta=0.1, num_iterations=2),
+                                dict(off_policy_mask_threshold=0.4, loss_type="grpo", num_iterations=2,
+                                     learning_rate=0.05)])  # drops a sequence; lr 0.5 would clip every ratio of step 2
+def test_grpo_rollout_func_with_env_mask(tok, arch_path, kw, monkeypatch):
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    got, want = _compare("grpo", tok, arch_path("llama"), trainer_kw=dict(rollout_func=_rollout(tok)), **kw)
+    assert all(h.get("reward_std", 1) > 0 and h["grad_norm"] > 0 for h in want.state.log_history if "loss" in h)
+    _assert_fast(got)
