@@ -632,8 +632,9 @@ def _rollout(tok):
 
 
 @pytest.mark.parametrize("kw", [dict(beta=0.1, num_iterations=2),
+                                # drops a sequence; beta: the second step's ratios are all clipped
                                 dict(off_policy_mask_threshold=0.4, loss_type="grpo", num_iterations=2,
-                                     learning_rate=0.05)])  # drops a sequence; lr 0.5 would clip every ratio of step 2
+                                     learning_rate=0.05, beta=0.1)])
 def test_grpo_rollout_func_with_env_mask(tok, arch_path, kw, monkeypatch):
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     got, want = _compare("grpo", tok, arch_path("llama"), trainer_kw=dict(rollout_func=_rollout(tok)), **kw)
