@@ -34,6 +34,7 @@ from fastpref.integrations.trl_trainers import (  # noqa: E402
     FastPrefRLOOTrainer,
 )
 from fastpref.testing.toy import toy_llama, toy_preference_records  # noqa: E402
+from tests.helpers import HAS_TRITON  # noqa: E402
 from tests.test_integrations_trl_head import _common, _reward  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "_no_full_gc")
@@ -112,13 +113,13 @@ _NOT_COMPARED = ("runtime", "per_second", "step_time", "time")  # wall-clock num
 
 
 def _train(kind, flag, tok, model, *, reward_funcs=_reward, data=None, peft_config=None, train=True,
-           trainer_kw=None, **kw):
+           trainer_kw=None, backend="torch", **kw):
     """One run: stock TRL (``flag=False``) or the flag on, from ``model`` (a path or a factory of a fresh model)."""
     cfg_cls, tr_cls, fp_cfg, fp_tr = ONLINE[kind]
     # RLOO's sequence ratios move ~50x faster: a smaller step keeps a second iteration's ratios unclipped
     args = _common(**{"learning_rate": 0.05 if kind == "grpo" else 0.001, "num_generations": 3,
                       "per_device_train_batch_size": 3, "max_completion_length": 8, "max_steps": 2, **kw})
-    config = fp_cfg(**args, use_fastpref=True, fastpref_backend="torch") if flag else cfg_cls(**args)
+    config = fp_cfg(**args, use_fastpref=True, fastpref_backend=backend) if flag else cfg_cls(**args)
     if not isinstance(model, str):
         with torch.random.fork_rng(devices=[]):  # the same adapter initialisation in both runs
             torch.manual_seed(0)
@@ -177,7 +178,7 @@ def _assert_fast(trainer, **expected):
 
 def _compare(kind, tok, model, rtol=1e-5, zero_gradient=False, **kw):
     """Stock TRL and the flag on, every logged number equal; a gradient to compare (unless ``zero_gradient``)."""
-    want = _train(kind, False, tok, model, **kw)
+    want = _train(kind, False, tok, model, **{k: v for k, v in kw.items() if k != "backend"})
     got = _train(kind, True, tok, model, **kw)
     _assert_same_logs(got, want, rtol)
     norms = [h["grad_norm"] for h in want.state.log_history if "grad_norm" in h]
@@ -287,6 +288,34 @@ def test_trl_architectures(tok, arch_path, kind, arch):
     _assert_fast(got)
     if arch in ("qwen3_moe", "gpt_oss"):
         assert any("aux_loss" in h for h in want.state.log_history)
+
+
+# fastpref_backend="auto" picks Triton on a GPU: a few of the cases above on the Triton kernels (the interpreter here)
+TRITON_CASES = {
+    "grpo-gemma2-beta-entropy": ("grpo", "gemma2", dict(beta=0.1, num_iterations=2, entropy_coef=0.1)),
+    "grpo-qwen3_moe-luspo-accum": ("grpo", "qwen3_moe", dict(loss_type="luspo", importance_sampling_level="sequence",
+                                                             gradient_accumulation_steps=2)),
+    "rloo-cohere2": ("rloo", "cohere2", dict()),
+}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_trl_cases_on_the_triton_kernels(tok, arch_path, case):
+    kind, arch, kw = TRITON_CASES[case]
+    got, _ = _compare(kind, tok, arch_path(arch), backend="triton", **kw)
+    _assert_fast(got)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_grpo_modules_to_save_lm_head_on_the_triton_kernels(tok):
+    """The head trained (dW formed in the forward by the Triton kernels)."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    got, _ = _compare("grpo", tok, lambda: _arch("llama", tok), backend="triton", beta=0.1,
+                      peft_config=LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    _assert_fast(got)
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma2"])
