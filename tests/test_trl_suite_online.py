@@ -219,8 +219,6 @@ GRPO_CONFIGS = {
     "generation_kwargs": dict(generation_kwargs={"top_k": 5}, top_p=0.9, min_p=0.01, repetition_penalty=1.1),
     "temperature-beta": dict(temperature=0.7, beta=0.1, num_iterations=2),  # the head's T on policy and reference
     "reentrant_checkpointing": dict(gradient_checkpointing_kwargs={"use_reentrant": True}, beta=0.1),
-    # TestGRPOTrainerSlow.test_train_with_transformers_continuous_batching (generation through transformers' CB)
-    "transformers_continuous_batching": dict(use_transformers_continuous_batching=True),
     "mask_truncated_all_masked": dict(mask_truncated_completions=True, loss_type="dapo", zero_gradient=True),
     "sync_ref_model": dict(beta=0.1, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5,
                            max_steps=3),
