@@ -7,9 +7,16 @@ TRL's loss needs every entropy first, lean: nothing predicted).
 TRL's tests load tiny hub checkpoints (``trl-internal-testing/tiny-*``) and the ``zen`` datasets; here the models
 are built from their configs at toy sizes (Llama, Cohere2 with a logit scale, Gemma2 tied and softcapped, Qwen3-MoE
 and GPT-OSS with the router's auxiliary loss, GLM4-MoE, a 152k vocabulary) and the datasets in memory. Generation is
-TRL's own, seeded (both runs see the same completions), or mocked where TRL's test mocks it. What needs the hub, vLLM,
-a GPU, Liger's Triton kernels or a vision processor is not ported (the list is in the report of the port, and in
-``SKIPPED`` below).
+TRL's own, seeded (both runs see the same completions), or mocked where TRL's test mocks it. Cases TRL reaches only
+through tools or vLLM (``tool_mask``, importance-sampling ratios, sampling log-probs) are fed to one training step;
+the VLM cases are checked at model level (tiny LLaVA / Gemma3).
+
+Not ported: vLLM (server / colocate, structured outputs, its weight sync), Liger (its Triton kernels fail under the
+CPU interpreter; TRL 1.16 deprecates ``use_liger_kernel`` and no longer routes the loss through it), bitsandbytes /
+``use_kernels`` (hub kernels, GPU), ``trust_remote_code`` and hub-only model / tokenizer ids, the trainer-level VLM
+runs (hub processors and image datasets), tool calling and environments (need a tool-aware chat template / response
+schema of a hub tokenizer; their ``tool_mask`` is covered), ``dataloader_num_workers`` and pure unit tests of TRL
+helpers (entropy / off-policy masks, SAPO / gamma weights, rollout dispatch mocks), which never reach the head.
 """
 
 from __future__ import annotations
