@@ -351,19 +351,27 @@ def _peft_cases():
         "prefix_tuning": dict(peft_config=PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
                               gradient_checkpointing=False),
         "lora-no_gradient_checkpointing": dict(peft_config=LoraConfig(), gradient_checkpointing=False),
+        "dora": dict(peft_config=LoraConfig(use_dora=True, target_modules=["q_proj", "v_proj"])),
+        # tied embeddings (the head's weight) with an adapter on them, or a trained copy of them
+        "gemma2-lora-embed_tokens": dict(arch="gemma2", peft_config=LoraConfig(target_modules=["q_proj",
+                                                                                            "embed_tokens"])),
+        "gemma2-modules_to_save-embed_tokens": dict(arch="gemma2", peft_config=LoraConfig(
+            target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
     }
 
 
 PEFT_CASES = [*(("grpo", c) for c in ("lora-default", "lora-beta", "modules_to_save-lm_head", "prompt_tuning",
-                                        "prefix_tuning", "lora-no_gradient_checkpointing")),
+                                        "prefix_tuning", "lora-no_gradient_checkpointing", "dora",
+                                        "gemma2-lora-embed_tokens", "gemma2-modules_to_save-embed_tokens")),
               *(("rloo", c) for c in ("lora-default", "modules_to_save-lm_head", "prompt_tuning"))]
 
 
 @pytest.mark.parametrize("kind,case", PEFT_CASES)
 def test_trl_peft_cases(tok, kind, case):
     pytest.importorskip("peft")
-    kw = _peft_cases()[case]
-    got, want = _compare(kind, tok, lambda: _arch("llama", tok), **kw)
+    kw = dict(_peft_cases()[case])
+    arch = kw.pop("arch", "llama")
+    got, want = _compare(kind, tok, lambda: _arch(arch, tok), **kw)
     _assert_fast(got)
     trained = {n for n, p in got.model.named_parameters() if p.requires_grad}
     if case == "modules_to_save-lm_head":
@@ -374,11 +382,11 @@ def test_trl_peft_cases(tok, kind, case):
 
 def test_grpo_peft_model_passed_in_and_moe_target_parameters(tok):
     """test_train_peft_model (a PeftModel passed in) and test_train_moe_peft_model (LoRA on GPT-OSS's expert
-    parameters, beta > 0: the reference is the base model under disabled adapters)."""
+    parameters); beta > 0: TRL 1.16 scores the reference with a frozen "ref" copy of the adapter (peft >= 0.20)."""
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
-    got, _ = _compare("grpo", tok, lambda: get_peft_model(_arch("llama", tok), LoraConfig()))
+    got, _ = _compare("grpo", tok, lambda: get_peft_model(_arch("llama", tok), LoraConfig()), beta=0.1)
     _assert_fast(got)
     lora = LoraConfig(target_parameters=["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])
     got, _ = _compare("grpo", tok, lambda: get_peft_model(_arch("gpt_oss", tok), lora), beta=0.1)
