@@ -723,3 +723,23 @@ def test_grpo_rollout_func_with_env_mask(tok, arch_path, kw, monkeypatch):
     got, want = _compare("grpo", tok, arch_path("llama"), trainer_kw=dict(rollout_func=_rollout(tok)), **kw)
     assert all(h.get("reward_std", 1) > 0 and h["grad_norm"] > 0 for h in want.state.log_history if "loss" in h)
     _assert_fast(got)
+
+
+# -- TRL's tests leave ``bf16`` unset: TRL's configs then turn bf16 mixed precision on (autocast, on CPU too) ------
+@pytest.mark.parametrize("kind,kw", [("grpo", dict(gradient_accumulation_steps=2, beta=0.1, num_iterations=2)),
+                                     ("rloo", dict(beta=0.1))])
+def test_trl_default_bf16_mixed_precision(tok, arch_path, kind, kw):
+    """Fast mode in every micro-batch under TRL's default bf16 autocast; each metric within twice stock TRL's own
+    bf16-vs-fp32 difference (plus rtol 1e-5) of stock TRL's bf16 run."""
+    want = _numbers(_train(kind, False, tok, arch_path("llama"), bf16=True, **kw))
+    want32 = _numbers(_train(kind, False, tok, arch_path("llama"), **kw))
+    got_trainer = _train(kind, True, tok, arch_path("llama"), bf16=True, **kw)
+    _assert_fast(got_trainer)
+    got = _numbers(got_trainer)
+    assert len(got) == len(want) == len(want32)
+    for i, (g, w, w32) in enumerate(zip(got, want, want32)):
+        assert sorted(g) == sorted(w), i
+        for key in ("loss", "grad_norm", "entropy", "kl"):
+            if key in w:
+                noise = abs(w[key] - w32[key])
+                assert abs(g[key] - w[key]) <= 2 * noise + 1e-5 * abs(w[key]) + 1e-7, (i, key, g[key], w[key], noise)
