@@ -1,5 +1,7 @@
-"""TRL 1.16's own GRPO / RLOO trainer tests (``tests/test_grpo_trainer.py``, ``tests/test_rloo_trainer.py``),
-ported offline with fast mode on: each training case runs with stock TRL and with ``FastPref{GRPO,RLOO}Trainer``
+"""TRL's own GRPO / RLOO trainer tests (``tests/test_grpo_trainer.py``, ``tests/test_rloo_trainer.py``; the newest
+snapshot of TRL's repository reachable here is 1.10.0.dev0, commit f2cd577, whose GRPO / RLOO config fields are
+1.16's; the cases were run against the installed trl 1.16.0), ported offline with fast mode on: each training
+case runs with stock TRL and with ``FastPref{GRPO,RLOO}Trainer``
 (``use_fastpref=True``, the default ``fastpref_mode="auto"``) and every logged number must agree (rtol 1e-5,
 1e-6 absolute), and ``fastpref_head_paths`` must say the head ran fast on every training micro-batch (or, where
 TRL's loss needs every entropy first, lean: nothing predicted).
