@@ -10,6 +10,7 @@ import importlib.util
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,15 @@ def test_gpu_suite_dry(tmp_path, capsys):
     log = log_path.read_text()
     assert "float64 check (subset):" in log and "pre-flight" not in log  # --dry: no pre-flight unless asked
     assert log.strip().splitlines()[-1] == tail[-1] and all(line in log for line in printed.splitlines())
+
+
+def test_gpu_suite_targets_say_when_none_was_measured():
+    """A run of task rows only (``--task grpo``) measures no DPO target: neither met nor missed."""
+    suite = _gpu_suite()
+    row = types.SimpleNamespace(shape="small-1k", regime="peaked", task="grpo", impl="fastpref-fast", status="ok",
+                                time_ms=1.0, peak_bytes=1, x_floor=1.0, max_err=0.0, err_bound=1.0)
+    text, met = suite.targets_table([row])
+    assert met is None and text.splitlines()[0].startswith("shape")
 
 
 # --------------------------------------------------------------------------------------------------------------
