@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastpref.losses.policy import (
+    GLOBAL_TOKEN_COUNT,
     POLICY_LOSS_TYPES,
     Normalisation,
     PolicyLossConfig,
@@ -196,6 +197,18 @@ def test_rows_loss_over_any_partition_is_the_loss(loss_type: str, case: int, adv
         for g, w in zip(grads, want_grads):
             torch.testing.assert_close(torch.zeros_like(lp) if g is None else g,
                                        torch.zeros_like(lp) if w is None else w, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss_type", sorted(GLOBAL_TOKEN_COUNT))
+def test_a_tensor_token_count_is_read_as_its_number(loss_type: str) -> None:
+    """TRL's ``num_items_in_batch`` is a 0-dim tensor: used on its device (no host sync), the same weights."""
+    mask = _batch(seed=6)[0]
+    cfg = _config(loss_type)
+    for training in (True, False):
+        kw = dict(grad_accum=3, steps_per_generation=2, num_processes=2, training=training)
+        number = token_weights(cfg, mask, Normalisation(num_items_in_batch=37.0, **kw), torch.float64)
+        tensor = token_weights(cfg, mask, Normalisation(num_items_in_batch=torch.tensor(37), **kw), torch.float64)
+        torch.testing.assert_close(tensor, number, rtol=1e-15, atol=0)
 
 
 def test_rloo_rows_loss_over_whole_sequences_is_the_loss() -> None:

@@ -301,7 +301,9 @@ def _predicted_request(labels: torch.Tensor, vocab: int, predicted: PredictedLos
     layout = build_layout(labels.reshape(-1), ignore_index=-100, vocab_size=vocab, seq_ids=seq_ids, num_seqs=rows)
     b = layout.index // cols
     t = layout.index % cols - (cols - grid[1])
-    if layout.num_scored and int(t.min()) < 0:  # TRL masks the prompt: a scored token there is not on the grid
+    # TRL masks the prompt: a scored token there is not on the grid. One host sync, right after build_layout's, so
+    # the device queue it waits for holds only these few small kernels.
+    if layout.num_scored and int(t.min()) < 0:
         predicted.record("lean", "a scored token lies before the loss's grid")
         return None, None
     offsets = layout.host_offsets

@@ -223,10 +223,9 @@ def grpo_step(trainer: Any, inputs: dict[str, Any]) -> PolicyStep | None:
     mask = inputs["completion_mask"]
     if "tool_mask" in inputs:
         mask = mask * inputs["tool_mask"]
-    num_items = inputs.get("num_items_in_batch")
     training = trainer.model.training
     norm = Normalisation(grad_accum=trainer.current_gradient_accumulation_steps if training else 1,
-                         num_items_in_batch=None if num_items is None else float(num_items),
+                         num_items_in_batch=inputs.get("num_items_in_batch"),
                          num_processes=trainer.accelerator.num_processes,
                          steps_per_generation=args.steps_per_generation, training=training)
     vllm_is = trainer.use_vllm and trainer.vllm_importance_sampling_correction

@@ -107,10 +107,11 @@ class PolicyLossConfig:
 class Normalisation:
     """What the token weights divide by, besides the mask: the accumulation steps of the optimizer step
     (``grad_accum``; 1 in evaluation), and for dapo / cispo / vespo the generation batch's completion-token count
-    ``num_items_in_batch`` over ``num_processes`` ranks and ``steps_per_generation`` micro-batches."""
+    ``num_items_in_batch`` over ``num_processes`` ranks and ``steps_per_generation`` micro-batches (a number, or
+    TRL's 0-dim tensor, kept on its device: no host sync)."""
 
     grad_accum: int = 1
-    num_items_in_batch: float | None = None
+    num_items_in_batch: float | Tensor | None = None
     num_processes: int = 1
     steps_per_generation: int = 1
     training: bool = True
@@ -133,7 +134,11 @@ def token_weights(cfg: PolicyLossConfig, mask: Tensor, norm: Normalisation = Nor
     if norm.num_items_in_batch is None:
         raise ValueError(f"num_items_in_batch: loss_type {lt!r} normalises by the generation batch's completion "
                          "tokens; expected a number > 0, got None")
-    normaliser = max(float(norm.num_items_in_batch), 1.0) / norm.num_processes
+    items = norm.num_items_in_batch
+    if isinstance(items, Tensor):
+        normaliser = items.to(device=mask.device, dtype=dtype).clamp(min=1.0) / norm.num_processes
+    else:
+        normaliser = max(float(items), 1.0) / norm.num_processes
     if norm.training:
         normaliser = normaliser * norm.grad_accum / norm.steps_per_generation
     return m / normaliser
